@@ -1,0 +1,23 @@
+"""dcdb: a columnar metadata database and query engine for DataComp-style dataset curation.
+
+``dcdb.connect(pool)`` returns a live DuckDB connection on a pool; everything heavy is imported
+lazily so that ``import dcdb`` stays cheap.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["DcdbError", "__version__", "connect"]
+
+from dcdb.errors import DcdbError
+
+
+def connect(pool=None, **kwargs):
+    """Open a pool and return a ``duckdb.DuckDBPyConnection`` with its views and macros.
+
+    ``pool`` defaults to the ``DCDB_POOL`` environment variable. See ``dcdb.engine.connect``.
+    """
+    from dcdb.engine import connect as _connect
+
+    return _connect(pool, **kwargs)

@@ -1,0 +1,426 @@
+"""The ``dcdb`` command line: parse, call the library, format. No SQL or business logic here.
+
+Data goes to stdout (or ``-o FILE``); logs, progress and summaries go to stderr; ``--quiet``
+silences them. A ``DcdbError`` becomes ``error: <message>`` on stderr and a non-zero exit code.
+Heavy libraries (duckdb, pyarrow, lance, torch) are imported inside the commands so that
+``dcdb --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+
+import click
+
+from dcdb import __version__
+from dcdb.errors import DcdbError
+
+# ----------------------------------------------------------------------------------- plumbing
+
+
+class Ctx:
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def log(self, msg: str) -> None:
+        if not self.quiet:
+            click.echo(msg, err=True)
+
+
+def _handle_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DcdbError as exc:
+            msg = exc.message if exc.hint is None else f"{exc.message}\n  hint: {exc.hint}"
+            click.echo(f"error: {msg}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper
+
+
+def pool_option(fn):
+    """``--pool PATH`` (default: $DCDB_POOL) on every command that reads a pool."""
+    return click.option(
+        "--pool",
+        "pool",
+        type=click.Path(file_okay=False, path_type=str),
+        default=None,
+        envvar="DCDB_POOL",
+        show_envvar=True,
+        help="Pool folder written by `dcdb ingest`.",
+    )(fn)
+
+
+def _pass_ctx(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        root = ctx.find_root()
+        quiet = bool((root.obj or {}).get("quiet"))
+        return fn(Ctx(quiet), *args, **kwargs)
+
+    return wrapper
+
+
+def command(group, name=None, **kw):
+    """Register a command on ``group`` with error mapping and a Ctx first argument."""
+
+    def deco(fn):
+        return group.command(name, **kw)(_pass_ctx(_handle_errors(fn)))
+
+    return deco
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dcdb")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or summaries on stderr.")
+@click.pass_context
+def cli(ctx: click.Context, quiet: bool) -> None:
+    """dcdb: query DataComp pools with SQL, build subsets, reshard, train and evaluate.
+
+    \b
+    Quick start:
+      dcdb synth pool /tmp/src --rows 20000 --shards 4
+      dcdb ingest /tmp/src /tmp/pool
+      dcdb sql "SELECT count(*) FROM pool" --pool /tmp/pool
+      dcdb query filter.sql --pool /tmp/pool -o subset.npy
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["quiet"] = quiet
+
+
+def main(argv=None) -> None:
+    cli.main(args=argv, prog_name="dcdb")
+
+
+# ------------------------------------------------------------------------------------ synth
+
+
+@cli.group()
+def synth() -> None:
+    """Generate random but valid DataComp-format data (for tests and benchmarks)."""
+
+
+@command(synth, "pool")
+@click.argument("out", type=click.Path(file_okay=False, path_type=str))
+@click.option("--rows", type=click.IntRange(min=1), default=10_000, show_default=True)
+@click.option("--shards", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float16", "float32"]),
+    default="float16",
+    show_default=True,
+    help="Embedding dtype in the .npz files.",
+)
+@click.option("--no-embeddings", is_flag=True, help="Write metadata parquet only (no .npz).")
+@click.option("--force", is_flag=True, help="Write into OUT even if it is not empty.")
+def synth_pool_cmd(c: Ctx, out, rows, shards, seed, dtype, no_embeddings, force):
+    """Write a DataComp metadata folder OUT: per shard a parquet and a row-aligned .npz."""
+    from dcdb.synth import synth_pool
+
+    t0 = time.perf_counter()
+    info = synth_pool(
+        out,
+        rows=rows,
+        shards=shards,
+        seed=seed,
+        dtype=dtype,
+        embeddings=not no_embeddings,
+        force=force,
+        progress=not c.quiet,
+    )
+    c.log(f"wrote {info['rows']:,} rows in {info['shards']} shards to {out} ({time.perf_counter() - t0:.1f}s)")
+
+
+# ----------------------------------------------------------------------------------- ingest
+
+
+@command(cli, "ingest")
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=str))
+@click.argument("pool", type=click.Path(file_okay=False, path_type=str))
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, help="Worker processes (default: all cores).")
+def ingest_cmd(c: Ctx, src, pool, jobs):
+    """Ingest a DataComp metadata folder SRC (parquet + same-stem .npz) into the pool store POOL.
+
+    Streams shard by shard; a re-run after an interruption resumes where it stopped.
+    """
+    from dcdb.ingest import ingest
+
+    report = ingest(src, pool, jobs=jobs or os.cpu_count() or 1, progress=not c.quiet)
+    c.log(report.summary())
+
+
+# ------------------------------------------------------------------------------------- info
+
+
+@command(cli, "info")
+@pool_option
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
+def info_cmd(c: Ctx, pool, as_json):
+    """Rows, columns, embedding spaces, subsets and size on disk of a pool."""
+    import json
+
+    from dcdb.store import open_pool
+    from dcdb.summary import format_pool_info, pool_info
+
+    info = pool_info(open_pool(pool))
+    click.echo(json.dumps(info, indent=2) if as_json else format_pool_info(info))
+
+
+# -------------------------------------------------------------------------------- sql/query
+
+
+def _param_pairs(pairs) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in pairs:
+        if name in out:
+            from dcdb.errors import ParameterError
+
+            raise ParameterError(f"parameter {name!r} given twice", hint="pass each -p NAME VALUE once")
+        out[name] = value
+    return out
+
+
+param_option = click.option(
+    "-p",
+    "--param",
+    "params",
+    type=(str, str),
+    multiple=True,
+    metavar="NAME VALUE",
+    help="Bind $NAME in the SQL to VALUE (repeatable).",
+)
+
+
+def _read_filter(ref: str):
+    from dcdb.query import load_filter
+
+    if ref == "-":
+        return load_filter("stdin", text=sys.stdin.read())
+    return load_filter(ref)
+
+
+@command(cli, "query")
+@click.argument("filter_ref", metavar="FILE|NAME|-")
+@pool_option
+@param_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), help="Output uid file.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["npy", "parquet", "txt"]),
+    help="Output format (default: from the -o suffix, else npy; txt without -o).",
+)
+@click.option("--save", "save_name", metavar="NAME", help="Also store the subset in the pool as NAME.")
+@click.option("--force", is_flag=True, help="Replace an existing output file or stored subset.")
+def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, force):
+    """Run a filter and write its uid list (DataComp .npy: sorted u8,u8 pairs).
+
+    FILE is a .sql file, NAME a filter shipped in sql/ (see `dcdb filters`), - reads stdin.
+    A manifest (SQL, its sha256, parameters, pool hash, row count) is written beside the output
+    as OUTPUT.json. Without -o and --save the uids are printed to stdout as hex, one per line.
+    """
+    from dcdb.engine import check_subset_name
+    from dcdb.io import check_output
+    from dcdb.query import manifest_path, output_format, run_filter, save_subset, write_manifest, write_uids
+    from dcdb.store import open_pool
+
+    given = _param_pairs(params)
+    fmt = output_format(output, fmt) if (output or fmt) else None
+    if output:
+        check_output(output, force=force)
+        check_output(manifest_path(output), force=True, what="manifest")
+    if save_name:
+        check_subset_name(save_name)
+    p = open_pool(pool)
+    if save_name and (p.subsets_dir / f"{save_name}.npy").exists() and not force:
+        from dcdb.errors import OutputError
+
+        raise OutputError(f"subset {save_name!r} already exists in the pool", hint="pass --force to replace it")
+    filt = _read_filter(filter_ref)
+    res = run_filter(p, filt, given)
+    if output:
+        write_uids(output, res.uids, fmt)
+        write_manifest(manifest_path(output), res.manifest(output=output, fmt=fmt))
+    if save_name:
+        save_subset(p, save_name, res, force=force)
+    if not output and not save_name:
+        from dcdb import uids as U
+
+        out = sys.stdout
+        for i in range(0, len(res.uids), 1 << 16):
+            out.write("".join(u + "\n" for u in U.to_hex(res.uids[i : i + (1 << 16)])))
+    rate = p.rows / res.seconds if res.seconds > 0 else float("inf")
+    where = ", ".join(x for x in (output, save_name and f"subset {save_name}") if x) or "stdout"
+    c.log(
+        f"{filt.name}: {res.rows:,} uids ({res.rows / max(p.rows, 1):.2%} of {p.rows:,} rows) "
+        f"in {res.seconds:.2f}s ({rate:,.0f} rows/s) -> {where}"
+    )
+
+
+@command(cli, "sql")
+@click.argument("sql_text", metavar="SQL")
+@pool_option
+@param_option
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json", "parquet"]),
+    default="table",
+    show_default=True,
+)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), help="Write to a file.")
+@click.option("--max-rows", type=int, default=40, show_default=True, help="Rows shown by --format table.")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+def sql_cmd(c: Ctx, sql_text, pool, params, fmt, output, max_rows, force):
+    """Run one ad hoc read-only SQL statement on the pool and print the result.
+
+    The pool is the view `pool` (metadata + embedding columns); `pool_metadata` has the metadata
+    alone; stored subsets are views named after them. Use - to read the SQL from stdin.
+    """
+    from dcdb.adhoc import run_sql
+    from dcdb.io import check_output
+
+    if output:
+        check_output(output, force=force)
+    if sql_text == "-":
+        sql_text = sys.stdin.read()
+    text = run_sql(pool, sql_text, _param_pairs(params), fmt=fmt, output=output, max_rows=max_rows)
+    if text is not None:
+        click.echo(text)
+
+
+@command(cli, "filters")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable listing.")
+def filters_cmd(c: Ctx, as_json):
+    """List the filters shipped in sql/: what each keeps, its parameters and assets."""
+    import json
+
+    from dcdb.query import builtin_filters, load_filter
+
+    rows = []
+    for name in builtin_filters():
+        f = load_filter(name)
+        rows.append(
+            {
+                "name": name,
+                "description": f.description,
+                "params": {
+                    p.name: {"type": p.type, "default": p.default if p.has_default else None,
+                             "required": not p.has_default, "doc": p.doc}
+                    for p in f.params.values()
+                },
+                "assets": [{"name": a, "doc": d} for a, d in f.assets],
+            }
+        )
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['name']}")
+        for line in r["description"].splitlines():
+            click.echo(f"    {line}")
+        for pname, p in r["params"].items():
+            dflt = "required" if p["required"] else f"default {p['default']}"
+            click.echo(f"    -p {pname} {p['type'].upper()}  ({dflt})  {p['doc']}")
+        for a in r["assets"]:
+            click.echo(f"    asset {a['name']}: {a['doc']}")
+
+
+# ---------------------------------------------------------------------------------- subsets
+
+
+@cli.group()
+def subsets() -> None:
+    """List, show and combine stored subsets (union, intersect, minus)."""
+
+
+@command(subsets, "list")
+@pool_option
+def subsets_list_cmd(c: Ctx, pool):
+    """Stored subsets of the pool with row counts and the filter that made them."""
+    from dcdb.store import open_pool
+    from dcdb.subsets import list_subsets
+
+    rows = list_subsets(open_pool(pool))
+    if not rows:
+        c.log("no stored subsets (store one with `dcdb query FILTER --save NAME`)")
+    for r in rows:
+        params = " ".join(f"{k}={v}" for k, v in (r["params"] or {}).items())
+        stale = "  (pool changed since)" if r["stale"] else ""
+        click.echo(f"{r['name']}\t{r['rows']}\t{r['filter'] or ''}\t{params}{stale}")
+
+
+@command(subsets, "show")
+@click.argument("name")
+@pool_option
+def subsets_show_cmd(c: Ctx, name, pool):
+    """Print a stored subset's manifest (JSON)."""
+    import json
+
+    from dcdb.engine import check_subset_name
+    from dcdb.store import open_pool
+    from dcdb.subsets import read_manifest
+
+    check_subset_name(name)
+    click.echo(json.dumps(read_manifest(open_pool(pool), name), indent=2))
+
+
+def _combine_command(op: str, doc: str):
+    @command(subsets, op, help=doc)
+    @click.argument("operands", nargs=-1, required=True, metavar="A B [C...]")
+    @pool_option
+    @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), help="Output .npy file.")
+    @click.option("--save", "save_name", metavar="NAME", help="Store the result in the pool as NAME.")
+    @click.option("--force", is_flag=True, help="Replace an existing output or stored subset.")
+    def _cmd(c: Ctx, operands, pool, output, save_name, force):
+        from dcdb.errors import UsageError
+        from dcdb.io import check_output
+        from dcdb.query import manifest_path, write_manifest, write_uids
+        from dcdb.store import open_pool
+        from dcdb.subsets import combination_manifest, combine, save_combination
+
+        if not output and not save_name:
+            raise UsageError(f"subsets {op}: give -o FILE or --save NAME")
+        if output:
+            check_output(output, force=force)
+        needs_pool = bool(save_name) or any(not os.path.isfile(r) for r in operands)
+        p = open_pool(pool) if needs_pool else None
+        arr, names = combine(op, list(operands), p)
+        if output:
+            write_uids(output, arr, "npy")
+            write_manifest(manifest_path(output), combination_manifest(op, list(operands), arr, p, output))
+        if save_name:
+            save_combination(p, save_name, arr, combination_manifest(op, list(operands), arr, p, save_name), force=force)
+        c.log(f"{op} of {', '.join(names)}: {len(arr):,} uids")
+
+    return _cmd
+
+
+_combine_command("union", "Uids in any operand (each with its largest count).")
+_combine_command("intersect", "Uids in every operand (each with its smallest count).")
+_combine_command("minus", "Uids of A that are not in B (all copies dropped).")
+
+
+# ------------------------------------------------------------------------------------- demo
+
+
+@command(cli, "demo")
+@click.argument("folder", default="dcdb-demo", type=click.Path(file_okay=False, path_type=str))
+@click.option("--rows", type=click.IntRange(min=100), default=200_000, show_default=True)
+@click.option("--force", is_flag=True, help="Rebuild the demo folder from scratch.")
+def demo_cmd(c: Ctx, folder, rows, force):
+    """Run the main loop on generated data: synth pool -> ingest -> filters -> uid lists."""
+    from dcdb.demo import run_demo
+
+    click.echo(run_demo(folder, rows=rows, force=force, progress=not c.quiet, log=c.log))
+
+
+# Commands defined in their own modules register themselves on `cli` when imported.
+from dcdb import cli_world  # noqa: F401  (dcdb world)

@@ -1,0 +1,281 @@
+"""The DuckDB engine: a live connection on a pool with its views and macros.
+
+``connect(pool)`` returns a plain ``duckdb.DuckDBPyConnection`` with:
+
+* view ``pool``: the metadata Parquet files (read natively by DuckDB, in shard order) positionally
+  joined with one scan per embedding space (``b32_img``, ``b32_txt``, ``l14_img``, ``l14_txt`` as
+  ``FLOAT[d]`` arrays). Row i of the metadata is row i of every Lance table (ingest guarantees and
+  checks it), so a ``POSITIONAL JOIN`` lines them up without a uid hash join.
+  Float metadata columns show NaN as NULL (comparisons then behave as in numpy: NaN never passes).
+* view ``pool_metadata``: the metadata alone, values as stored.
+* one view per stored subset (``subsets/<name>.parquet``), with columns ``uid`` (one row per copy).
+* macros ``cosine(a, b)`` and ``dot(a, b)`` over embedding columns and constant vectors.
+
+How DuckDB reaches the Lance tables (measured, see benchmarks/bench_query.py): DuckDB cannot
+scan an Arrow float16 column at all (it fails at bind time even when the query does not name the
+column), and DataComp's embeddings are float16. Doubling them to float32 on disk doubles the pool,
+and a Parquet mirror of fixed-size lists reads 10-20x slower than Lance through pyarrow. So each
+space is exposed through ``EmbeddingScan``, a ``pyarrow.dataset.Dataset`` subclass that DuckDB's
+Arrow scan drives with projection pushdown: when a query names the space's column it streams the
+Lance table (stored as float16) and widens each batch to float32 with numpy; when it does not, it
+only yields row counts (a NULL column) taken from the Lance fragment metadata, so a metadata-only
+query reads no vector bytes and costs the same as a plain ``read_parquet`` over the metadata.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from dcdb.derived import group_files as derived_files
+from dcdb.derived import groups as derived_groups
+from dcdb.errors import PoolError, SubsetError
+from dcdb.store import Pool, open_pool
+
+POS_COLUMN = "_dcdb_pos"
+SUBSET_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+RESERVED_VIEWS = {"pool", "pool_metadata"}
+BATCH_ROWS = 1 << 16
+
+
+def quote_identifier(name: str) -> str:
+    """Quote an SQL identifier for DuckDB ("a""b")."""
+    return '"' + str(name).replace('"', '""') + '"'
+
+
+def sql_string(value: str) -> str:
+    """Quote a string literal for DuckDB ('it''s')."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _embedding_scan_class():
+    """Build the Dataset subclass lazily so importing this module does not import pyarrow."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    class EmbeddingScan(ds.Dataset):
+        """One embedding space of a pool as an Arrow dataset DuckDB can scan.
+
+        Schema: ``_dcdb_pos`` (NULL, only for row counting) and ``<space>`` (fixed-size list of
+        float32). Rows come in Lance fragment order, which is the pool's row order.
+        """
+
+        def __init__(self, lance_dataset, column: str, dim: int):
+            self._lance = lance_dataset
+            self._column = column
+            self._dim = int(dim)
+            self._schema = pa.schema(
+                [(POS_COLUMN, pa.null()), (column, pa.list_(pa.float32(), self._dim))]
+            )
+            self._fragment_rows = [f.count_rows() for f in lance_dataset.get_fragments()]
+            self.vector_bytes_read = 0  # what scans of this space have read from Lance so far
+
+        @property
+        def schema(self):
+            return self._schema
+
+        def count_rows(self, **_kw) -> int:
+            return int(sum(self._fragment_rows))
+
+        def scanner(self, columns=None, filter=None, batch_size=None, use_threads=True, **_kw):
+            if filter is not None:  # DuckDB pushes no filter on these columns; refuse silently wrong
+                raise NotImplementedError("EmbeddingScan does not take filters")
+            cols = list(columns) if columns is not None else [f.name for f in self._schema]
+            return _Scanner(self, cols)
+
+        def to_batches(self, columns=None, **kw):
+            return self.scanner(columns=columns, **kw).to_reader()
+
+        def _batches(self, columns: list[str]) -> Iterator[Any]:
+            schema = pa.schema([self._schema.field(c) for c in columns])
+            if self._column not in columns:
+                for n in self._fragment_rows:
+                    for start in range(0, n, BATCH_ROWS):
+                        m = min(BATCH_ROWS, n - start)
+                        yield pa.RecordBatch.from_arrays([pa.nulls(m)] * len(columns), schema=schema)
+                return
+            for batch in self._lance.to_batches(columns=[self._column], batch_size=BATCH_ROWS):
+                vec = batch.column(0)
+                self.vector_bytes_read += vec.nbytes
+                flat = vec.flatten()
+                if flat.type != pa.float32():
+                    flat = pa.array(flat.to_numpy(zero_copy_only=False).astype(np.float32, copy=False))
+                arr = pa.FixedSizeListArray.from_arrays(flat, self._dim)
+                yield pa.RecordBatch.from_arrays(
+                    [arr if c == self._column else pa.nulls(len(arr)) for c in columns], schema=schema
+                )
+
+    class _Scanner:
+        def __init__(self, scan: EmbeddingScan, columns: list[str]):
+            self._scan = scan
+            self._columns = columns
+
+        @property
+        def projected_schema(self):
+            return pa.schema([self._scan.schema.field(c) for c in self._columns])
+
+        def to_reader(self):
+            return pa.RecordBatchReader.from_batches(
+                self.projected_schema, self._scan._batches(self._columns)
+            )
+
+        def to_batches(self):
+            return iter(self.to_reader())
+
+        def count_rows(self) -> int:
+            return self._scan.count_rows()
+
+    return EmbeddingScan
+
+
+_SCAN_CLASS = None
+_SCANS: weakref.WeakKeyDictionary[Any, list] = weakref.WeakKeyDictionary()
+
+
+def embedding_scans(con) -> list:
+    """The EmbeddingScan objects behind a connection's ``pool`` view (for I/O accounting)."""
+    return list(_SCANS.get(con, []))
+
+
+def embedding_scan(lance_dataset, column: str, dim: int):
+    global _SCAN_CLASS
+    if _SCAN_CLASS is None:
+        _SCAN_CLASS = _embedding_scan_class()
+    return _SCAN_CLASS(lance_dataset, column, dim)
+
+
+def _projection(con, source: str, alias: str, skip: set[str] = frozenset()) -> list[tuple[str, str]]:
+    """(name, select expression) for each column of ``source`` read as ``alias``. Float NaN becomes
+    NULL, so that a comparison with a NaN score is never true -- as in numpy/pandas (DataComp's
+    code), whereas DuckDB orders NaN above every number and ``NaN >= 0.3`` is true there.
+    ``pool_metadata`` keeps raw NaN."""
+    out = []
+    for name, typ, *_ in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall():
+        if name in skip:
+            continue
+        q = quote_identifier(name)
+        if typ in ("FLOAT", "DOUBLE"):
+            out.append((name, f"CASE WHEN isnan({alias}.{q}) THEN NULL ELSE {alias}.{q} END AS {q}"))
+        else:
+            out.append((name, f"{alias}.{q}"))
+    return out
+
+
+def _parquet_list(files: list[Path]) -> str:
+    return "[" + ", ".join(sql_string(str(f.resolve())) for f in files) + "]"
+
+
+def stored_subsets(pool: Pool) -> dict[str, Path]:
+    """Stored subsets of a pool: name -> its uid parquet (``subsets/<name>.parquet``)."""
+    out: dict[str, Path] = {}
+    d = pool.subsets_dir
+    if d.is_dir():
+        for p in sorted(d.glob("*.parquet")):
+            if SUBSET_NAME_RE.match(p.stem) and (d / f"{p.stem}.npy").is_file():
+                out[p.stem] = p
+    return out
+
+
+def check_subset_name(name: str) -> str:
+    if not SUBSET_NAME_RE.match(name or ""):
+        raise SubsetError(
+            f"invalid subset name {name!r}",
+            hint="use lowercase letters, digits and underscores, starting with a letter or _",
+        )
+    if name in RESERVED_VIEWS:
+        raise SubsetError(f"subset name {name!r} is reserved", hint="choose another name")
+    return name
+
+
+# Every character for which Python's str.isspace() is true, as an RE2 class body. RE2's \s is
+# ASCII-only and misses \x0b, \x1c-\x1f, \x85, \xa0 and the Unicode spaces, so Python's
+# ``text.split()`` (DataComp's word count) needs the full list. A test checks it against Python.
+PY_WHITESPACE = (
+    r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}"
+)
+
+MACROS = (
+    # Cosine similarity and dot product of two vectors: embedding columns (FLOAT[d]) or constants
+    # (a list literal or a $parameter holding a list of numbers).
+    "CREATE OR REPLACE MACRO cosine(a, b) AS list_cosine_similarity(a::FLOAT[], b::FLOAT[])",
+    "CREATE OR REPLACE MACRO dot(a, b) AS list_inner_product(a::FLOAT[], b::FLOAT[])",
+    # words_gt(text, n) = (len(text.split()) > n) in Python, as one linear-time regex match
+    # (~12x faster than counting); py_words(text) = len(text.split()).
+    (f"CREATE OR REPLACE MACRO words_gt(s, n) AS regexp_matches(s, '^[{PY_WHITESPACE}]*(?:[^{PY_WHITESPACE}]+"
+    f"[{PY_WHITESPACE}]+){{' || CAST(n AS VARCHAR) || '}}[^{PY_WHITESPACE}]')"),
+    f"CREATE OR REPLACE MACRO py_words(s) AS len(regexp_extract_all(s, '[^{PY_WHITESPACE}]+'))",
+)
+
+
+def connect(pool: Pool | str | Path | None = None, *, threads: int | None = None, memory_limit: str | None = None):
+    """A DuckDB connection on ``pool`` with the views ``pool``, ``pool_metadata``, one view per
+    stored subset, and the vector macros. The pool is only read."""
+    import duckdb
+
+    if not isinstance(pool, Pool):
+        pool = open_pool(pool)
+    con = duckdb.connect(":memory:")
+    if threads:
+        con.execute(f"SET threads = {int(threads)}")
+    if memory_limit:
+        con.execute(f"SET memory_limit = {sql_string(memory_limit)}")
+    files = pool.metadata_files()
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise PoolError(
+            f"pool {str(pool.path)!r} is damaged: {len(missing)} metadata file(s) missing, "
+            f"first {str(missing[0])!r}",
+            hint="re-ingest the pool",
+        )
+    meta = f"read_parquet({_parquet_list(files)})"
+    con.execute(f"CREATE VIEW pool_metadata AS SELECT * FROM {meta}")
+    joins, emb_cols = [], []
+    for i, (space, spec) in enumerate(pool.spaces.items()):
+        import lance
+
+        path = pool.lance_path(space)
+        try:
+            lds = lance.dataset(str(path))
+        except Exception as exc:
+            raise PoolError(
+                f"embedding table {str(path)!r} cannot be opened: {exc}", hint="re-ingest the pool"
+            ) from exc
+        if lds.count_rows() != pool.rows:
+            raise PoolError(
+                f"embedding table {space!r} has {lds.count_rows()} rows, the pool {pool.rows}",
+                hint="the pool is damaged or was changed by hand; re-ingest it",
+            )
+        view = f"_dcdb_emb_{space}"
+        scan = embedding_scan(lds, space, spec["dim"])
+        _SCANS.setdefault(con, []).append(scan)
+        con.register(view, scan)
+        alias = f"e{i}"
+        joins.append(f"POSITIONAL JOIN {quote_identifier(view)} AS {alias}")
+        emb_cols.append((space, f"{alias}.{quote_identifier(space)}"))
+    # Derived columns (dcdb annotate): row-aligned parquet per group; later groups win on a name.
+    derived_cols: dict[str, str] = {}
+    for j, group in enumerate(derived_groups(pool)):
+        src = f"read_parquet({_parquet_list(derived_files(pool, group))})"
+        alias = f"d{j}"
+        joins.append(f"POSITIONAL JOIN {src} AS {alias}")
+        for name, expr in _projection(con, src, alias):
+            derived_cols[name] = expr
+    meta_cols = _projection(con, meta, "m", skip=set(derived_cols) | {n for n, _ in emb_cols})
+    select = ", ".join([e for _, e in meta_cols] + list(derived_cols.values()) + [e for _, e in emb_cols])
+    con.execute(f"CREATE VIEW pool AS SELECT {select} FROM {meta} AS m {' '.join(joins)}")
+    for name, path in stored_subsets(pool).items():
+        if name in RESERVED_VIEWS:
+            continue
+        con.execute(
+            f"CREATE VIEW {quote_identifier(name)} AS SELECT uid FROM read_parquet({sql_string(str(path.resolve()))})"
+        )
+    for m in MACROS:
+        con.execute(m)
+    from dcdb.filters import register
+
+    register(con, pool)
+    return con

@@ -1,0 +1,77 @@
+"""Every error dcdb raises on purpose.
+
+One module, one base class. Each message says what went wrong *and what to do*; the CLI prints
+``error: <message>`` on stderr and exits with the class's ``exit_code``. Library users catch
+``DcdbError`` (or a subclass) and get the same message.
+"""
+
+from __future__ import annotations
+
+
+class DcdbError(Exception):
+    """Base class of every error dcdb raises deliberately."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        self.message = message
+        self.hint = hint
+        super().__init__(message if hint is None else f"{message} ({hint})")
+
+
+class UsageError(DcdbError):
+    """Arguments that cannot be right (bad flag combination, value out of range)."""
+
+    exit_code = 2
+
+
+class ParameterError(UsageError):
+    """A filter parameter is missing, unknown or of the wrong type."""
+
+
+class FilterNotFoundError(UsageError):
+    """A filter name that resolves to no file in ``sql/`` (the message suggests the closest)."""
+
+
+class PoolError(DcdbError):
+    """The pool path is not a pool, is incomplete, or lacks what the command needs."""
+
+
+class SourceError(DcdbError):
+    """Input data (a DataComp metadata folder, a uid file, ...) is malformed."""
+
+
+class UidError(SourceError):
+    """A uid is not 32 lowercase hex characters, or a uid file has the wrong layout."""
+
+
+class QueryError(DcdbError):
+    """A filter's SQL failed to parse or run, or its result is not a uid list."""
+
+
+class ReadOnlyError(QueryError):
+    """A filter tried to do something other than read (COPY, ATTACH, INSTALL, CREATE ...)."""
+
+
+class OutputError(DcdbError):
+    """The output path exists (and ``--force`` was not given) or cannot be written."""
+
+
+class SubsetError(DcdbError):
+    """A stored subset is unknown, or a subset name is invalid."""
+
+
+class TrainError(DcdbError):
+    """Training cannot start or continue: no usable training data, or a broken run folder."""
+
+
+class ResumeError(TrainError):
+    """``resume`` would continue a run with a different recipe, model, data or seed."""
+
+
+class EvalError(DcdbError):
+    """A checkpoint cannot be evaluated (wrong architecture, unreadable, results of another model)."""
+
+
+class TaskError(EvalError):
+    """An evaluation task folder or task list is incomplete or malformed (the message names the file)."""

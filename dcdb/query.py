@@ -1,0 +1,476 @@
+"""Filter files: find them, read their header, bind their parameters, run them, write uid lists.
+
+A filter is one SELECT over ``pool`` (and stored subsets) whose result has a ``uid`` column and an
+optional integer ``copies`` column (upsampling: a uid with copies = 3 appears 3 times in the list).
+Its header comment says what it keeps and declares parameters and assets::
+
+    -- Keep rows whose L/14 CLIP score is at least a threshold.
+    -- @param threshold float = 0.3   minimum clip_l14_similarity_score
+    -- @param arch str = l14          b32 or l14
+    -- @asset none
+    SELECT uid FROM pool WHERE clip_l14_similarity_score >= $threshold
+
+Parameters are found by DuckDB's own parser (so ``$x`` inside a comment or a string is not one),
+bound as DuckDB named parameters (never pasted into the text) and checked before anything runs: a
+parameter used but neither given nor defaulted, or given but not used, is an error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dcdb import uids as U
+from dcdb.errors import (
+    FilterNotFoundError,
+    OutputError,
+    ParameterError,
+    QueryError,
+    ReadOnlyError,
+)
+from dcdb.store import Pool
+
+PARAM_TYPES = ("int", "float", "str", "bool", "path")
+_PARAM_RE = re.compile(
+    r"^\s*@param\s+(?P<name>[A-Za-z_]\w*)\s+(?P<type>\w+)(?:\s*=\s*(?P<default>\S+))?\s*(?P<doc>.*)$"
+)
+_ASSET_RE = re.compile(r"^\s*@asset\s+(?P<name>\S+)\s*(?P<doc>.*)$")
+_TAG_RE = re.compile(r"^\s*@(?P<tag>\w+)\b")
+FORMATS = ("npy", "parquet", "txt")
+
+
+# ------------------------------------------------------------------------------ filter files
+
+
+@dataclass
+class ParamSpec:
+    name: str
+    type: str
+    default: Any = None
+    has_default: bool = False
+    doc: str = ""
+
+
+@dataclass
+class FilterFile:
+    """A filter's text and what its header declares."""
+
+    name: str
+    text: str
+    path: Path | None = None
+    description: str = ""
+    params: dict[str, ParamSpec] = field(default_factory=dict)
+    assets: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+
+def builtin_filters() -> dict[str, Any]:
+    """Name -> resource of every ``sql/*.sql`` shipped with dcdb."""
+    out = {}
+    for entry in resources.files("dcdb.sql").iterdir():
+        if entry.name.endswith(".sql"):
+            out[entry.name[: -len(".sql")]] = entry
+    return dict(sorted(out.items()))
+
+
+def load_filter(ref: str, *, text: str | None = None) -> FilterFile:
+    """Resolve a filter reference: ``-`` with ``text`` (stdin), a path to a file, or a name of a
+    file in ``sql/``. Unknown names suggest the closest ones."""
+    if text is not None:
+        return parse_filter(ref, text, None)
+    p = Path(ref).expanduser()
+    if p.is_file():
+        try:
+            return parse_filter(p.stem, p.read_text(), p)
+        except UnicodeDecodeError as exc:
+            raise QueryError(f"filter file {ref!r} is not UTF-8 text") from exc
+    if ref.endswith(".sql") or "/" in ref or p.suffix:
+        raise FilterNotFoundError(f"filter file {ref!r} does not exist", hint="check the path")
+    known = builtin_filters()
+    if ref in known:
+        return parse_filter(ref, known[ref].read_text(), None)
+    close = difflib.get_close_matches(ref, list(known), n=3, cutoff=0.5)
+    hint = (
+        f"did you mean {' or '.join(repr(c) for c in close)}?"
+        if close
+        else "run `dcdb filters` to list the built-in filters, or give a path to a .sql file"
+    )
+    raise FilterNotFoundError(f"unknown filter {ref!r}", hint=hint)
+
+
+def parse_filter(name: str, text: str, path: Path | None) -> FilterFile:
+    """Read the leading comment block: description lines, ``@param`` and ``@asset`` lines."""
+    f = FilterFile(name=name, text=text, path=path)
+    desc: list[str] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            if desc:
+                desc.append("")
+            continue
+        if not line.startswith("--"):
+            break
+        body = line[2:].strip()
+        m = _PARAM_RE.match(body)
+        if m:
+            f.params[m["name"]] = _param_spec(name, m)
+            continue
+        m = _ASSET_RE.match(body)
+        if m:
+            if m["name"].lower() != "none":
+                f.assets.append((m["name"], m["doc"].strip()))
+            continue
+        if _TAG_RE.match(body):
+            raise QueryError(
+                f"filter {name!r}: unknown header tag in {body!r}",
+                hint="the header knows `-- @param NAME TYPE [= DEFAULT] doc` and `-- @asset NAME doc`",
+            )
+        desc.append(body)
+    f.description = "\n".join(desc).strip()
+    return f
+
+
+def _param_spec(filter_name: str, m: re.Match) -> ParamSpec:
+    ptype = m["type"].lower()
+    if ptype not in PARAM_TYPES:
+        raise QueryError(
+            f"filter {filter_name!r}: parameter ${m['name']} has unknown type {m['type']!r}",
+            hint=f"use one of {', '.join(PARAM_TYPES)}",
+        )
+    spec = ParamSpec(name=m["name"], type=ptype, doc=m["doc"].strip())
+    if m["default"] is not None:
+        spec.has_default = True
+        spec.default = None if m["default"].lower() == "null" else convert_value(spec, m["default"])
+    return spec
+
+
+def convert_value(spec: ParamSpec, raw: str) -> Any:
+    """Convert a ``-p NAME VALUE`` string to the declared type (or infer int/float/str)."""
+    t = spec.type
+    try:
+        if t == "int":
+            return int(raw)
+        if t == "float":
+            v = float(raw)
+            return v
+        if t == "bool":
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if t == "path":
+            return str(Path(raw).expanduser().resolve())
+        if t == "str":
+            return raw
+    except ValueError:
+        raise ParameterError(
+            f"parameter ${spec.name} expects {'an' if t == 'int' else 'a'} {t}, got {raw!r}",
+            hint=f"pass e.g. -p {spec.name} {_example(t)}",
+        ) from None
+    # undeclared: infer
+    for conv in (int, float):
+        try:
+            return conv(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def _example(t: str) -> str:
+    return {"int": "10", "float": "0.3", "bool": "true", "path": "file.txt"}.get(t, "text")
+
+
+# ----------------------------------------------------------------------- statement checking
+
+
+def check_statement(con, sql: str, name: str) -> list[str]:
+    """Parse ``sql`` with DuckDB: exactly one read-only SELECT. Returns its named parameters."""
+    import duckdb
+
+    try:
+        stmts = con.extract_statements(sql)
+    except duckdb.ParserException as exc:
+        raise QueryError(f"SQL syntax error in filter {name!r}: {_clean(exc)}") from None
+    except duckdb.Error as exc:
+        raise QueryError(f"filter {name!r} cannot be parsed: {_clean(exc)}") from None
+    if not stmts:
+        raise QueryError(f"filter {name!r} contains no SQL statement", hint="write one SELECT with a uid column")
+    if len(stmts) > 1:
+        raise QueryError(
+            f"filter {name!r} contains {len(stmts)} statements; a filter is exactly one SELECT",
+            hint="combine them with WITH ... SELECT, or remove the extra statements",
+        )
+    st = stmts[0]
+    if st.type != duckdb.StatementType.SELECT:
+        raise ReadOnlyError(
+            f"filter {name!r} is a {st.type.name} statement; filters may only read (one SELECT)",
+            hint="COPY, ATTACH, INSTALL, CREATE, SET and other writes are not allowed in a filter",
+        )
+    return sorted(st.named_parameters)
+
+
+def _clean(exc: Exception) -> str:
+    return str(exc).strip()
+
+
+def bind_parameters(filt: FilterFile, used: list[str], given: dict[str, str]) -> dict[str, Any]:
+    """Check and convert parameters before running: every used one given or defaulted, every
+    given one used. Returns the DuckDB parameter dict."""
+    positional = [u for u in used if u.isdigit()]
+    if positional:
+        raise ParameterError(
+            f"filter {filt.name!r} uses positional parameter(s) {', '.join('$' + p for p in positional)}",
+            hint="use named parameters ($threshold) declared in the header",
+        )
+    unknown = sorted(set(given) - set(used))
+    if unknown:
+        close = {u: difflib.get_close_matches(u, used, n=1) for u in unknown}
+        sug = "; ".join(f"did you mean {c[0]!r} for {u!r}?" for u, c in close.items() if c)
+        raise ParameterError(
+            f"filter {filt.name!r} has no parameter {', '.join('$' + u for u in unknown)}; "
+            f"it uses {', '.join('$' + u for u in used) or 'none'}",
+            hint=sug or "remove the extra -p",
+        )
+    out: dict[str, Any] = {}
+    missing = []
+    for p in used:
+        spec = filt.params.get(p, ParamSpec(name=p, type="auto"))
+        if p in given:
+            out[p] = convert_value(spec, given[p])
+        elif spec.has_default:
+            out[p] = spec.default
+        else:
+            missing.append(p)
+    if missing:
+        raise ParameterError(
+            f"filter {filt.name!r} needs parameter(s) {', '.join('$' + m for m in missing)} with no default",
+            hint="pass " + " ".join(f"-p {m} VALUE" for m in missing),
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------- run
+
+
+@dataclass
+class FilterResult:
+    uids: np.ndarray  # sorted, one entry per copy
+    filter: FilterFile
+    params: dict[str, Any]
+    pool: Pool
+    seconds: float
+    result_rows: int
+
+    @property
+    def rows(self) -> int:
+        return len(self.uids)
+
+    def manifest(self, *, output: str | None = None, fmt: str | None = None) -> dict[str, Any]:
+        from dcdb import __version__
+
+        unique = len(np.unique(self.uids)) if len(self.uids) else 0
+        return {
+            "kind": "dcdb-subset",
+            "filter": self.filter.name,
+            "filter_path": str(self.filter.path.resolve()) if self.filter.path else None,
+            "sql": self.filter.text,
+            "sql_sha256": self.filter.sha256,
+            "params": {k: _jsonable(v) for k, v in self.params.items()},
+            "pool": str(self.pool.path.resolve()),
+            "pool_manifest_sha256": self.pool.manifest_hash,
+            "pool_rows": self.pool.rows,
+            "rows": self.rows,
+            "unique_uids": unique,
+            "output": output,
+            "format": fmt,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "seconds": round(self.seconds, 4),
+            "dcdb_version": __version__,
+        }
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def run_filter(pool: Pool, filt: FilterFile, given: dict[str, str] | None = None, *, con=None) -> FilterResult:
+    """Run a filter on a pool and return its sorted uid list (copies expanded)."""
+    import duckdb
+
+    from dcdb.engine import connect
+
+    t0 = time.perf_counter()
+    con = con or connect(pool)
+    used = check_statement(con, filt.text, filt.name)
+    params = bind_parameters(filt, used, dict(given or {}))
+    try:
+        reader = con.sql(filt.text, params=params or None).to_arrow_reader(1 << 20)
+        parts, copies_parts, nrows = _collect(reader, filt.name)
+    except duckdb.ParserException as exc:
+        raise QueryError(f"SQL syntax error in filter {filt.name!r}: {_clean(exc)}") from None
+    except (duckdb.BinderException, duckdb.CatalogException) as exc:
+        raise QueryError(_binder_message(filt.name, exc, pool), hint=_binder_hint(exc, pool)) from None
+    except duckdb.ConversionException as exc:
+        raise ParameterError(f"filter {filt.name!r}: a value has the wrong type: {_clean(exc)}") from None
+    except duckdb.Error as exc:
+        raise QueryError(f"filter {filt.name!r} failed: {_clean(exc)}") from None
+    arr = np.concatenate(parts) if parts else U.empty()
+    if copies_parts is not None:
+        copies = np.concatenate(copies_parts) if copies_parts else np.empty(0, np.int64)
+        arr = np.repeat(arr, copies)
+    arr = U.sort(arr)
+    return FilterResult(
+        uids=arr, filter=filt, params=params, pool=pool, seconds=time.perf_counter() - t0, result_rows=nrows
+    )
+
+
+def _collect(reader, name: str):
+    import pyarrow as pa
+
+    schema = reader.schema
+    names = {n.lower(): n for n in schema.names}
+    if "uid" not in names:
+        raise QueryError(
+            f"the result of filter {name!r} has no uid column (it has {', '.join(schema.names) or 'none'})",
+            hint="SELECT uid FROM pool WHERE ...",
+        )
+    uid_col = names["uid"]
+    copies_col = names.get("copies")
+    if copies_col is not None and not pa.types.is_integer(schema.field(copies_col).type):
+        raise QueryError(
+            f"the copies column of filter {name!r} has type {schema.field(copies_col).type}, not integer",
+            hint="cast it: CAST(... AS INTEGER) AS copies",
+        )
+    parts, cparts, n = [], ([] if copies_col else None), 0
+    for batch in reader:
+        parts.append(U.from_arrow(batch.column(uid_col), source=f"result of filter {name!r}"))
+        if copies_col is not None:
+            c = batch.column(copies_col)
+            if c.null_count:
+                raise QueryError(f"filter {name!r} returned NULL copies", hint="use 0 to drop a row")
+            c = c.to_numpy(zero_copy_only=False).astype(np.int64)
+            if (c < 0).any():
+                raise QueryError(f"filter {name!r} returned negative copies ({int(c.min())})")
+            cparts.append(c)
+        n += batch.num_rows
+    return parts, cparts, n
+
+
+_EMB_COLS = re.compile(r"\b(b32_img|b32_txt|l14_img|l14_txt)\b")
+
+
+def _binder_message(name: str, exc: Exception, pool: Pool) -> str:
+    return f"filter {name!r}: {_clean(exc)}"
+
+
+def _binder_hint(exc: Exception, pool: Pool) -> str | None:
+    msg = str(exc)
+    m = _EMB_COLS.search(msg)
+    if m and m.group(1) not in pool.spaces:
+        if not pool.spaces:
+            return "this pool is metadata-only: re-ingest with the .npz embedding files beside the parquet"
+        return f"this pool's embedding spaces are {', '.join(pool.spaces)}"
+    if "does not exist" in msg or "not found" in msg:
+        return "`dcdb info` lists the pool's columns; stored subsets are views named after the subset"
+    return None
+
+
+# ------------------------------------------------------------------------------------ output
+
+
+def output_format(path: str | None, fmt: str | None) -> str:
+    if fmt:
+        if fmt not in FORMATS:
+            raise OutputError(f"unknown format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
+        return fmt
+    if path:
+        suf = Path(path).suffix.lower().lstrip(".")
+        if suf in FORMATS:
+            return suf
+    return "npy"
+
+
+def write_uids(path: str | Path, arr: np.ndarray, fmt: str) -> Path:
+    """Write a sorted uid list atomically in one of FORMATS."""
+    from dcdb.io import atomic_path
+
+    path = Path(path)
+    if fmt == "npy":
+        return U.save(path, arr, sorted_=True)
+    with atomic_path(path) as tmp:
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.table({"uid": U.to_arrow(arr)}), tmp)
+        elif fmt == "txt":
+            with open(tmp, "w") as f:
+                for chunk in range(0, len(arr), 1 << 20):
+                    f.write("\n".join(U.to_hex(arr[chunk : chunk + (1 << 20)])))
+                    f.write("\n")
+        else:  # pragma: no cover -- output_format validated it
+            raise OutputError(f"unknown format {fmt!r}")
+    return path
+
+
+def write_manifest(path: str | Path, manifest: dict[str, Any]) -> Path:
+    from dcdb.io import write_json
+
+    return write_json(path, manifest)
+
+
+def manifest_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".json")
+
+
+def save_subset(pool: Pool, name: str, result: FilterResult, *, force: bool = False) -> Path:
+    """Store a result in the pool as subset ``name`` (.npy + .json + .parquet for SQL)."""
+    from dcdb.engine import check_subset_name
+
+    check_subset_name(name)
+    d = pool.subsets_dir
+    d.mkdir(exist_ok=True)
+    npy = d / f"{name}.npy"
+    if npy.exists() and not force:
+        raise OutputError(f"subset {name!r} already exists in the pool", hint="pass --force to replace it")
+    # parquet first, npy last: a subset is visible only once its .npy exists.
+    write_uids(d / f"{name}.parquet", result.uids, "parquet")
+    write_manifest(d / f"{name}.json", result.manifest(output=str(npy), fmt="npy"))
+    write_uids(npy, result.uids, "npy")
+    return npy
+
+
+def pool_has_subset(pool: Pool, name: str) -> bool:
+    return (pool.subsets_dir / f"{name}.npy").is_file()
+
+
+__all__ = [
+    "FilterFile",
+    "FilterResult",
+    "ParamSpec",
+    "bind_parameters",
+    "builtin_filters",
+    "check_statement",
+    "load_filter",
+    "run_filter",
+    "save_subset",
+    "write_uids",
+]

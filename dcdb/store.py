@@ -1,0 +1,148 @@
+"""The pool store: on-disk layout and manifest.
+
+A pool is a folder::
+
+    POOL/
+      dcdb.json                      manifest, written last by ingest (no manifest -> not a pool)
+      metadata/<shard>.parquet       one per source shard, rows in source order
+      embeddings/<space>.lance       one Lance table per embedding space: columns ``uid`` and
+                                     ``<space>`` (fixed-size list of float16/float32), rows in the
+                                     same order as metadata/ read shard by shard
+      derived/                       derived columns (dcdb annotate), aligned to metadata/
+      subsets/<name>.npy|.json|.parquet   stored subsets: uid list, manifest, uid table for SQL
+      .ingest/                       staging area and journal of an unfinished ingest
+
+The manifest (``dcdb.json``) records the format version, the row count, the shards in order with
+their row counts, the metadata columns, and each embedding space (model, dim, dtype, path).
+Row i of the concatenated metadata is row i of every embedding table; ingest checks the uids match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dcdb.errors import PoolError
+
+FORMAT = "dcdb-pool"
+FORMAT_VERSION = 1
+MANIFEST = "dcdb.json"
+METADATA_DIR = "metadata"
+EMBEDDINGS_DIR = "embeddings"
+DERIVED_DIR = "derived"
+SUBSETS_DIR = "subsets"
+STAGING_DIR = ".ingest"
+POOL_ENV = "DCDB_POOL"
+
+# DataComp's four precomputed embedding spaces (keys of each shard's .npz) and their models.
+DATACOMP_SPACES: dict[str, dict[str, Any]] = {
+    "b32_img": {"model": "openai ViT-B-32", "dim": 512, "modality": "image"},
+    "b32_txt": {"model": "openai ViT-B-32", "dim": 512, "modality": "text"},
+    "l14_img": {"model": "openai ViT-L-14", "dim": 768, "modality": "image"},
+    "l14_txt": {"model": "openai ViT-L-14", "dim": 768, "modality": "text"},
+}
+
+# Columns of a DataComp metadata parquet (others are kept as they come).
+DATACOMP_COLUMNS = (
+    "uid",
+    "url",
+    "text",
+    "original_width",
+    "original_height",
+    "sha256",
+    "clip_b32_similarity_score",
+    "clip_l14_similarity_score",
+    "face_bboxes",
+)
+
+
+@dataclass
+class Pool:
+    """An opened (complete) pool: its folder and manifest."""
+
+    path: Path
+    manifest: dict[str, Any] = field(repr=False)
+
+    @property
+    def rows(self) -> int:
+        return int(self.manifest["rows"])
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return list(self.manifest["shards"])
+
+    @property
+    def spaces(self) -> dict[str, dict[str, Any]]:
+        return dict(self.manifest.get("spaces", {}))
+
+    @property
+    def columns(self) -> list[dict[str, str]]:
+        return list(self.manifest["columns"])
+
+    def metadata_files(self) -> list[Path]:
+        return [self.path / s["metadata"] for s in self.manifest["shards"]]
+
+    def lance_path(self, space: str) -> Path:
+        if space not in self.spaces:
+            raise PoolError(
+                f"pool {str(self.path)!r} has no embedding space {space!r}; it has "
+                f"{', '.join(self.spaces) or 'none (metadata-only pool)'}",
+                hint="ingest the .npz files beside the metadata parquet to add embeddings",
+            )
+        return self.path / self.spaces[space]["path"]
+
+    @property
+    def subsets_dir(self) -> Path:
+        return self.path / SUBSETS_DIR
+
+    @property
+    def manifest_hash(self) -> str:
+        return hashlib.sha256((self.path / MANIFEST).read_bytes()).hexdigest()
+
+
+def resolve_pool_path(path: str | os.PathLike | None) -> Path:
+    if path is None or str(path) == "":
+        env = os.environ.get(POOL_ENV)
+        if not env:
+            raise PoolError(
+                "no pool given", hint=f"pass --pool PATH or set the {POOL_ENV} environment variable"
+            )
+        path = env
+    return Path(path).expanduser()
+
+
+def open_pool(path: str | os.PathLike | None = None) -> Pool:
+    """Open a complete pool, or raise PoolError saying why it is not one and what to do."""
+    p = resolve_pool_path(path)
+    if not p.exists():
+        raise PoolError(f"pool {str(p)!r} does not exist", hint="create one with `dcdb ingest SRC POOL`")
+    if not p.is_dir():
+        raise PoolError(f"pool {str(p)!r} is a file, not a pool folder", hint="give the folder `dcdb ingest` wrote")
+    mf = p / MANIFEST
+    if not mf.is_file():
+        if (p / STAGING_DIR).is_dir():
+            raise PoolError(
+                f"pool {str(p)!r} is incomplete: an ingest into it did not finish",
+                hint="re-run the same `dcdb ingest SRC POOL` command to resume it",
+            )
+        raise PoolError(
+            f"{str(p)!r} is not a dcdb pool (no {MANIFEST})",
+            hint="create one with `dcdb ingest SRC POOL`",
+        )
+    try:
+        manifest = json.loads(mf.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PoolError(f"pool manifest {str(mf)!r} is unreadable: {exc}", hint="re-run `dcdb ingest`") from exc
+    if manifest.get("format") != FORMAT:
+        raise PoolError(f"{str(mf)!r} is not a dcdb pool manifest", hint="give the folder `dcdb ingest` wrote")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise PoolError(
+            f"pool {str(p)!r} has format version {manifest.get('format_version')}, this dcdb reads "
+            f"version {FORMAT_VERSION}",
+            hint="re-ingest the pool with this version of dcdb",
+        )
+    return Pool(path=p, manifest=manifest)

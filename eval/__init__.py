@@ -1,0 +1,1 @@
+"""Zero-shot evaluation of CLIP checkpoints (installed as ``dcdb.eval``)."""

@@ -1,0 +1,1 @@
+"""CLIP training with DataComp's fixed recipes (installed as ``dcdb.train``)."""
