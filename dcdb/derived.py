@@ -85,6 +85,9 @@ def write_group(
                 raise PoolError(
                     f"derived group {group!r}: shard {shard['name']} got {tbl.num_rows} rows, expected {shard['rows']}"
                 )
+            from dcdb.ingest import nan_to_null
+
+            tbl = tbl.from_arrays([nan_to_null(c) for c in tbl.columns], schema=tbl.schema)
             if columns is None:
                 columns = [{"name": f.name, "type": str(f.type)} for f in tbl.schema]
             pq.write_table(tbl, tmp / f"{shard['name']}.parquet", row_group_size=122_880,

@@ -6,8 +6,9 @@
   joined with one scan per embedding space (``b32_img``, ``b32_txt``, ``l14_img``, ``l14_txt`` as
   ``FLOAT[d]`` arrays). Row i of the metadata is row i of every Lance table (ingest guarantees and
   checks it), so a ``POSITIONAL JOIN`` lines them up without a uid hash join.
-  Float metadata columns show NaN as NULL (comparisons then behave as in numpy: NaN never passes).
-* view ``pool_metadata``: the metadata alone, values as stored.
+  Float NaN is stored as NULL by ingest (see ``dcdb.ingest.nan_to_null``), so comparisons behave
+  as in numpy: a NaN score never passes, and ``ORDER BY s DESC NULLS LAST`` sorts like numpy.
+* view ``pool_metadata``: the metadata alone.
 * one view per stored subset (``subsets/<name>.parquet``), with columns ``uid`` (one row per copy).
 * macros ``cosine(a, b)`` and ``dot(a, b)`` over embedding columns and constant vectors.
 
@@ -149,19 +150,11 @@ def embedding_scan(lance_dataset, column: str, dim: int):
 
 
 def _projection(con, source: str, alias: str, skip: set[str] = frozenset()) -> list[tuple[str, str]]:
-    """(name, select expression) for each column of ``source`` read as ``alias``. Float NaN becomes
-    NULL, so that a comparison with a NaN score is never true -- as in numpy/pandas (DataComp's
-    code), whereas DuckDB orders NaN above every number and ``NaN >= 0.3`` is true there.
-    ``pool_metadata`` keeps raw NaN."""
+    """(name, select expression) for each column of ``source`` read as ``alias``."""
     out = []
-    for name, typ, *_ in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall():
-        if name in skip:
-            continue
-        q = quote_identifier(name)
-        if typ in ("FLOAT", "DOUBLE"):
-            out.append((name, f"CASE WHEN isnan({alias}.{q}) THEN NULL ELSE {alias}.{q} END AS {q}"))
-        else:
-            out.append((name, f"{alias}.{q}"))
+    for name, *_ in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall():
+        if name not in skip:
+            out.append((name, f"{alias}.{quote_identifier(name)}"))
     return out
 
 

@@ -39,6 +39,7 @@ from typing import Any, Self
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dcdb import errors, uids
@@ -493,7 +494,17 @@ def _read_shard_table(task: ShardTask) -> pa.Table:
             raise SourceError(
                 f"{task.parquet!r}: column {f.name!r} cannot be cast to {f.type}: {exc}"
             ) from exc
-    return pa.Table.from_arrays(columns, schema=task.schema)
+    return pa.Table.from_arrays([nan_to_null(c) for c in columns], schema=task.schema)
+
+
+def nan_to_null(col: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """Float NaN -> NULL. DataComp's pandas code reads both as NaN and no comparison with it is
+    true; in DuckDB a NULL compares as unknown (row dropped) and sorts with NULLS LAST, whereas
+    DuckDB's NaN is larger than every number (``NaN >= 0.3`` is true) -- so storing NULL makes
+    plain SQL thresholds behave like DataComp's numpy ones."""
+    if not pa.types.is_floating(col.type):
+        return col
+    return pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)
 
 
 def _statistics_columns(schema: pa.Schema) -> list[str]:

@@ -137,17 +137,21 @@ def test_metadata_parquet_is_compressed_in_row_groups(small_pool):
     assert md.row_group(0).column(0).compression == "ZSTD"
 
 
-def test_duckdb_sees_every_nan_score(small_pool):
-    """No float statistics in the metadata parquet: DuckDB would prune NaN rows with them."""
+def test_nan_scores_are_stored_as_null(small_pool, small_src):
+    """Source NaN scores become NULL in the pool, so DuckDB compares and sorts them like numpy
+    does NaN (never passes a threshold, last in a descending sort); nothing else changes."""
     import duckdb
 
-    meta = pool_table(small_pool)
+    src = source_table(small_src)
     files = [str(p) for p in sorted((small_pool / "metadata").glob("*.parquet"))]
     for col in ("clip_b32_similarity_score", "clip_l14_similarity_score"):
-        want = int(np.isnan(meta.column(col).to_numpy()).sum())
+        want = int(np.isnan(src.column(col).to_numpy(zero_copy_only=False)).sum())
         assert want > 0
-        got = duckdb.sql(f"SELECT count(*) FROM read_parquet({files}) WHERE isnan({col})").fetchall()[0][0]
-        assert got == want, col
+        got = duckdb.sql(
+            f"SELECT count(*) FILTER (WHERE {col} IS NULL), count(*) FILTER (WHERE isnan({col})) "
+            f"FROM read_parquet({files})"
+        ).fetchall()[0]
+        assert got == (want, 0), col
 
 
 def test_parallel_equals_inline(small_src, tmp_path):
