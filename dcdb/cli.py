@@ -145,15 +145,32 @@ def synth_pool_cmd(c: Ctx, out, rows, shards, seed, dtype, no_embeddings, force)
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=str))
 @click.argument("pool", type=click.Path(file_okay=False, path_type=str))
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, help="Worker processes (default: all cores).")
-def ingest_cmd(c: Ctx, src, pool, jobs):
+@click.option(
+    "--shards",
+    "shards_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=str),
+    default=None,
+    metavar="DOWNLOAD/shards",
+    help="Also index these img2dataset shards (uid -> tar, byte range) for `dcdb reshard --pool`.",
+)
+def ingest_cmd(c: Ctx, src, pool, jobs, shards_dir):
     """Ingest a DataComp metadata folder SRC (parquet + same-stem .npz) into the pool store POOL.
 
     Streams shard by shard; a re-run after an interruption resumes where it stopped.
     """
     from dcdb.ingest import ingest
 
-    report = ingest(src, pool, jobs=jobs or os.cpu_count() or 1, progress=not c.quiet)
+    jobs = jobs or os.cpu_count() or 1
+    if shards_dir:
+        from dcdb.shardindex import list_tars
+
+        list_tars(shards_dir)  # refuse a folder without tars before ingesting
+    report = ingest(src, pool, jobs=jobs, progress=not c.quiet)
     c.log(report.summary())
+    if shards_dir:
+        from dcdb.shardindex import index_shards
+
+        c.log(index_shards(pool, shards_dir, jobs=jobs, progress=not c.quiet).summary())
 
 
 # ------------------------------------------------------------------------------------- info
@@ -218,8 +235,15 @@ def _read_filter(ref: str):
     help="Output format (default: from the -o suffix, else npy; txt without -o).",
 )
 @click.option("--save", "save_name", metavar="NAME", help="Also store the subset in the pool as NAME.")
+@click.option(
+    "--reshard",
+    "reshard_out",
+    type=click.Path(file_okay=False, path_type=str),
+    default=None,
+    help="Also write the selected samples as webdataset shards in this folder (needs the pool's shard index).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output file or stored subset.")
-def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, force):
+def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, reshard_out, force):
     """Run a filter and write its uid list (DataComp .npy: sorted u8,u8 pairs).
 
     FILE is a .sql file, NAME a filter shipped in sql/ (see `dcdb filters`), - reads stdin.
@@ -239,6 +263,10 @@ def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, force):
     if save_name:
         check_subset_name(save_name)
     p = open_pool(pool)
+    if reshard_out:
+        from dcdb.reshard import preflight
+
+        preflight(reshard_out, pool=p, overwrite=force)
     if save_name and (p.subsets_dir / f"{save_name}.npy").exists() and not force:
         from dcdb.errors import OutputError
 
@@ -250,7 +278,13 @@ def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, force):
         write_manifest(manifest_path(output), res.manifest(output=output, fmt=fmt))
     if save_name:
         save_subset(p, save_name, res, force=force)
-    if not output and not save_name:
+    if reshard_out:
+        from dcdb.reshard import reshard
+
+        rep = reshard(res.uids, reshard_out, pool=p, jobs=os.cpu_count() or 1, overwrite=force,
+                      progress=not c.quiet, subset_label=f"dcdb query {filt.name}")
+        c.log(rep.summary())
+    if not output and not save_name and not reshard_out:
         from dcdb import uids as U
 
         out = sys.stdout
@@ -423,4 +457,5 @@ def demo_cmd(c: Ctx, folder, rows, force):
 
 
 # Commands defined in their own modules register themselves on `cli` when imported.
-from dcdb import cli_world  # noqa: F401  (dcdb world)
+from dcdb import cli_reshard  # noqa: E402,F401  (dcdb reshard, dcdb index-shards)
+from dcdb import cli_world  # noqa: E402,F401  (dcdb world)

@@ -38,7 +38,7 @@ from dcdb.store import Pool, open_pool
 
 POS_COLUMN = "_dcdb_pos"
 SUBSET_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-RESERVED_VIEWS = {"pool", "pool_metadata"}
+RESERVED_VIEWS = {"pool", "pool_metadata", "shard_index"}
 BATCH_ROWS = 1 << 16
 
 
@@ -266,6 +266,11 @@ def connect(pool: Pool | str | Path | None = None, *, threads: int | None = None
         con.execute(
             f"CREATE VIEW {quote_identifier(name)} AS SELECT uid FROM read_parquet({sql_string(str(path.resolve()))})"
         )
+    from dcdb.shardindex import view_sql as shard_index_view
+
+    shard_index_sql = shard_index_view(pool)
+    if shard_index_sql:
+        con.execute(shard_index_sql)
     for m in MACROS:
         con.execute(m)
     from dcdb.filters import register

@@ -75,3 +75,17 @@ class EvalError(DcdbError):
 
 class TaskError(EvalError):
     """An evaluation task folder or task list is incomplete or malformed (the message names the file)."""
+
+
+class ShardIndexError(PoolError):
+    """A pool has no shard index, an unfinished one, or one out of date with the tars it indexes."""
+
+
+class ReshardError(DcdbError):
+    """Resharding cannot go on: a damaged input sample under ``--strict``, or blurring without Pillow."""
+
+
+class AssetError(UsageError):
+    """An external asset a filter needs (centroids, ImageNet embeddings, WordNet ids, WordNet itself,
+    a language-id model) is missing, unreadable or of the wrong shape/dtype; the message names the
+    parameter that gave it."""

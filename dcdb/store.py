@@ -10,6 +10,8 @@ A pool is a folder::
                                      same order as metadata/ read shard by shard
       derived/                       derived columns (dcdb annotate), aligned to metadata/
       subsets/<name>.npy|.json|.parquet   stored subsets: uid list, manifest, uid table for SQL
+      shards/index/<tar>.parquet, shards/index.json   shard index of img2dataset tars
+                                     (dcdb index-shards, ingest --shards): uid -> tar, byte range
       .ingest/                       staging area and journal of an unfinished ingest
 
 The manifest (``dcdb.json``) records the format version, the row count, the shards in order with
