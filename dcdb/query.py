@@ -323,14 +323,8 @@ def run_filter(pool: Pool, filt: FilterFile, given: dict[str, str] | None = None
     try:
         reader = con.sql(filt.text, params=params or None).to_arrow_reader(1 << 20)
         parts, copies_parts, nrows = _collect(reader, filt.name)
-    except duckdb.ParserException as exc:
-        raise QueryError(f"SQL syntax error in filter {filt.name!r}: {_clean(exc)}") from None
-    except (duckdb.BinderException, duckdb.CatalogException) as exc:
-        raise QueryError(_binder_message(filt.name, exc, pool), hint=_binder_hint(exc, pool)) from None
-    except duckdb.ConversionException as exc:
-        raise ParameterError(f"filter {filt.name!r}: a value has the wrong type: {_clean(exc)}") from None
     except duckdb.Error as exc:
-        raise QueryError(f"filter {filt.name!r} failed: {_clean(exc)}") from None
+        _reraise(con, filt, pool, exc)
     arr = np.concatenate(parts) if parts else U.empty()
     if copies_parts is not None:
         copies = np.concatenate(copies_parts) if copies_parts else np.empty(0, np.int64)
@@ -339,6 +333,25 @@ def run_filter(pool: Pool, filt: FilterFile, given: dict[str, str] | None = None
     return FilterResult(
         uids=arr, filter=filt, params=params, pool=pool, seconds=time.perf_counter() - t0, result_rows=nrows
     )
+
+
+def _reraise(con, filt: FilterFile, pool: Pool, exc: Exception):
+    """Turn a DuckDB error into dcdb's: first the dcdb error a registered Python function raised
+    (DuckDB wraps it), then by DuckDB's exception class."""
+    import duckdb
+
+    from dcdb.filters import take_error
+
+    err = take_error(con)
+    if err is not None:
+        raise err from None
+    if isinstance(exc, duckdb.ParserException):
+        raise QueryError(f"SQL syntax error in filter {filt.name!r}: {_clean(exc)}") from None
+    if isinstance(exc, (duckdb.BinderException, duckdb.CatalogException)):
+        raise QueryError(_binder_message(filt.name, exc, pool), hint=_binder_hint(exc, pool)) from None
+    if isinstance(exc, duckdb.ConversionException):
+        raise ParameterError(f"filter {filt.name!r}: a value has the wrong type: {_clean(exc)}") from None
+    raise QueryError(f"filter {filt.name!r} failed: {_clean(exc)}") from None
 
 
 def _collect(reader, name: str):

@@ -1,0 +1,459 @@
+"""SQL functions and macros behind DataComp's baselines (``sql/*.sql``), registered on every pool
+connection (``dcdb.connect``).
+
+Table macro (built per pool, because it names the pool's columns; DuckDB 2.0 refuses scalar macros
+that reference columns):
+
+``baseline_pool(lang_column := 'lang', arch := NULL, centroids := NULL)``
+    ``pool`` plus the columns the baselines select on, each chosen by a parameter; a column the
+    query does not use is never computed (DuckDB drops unused projections):
+
+    ``caption_lang``       the language column named ``lang_column``; a pool without it fails with
+                           "run `dcdb annotate --pool P lang`" (or ``lang_cld3``, or import one)
+    ``clip_score``         ``clip_l14_similarity_score`` (``arch`` l14) or ``clip_b32_...`` (b32)
+    ``wordnet_offsets``    first-synset offsets of ``text.split()`` tokens: the derived column
+                           ``wn_offsets`` (``dcdb annotate wordnet``) or computed on the fly
+    ``assigned_centroid``  nearest centroid of ``l14_img``: the derived column ``centroid_id``
+                           (``dcdb annotate centroids``, checked to come from the same file) or
+                           computed on the fly (streaming matmul per DuckDB vector)
+
+Scalar macros: ``clip_cut(arch, fraction, threshold)`` (DataComp's threshold: ``threshold`` in the
+score's float32, or with a fraction the value at index ``int(N*f)`` of the scores sorted descending
+with NaN last, N counting every row; NaN there keeps nothing), ``clip_threshold_as(arch, t)``,
+``ft_tokens(text)`` (``len(fasttext.tokenize(text))``).
+
+Python functions (Arrow-vectorised): ``wordnet_hit(offsets, wordnet_ids_file)``,
+``target_centroids(centroids_file, imagenet_embeddings_glob)``, ``nearest_centroid(vec, file)``,
+``centroids_match(file)``, ``wordnet_offsets_of(text)``, ``clip_cut_mode``, ``clip_cut_index`` and
+``dcdb_fail(kind, message, hint)``. Errors they raise are dcdb's typed errors (AssetError,
+ParameterError, PoolError); ``take_error(con)`` returns the last one raised on a connection so the
+caller can re-raise it with its type after DuckDB wrapped it.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import weakref
+from typing import Any
+
+import numpy as np
+
+from dcdb.errors import AssetError, DcdbError, ParameterError, PoolError
+
+ARCH_COLUMNS = {"l14": "clip_l14_similarity_score", "b32": "clip_b32_similarity_score"}
+LANG_ANNOTATORS = {"lang": "lang", "lang_cld3": "lang_cld3"}
+CENTROID_GROUP = "centroids"
+CENTROID_COLUMN = "centroid_id"
+WORDNET_COLUMN = "wn_offsets"
+_BITMAP_MAX = 50_000_000
+
+_errors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_errors_lock = threading.Lock()
+
+
+def take_error(con) -> DcdbError | None:
+    """The dcdb error a function raised last on ``con`` (and forget it), or None."""
+    with _errors_lock:
+        return _errors.pop(con, None)
+
+
+# ------------------------------------------------------------------------------ SQL helpers
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _s(value: str) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _fail(kind: str, message_sql: str, hint_sql: str) -> str:
+    """SQL that raises a dcdb error of ``kind`` when evaluated (never constant-folded)."""
+    return f"dcdb_fail({_s(kind)}, {message_sql}, {hint_sql})"
+
+
+# ------------------------------------------------------------------------------- registering
+
+
+def register(con, pool) -> None:
+    """Register the baselines' functions and macros on a pool connection."""
+    columns = {name: typ for name, typ, *_ in con.execute("DESCRIBE SELECT * FROM pool").fetchall()}
+    info = _pool_facts(pool, columns)
+    _register_functions(con, info)
+    for sql in _macros(columns, info):
+        con.execute(sql)
+
+
+def _pool_facts(pool, columns: dict[str, str]) -> dict[str, Any]:
+    from dcdb.derived import groups
+
+    l14 = pool.spaces.get("l14_img")
+    return {
+        "pool": pool,
+        "path": str(pool.path),
+        "l14_dim": int(l14["dim"]) if l14 else None,
+        "has_l14": "l14_img" in columns,
+        "centroid_group": groups(pool).get(CENTROID_GROUP) if CENTROID_COLUMN in columns else None,
+    }
+
+
+def _arrow_function(con, name: str, fn, params: list, ret, *, side_effects: bool = False,
+                    special_nulls: bool = False) -> None:
+    """Register ``fn`` (pyarrow arrays in, one out) as an Arrow UDF, recording dcdb errors."""
+    import duckdb
+
+    ref = weakref.ref(con)
+
+    @functools.wraps(fn)  # DuckDB reads the arity from the signature (__wrapped__)
+    def wrapped(*args):
+        try:
+            return fn(*(_combine(a) for a in args))
+        except DcdbError as exc:
+            c = ref()
+            if c is not None:
+                with _errors_lock:
+                    _errors[c] = exc
+            raise
+
+    con.create_function(
+        name, wrapped, [duckdb.sqltype(p) if isinstance(p, str) else p for p in params],
+        duckdb.sqltype(ret) if isinstance(ret, str) else ret, type="arrow",
+        null_handling="special" if special_nulls else "default", side_effects=side_effects,
+    )
+
+
+def _combine(a):
+    return a.combine_chunks() if hasattr(a, "combine_chunks") else a
+
+
+def _constant(arr, what: str) -> Any:
+    """The single value of an argument that must be the same on every row (a file name)."""
+    import pyarrow.compute as pc
+
+    values = pc.unique(arr).to_pylist()
+    if len(values) != 1:
+        raise ParameterError(f"{what} must be one value for the whole query, got {len(values)}",
+                             hint=f"pass it as a parameter: -p {what} VALUE")
+    return values[0]
+
+
+def _register_functions(con, info: dict[str, Any]) -> None:
+    import duckdb
+
+    _arrow_function(con, "dcdb_fail", _dcdb_fail, ["VARCHAR", "VARCHAR", "VARCHAR"], "VARCHAR",
+                    side_effects=True, special_nulls=True)
+    _arrow_function(con, "clip_cut_mode", _clip_cut_mode, ["DOUBLE", "DOUBLE"], "VARCHAR", special_nulls=True)
+    _arrow_function(con, "clip_cut_index", _clip_cut_index, ["BIGINT", "BIGINT", "DOUBLE"], "BIGINT",
+                    special_nulls=True)
+    _arrow_function(con, "wordnet_hit", _wordnet_hit, [duckdb.list_type(duckdb.sqltype("INTEGER")), "VARCHAR"],
+                    "BOOLEAN", special_nulls=True)
+    _arrow_function(con, "wordnet_offsets_of", _wordnet_offsets_of, ["VARCHAR"],
+                    duckdb.list_type(duckdb.sqltype("INTEGER")), special_nulls=True)
+    _arrow_function(con, "centroids_match", lambda p: _centroids_match(p, info), ["VARCHAR"], "BOOLEAN")
+    _arrow_function(con, "target_centroids", lambda c, e: _target_centroids(c, e, info), ["VARCHAR", "VARCHAR"],
+                    duckdb.list_type(duckdb.sqltype("INTEGER")))
+    if info["has_l14"] and info["l14_dim"]:
+        vec = duckdb.array_type(duckdb.sqltype("FLOAT"), info["l14_dim"])
+        _arrow_function(con, "nearest_centroid", lambda v, p: _nearest_centroid(v, p, info), [vec, "VARCHAR"],
+                        "INTEGER")
+
+
+# ------------------------------------------------------------------------------------ macros
+
+
+def _macros(columns: dict[str, str], info: dict[str, Any]) -> list[str]:
+    return [
+        _clip_threshold_macro(columns),
+        _baseline_pool_macro(columns, info),
+        _clip_cut_macro(),
+        _ft_tokens_macro(),
+    ]
+
+
+def _baseline_pool_macro(columns: dict[str, str], info: dict[str, Any]) -> str:
+    """``baseline_pool(lang_column := 'lang', arch := NULL, centroids := NULL)``: ``pool`` plus the
+    columns the baselines select on, each chosen by a parameter. A column the query does not use
+    is never computed (DuckDB drops unused projections), so its parameter may stay NULL."""
+    computed = {
+        "caption_lang": _caption_lang_expr(columns, info),
+        "clip_score": _arch_case("arch", lambda col, typ: _q(col) if typ else _missing(col), columns),
+        "wordnet_offsets": _q(WORDNET_COLUMN) if WORDNET_COLUMN in columns else "wordnet_offsets_of(text)",
+        "assigned_centroid": _centroid_expr(info),
+    }
+    select = ", ".join(f"{expr} AS {_q(name)}" for name, expr in computed.items())
+    keep = [c for c in columns if c not in computed]
+    star = "*" if len(keep) == len(columns) else "* EXCLUDE (" + ", ".join(_q(c) for c in columns if c in computed) + ")"
+    return (
+        "CREATE OR REPLACE MACRO baseline_pool(lang_column := 'lang', arch := NULL, centroids := NULL) AS TABLE "
+        f"SELECT {star}, {select} FROM pool"
+    )
+
+
+def _missing(col: str) -> str:
+    return f"CAST({_fail('pool', _s(f'the pool has no column {col}'), _s('ingest a DataComp pool'))} AS DOUBLE)"
+
+
+def _caption_lang_expr(columns: dict[str, str], info: dict[str, Any]) -> str:
+    pool = _s(info["path"])
+    col = "lang_column"
+    whens = " ".join(f"WHEN {_s(c)} THEN {_q(c)}" for c, t in columns.items() if t == "VARCHAR")
+    hint = (
+        f"CASE WHEN {col} = 'lang_cld3' THEN 'run `dcdb annotate --pool ' || {pool} || ' lang_cld3` (CLD3, as "
+        f"DataComp''s laion2b), pass -p lang_column lang to use the fastText column, or import one with --from' "
+        f"WHEN {col} = 'lang' THEN 'run `dcdb annotate --pool ' || {pool} || ' lang` (fastText language id), or "
+        f"import a column with `dcdb annotate --pool ' || {pool} || ' --from FILE.parquet`' "
+        f"ELSE 'import it with `dcdb annotate --pool ' || {pool} || ' --from FILE.parquet` (columns uid, ' || "
+        f"coalesce({col}, 'NULL') || '), or pass -p lang_column lang' END"
+    )
+    fail = _fail("pool", f"'the pool has no language column ' || coalesce({col}, 'NULL')", hint)
+    return f"CASE {col} {whens} ELSE {fail} END"
+
+
+def _arch_case(arch_expr: str, branch, columns: dict[str, str]) -> str:
+    whens = " ".join(f"WHEN {_s(a)} THEN {branch(c, columns.get(c))}" for a, c in ARCH_COLUMNS.items())
+    fail = _fail("param", f"'unknown arch ''' || coalesce({arch_expr}, 'NULL') || ''''", "'use -p arch l14 or -p arch b32'")
+    return f"CASE {arch_expr} {whens} ELSE CAST({fail} AS DOUBLE) END"
+
+
+def _clip_threshold_macro(columns: dict[str, str]) -> str:
+    """``clip_threshold_as(arch, t)``: ``t`` rounded to the score column's type (float32 in
+    DataComp's parquet), so ``score >= t`` decides as numpy does on a float32 column."""
+    def branch(col, typ):
+        t = typ if typ in ("FLOAT", "DOUBLE") else "DOUBLE"
+        return f"CAST(CAST(t AS {t}) AS DOUBLE)"
+
+    return f"CREATE OR REPLACE MACRO clip_threshold_as(arch, t) AS {_arch_case('arch', branch, columns)}"
+
+
+def _clip_cut_macro() -> str:
+    """``clip_cut(arch, fraction, threshold)``: DataComp's threshold. Fraction mode: ``ORDER BY ...
+    NULLS LAST`` puts NaN (NULL in ``pool``) after every number like numpy's sort of -scores, and
+    ``OFFSET int(N*f)`` picks index n (N counts every row); a NaN there gives NULL: nothing kept."""
+    scores = "FROM baseline_pool(arch := arch) WHERE fraction IS NOT NULL"
+    return (
+        "CREATE OR REPLACE MACRO clip_cut(arch, fraction, threshold) AS "
+        "CASE WHEN clip_cut_mode(CAST(fraction AS DOUBLE), CAST(threshold AS DOUBLE)) = 'threshold' "
+        "THEN clip_threshold_as(arch, threshold) "
+        f"ELSE (SELECT clip_score {scores} ORDER BY clip_score DESC NULLS LAST LIMIT 1 "
+        f"OFFSET (SELECT clip_cut_index(count(*), count(clip_score), CAST(fraction AS DOUBLE)) {scores})) END"
+    )
+
+
+def _ft_tokens_macro() -> str:
+    from dcdb.filters.tokens import FT_TOKEN_SQL_PATTERN
+
+    return f"CREATE OR REPLACE MACRO ft_tokens(s) AS len(regexp_extract_all(s, {_s(FT_TOKEN_SQL_PATTERN)}))"
+
+
+def _centroid_expr(info: dict[str, Any]) -> str:
+    if info["centroid_group"] is not None:
+        return f"CASE WHEN centroids_match(centroids) THEN {_q(CENTROID_COLUMN)} END"
+    if info["has_l14"] and info["l14_dim"]:
+        return "nearest_centroid(l14_img, centroids)"
+    msg = _s("the pool has no l14_img embeddings and no centroid_id column")
+    hint = _s("ingest the .npz files with the metadata, or import centroid ids with dcdb annotate --from")
+    return f"CAST({_fail('pool', msg, hint)} AS INTEGER)"
+
+
+# ------------------------------------------------------------------------------ functions
+
+
+def _dcdb_fail(kind, message, hint):
+    cls = {"pool": PoolError, "param": ParameterError, "asset": AssetError}.get(kind[0].as_py(), DcdbError)
+    raise cls(message[0].as_py() or "error", hint=hint[0].as_py())
+
+
+def check_clip_params(fraction: float | None, threshold: float | None) -> str:
+    """DataComp's rules: exactly one of fraction and threshold; fraction in (0, 1]."""
+    if fraction is None and threshold is None:
+        raise ParameterError("give -p fraction F or -p threshold T", hint="e.g. -p fraction 0.3 (top 30% by score)")
+    if fraction is not None and threshold is not None:
+        raise ParameterError("give either -p fraction or -p threshold, not both", hint="drop one of them")
+    if fraction is not None and not (0.0 < fraction <= 1.0):
+        raise ParameterError(f"-p fraction must be in (0, 1], got {fraction}", hint="e.g. -p fraction 0.3")
+    return "fraction" if fraction is not None else "threshold"
+
+
+def _clip_cut_mode(fraction, threshold):
+    import pyarrow as pa
+
+    f, t = fraction[0].as_py(), threshold[0].as_py()
+    mode = check_clip_params(f, t)
+    return pa.array([mode] * len(fraction), pa.string())
+
+
+def fraction_index(n_rows: int, n_scored: int, fraction: float) -> int:
+    """Index into the descending sort: DataComp's ``int(N * f)``. With f = 1 (where DataComp's
+    ``np.sort(...)[N]`` raises IndexError) the last scored row, so every row with a score is kept."""
+    check_clip_params(fraction, None)
+    n = int(n_rows * fraction)
+    if n >= n_rows:
+        return n_scored - 1 if n_scored > 0 else n_rows
+    return n
+
+
+def _clip_cut_index(n_rows, n_scored, fraction):
+    import pyarrow as pa
+
+    n = fraction_index(int(n_rows[0].as_py()), int(n_scored[0].as_py()), fraction[0].as_py())
+    return pa.array([n] * len(n_rows), pa.int64())
+
+
+# WordNet ----------------------------------------------------------------------------------
+
+
+_lookup_cache: dict[tuple, Any] = {}
+
+
+def _wordnet_lookup(path: str):
+    """A function offsets -> bool for the WordNet ids in ``path`` (a bitmap when small)."""
+    from dcdb.filters.assets import _stat_key, existing_file, load_wordnet_ids
+
+    p = existing_file(path, "wordnet_ids")
+    key = _stat_key(p)
+    if key not in _lookup_cache:
+        ids = load_wordnet_ids(p)
+        if ids.max() < _BITMAP_MAX:
+            table = np.zeros(int(ids.max()) + 2, dtype=bool)
+            table[ids] = True
+            last = len(table) - 1  # False sentinel for offsets beyond every id
+
+            def hit(values, table=table, last=last):
+                return table[np.minimum(values, last)]
+        else:
+            def hit(values, ids=ids):
+                return np.isin(values, ids)
+        _lookup_cache.clear()
+        _lookup_cache[key] = hit
+    return _lookup_cache[key]
+
+
+def _wordnet_hit(offsets, ids_path):
+    """Per row: does some offset (a token's first synset) appear in the WordNet id file?"""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = len(offsets)
+    path = _constant(ids_path, "wordnet_ids")
+    hit = _wordnet_lookup(path)
+    flat = pc.list_flatten(offsets).to_numpy(zero_copy_only=False)
+    if len(flat) == 0:
+        return pa.array(np.zeros(n, dtype=bool))
+    parents = pc.list_parent_indices(offsets).to_numpy(zero_copy_only=False)
+    flat = flat.astype(np.int64, copy=False)
+    found = hit(np.maximum(flat, 0)) & (flat >= 0)
+    return pa.array(np.bincount(parents[found], minlength=n) > 0)
+
+
+def _wordnet_offsets_of(texts):
+    import pyarrow as pa
+
+    from dcdb.filters.wordnet import open_wordnet
+
+    wn = open_wordnet()
+    return pa.array([wn.caption_offsets(t) for t in texts.to_pylist()], pa.list_(pa.int32()))
+
+
+# Centroids -------------------------------------------------------------------------------
+
+
+def _nearest_centroid(vectors, path, info):
+    import pyarrow as pa
+
+    from dcdb.filters.assets import load_centroids
+    from dcdb.filters.centroids import assign
+
+    cents = load_centroids(_constant(path, "centroids"), dim=info["l14_dim"])
+    d = info["l14_dim"]
+    n = len(vectors)
+    values = vectors.values.to_numpy(zero_copy_only=False)
+    start = vectors.offset * d
+    feats = values[start : start + n * d].reshape(n, d)
+    ids = assign(feats, cents)
+    mask = vectors.is_null().to_numpy(zero_copy_only=False) if vectors.null_count else None
+    return pa.array(ids, pa.int32(), mask=mask)
+
+
+def _group_centroids_file(info):
+    group = info["centroid_group"]
+    rec = (group or {}).get("centroids")
+    return group, rec
+
+
+def _centroids_match(path, info):
+    import pyarrow as pa
+
+    from dcdb.filters.assets import existing_file, same_file
+
+    p = existing_file(_constant(path, "centroids"), "centroids")
+    _, rec = _group_centroids_file(info)
+    if rec is None or not same_file(rec, p):
+        was = rec.get("path") if rec else "an unknown file"
+        raise AssetError(
+            f"-p centroids: the pool's centroid ids (dcdb annotate centroids) were computed from {was!r}, "
+            f"not {str(p)!r}",
+            hint=f"recompute them: dcdb annotate --pool {info['path']} centroids -p centroids {p} --force",
+        )
+    return pa.array([True] * len(path))
+
+
+_target_cache: dict[tuple, np.ndarray] = {}
+
+
+def _stored_targets(info, centroids_path, files) -> np.ndarray | None:
+    """Target ids stored by ``dcdb annotate centroids -p imagenet_embeddings`` if they were
+    computed from these very files."""
+    from dcdb.filters.assets import same_file
+
+    group, rec = _group_centroids_file(info)
+    targets = (group or {}).get("targets")
+    if not rec or not targets or not same_file(rec, centroids_path):
+        return None
+    recorded = targets.get("imagenet_embeddings", [])
+    if len(recorded) != len(files) or not all(same_file(r, f) for r, f in zip(recorded, files, strict=True)):
+        return None
+    return np.asarray(targets["ids"], dtype=np.int32)
+
+
+def compute_targets(centroids_path, pattern, dim: int | None) -> tuple[np.ndarray, list, Any]:
+    """(target ids, embedding files, centroid path): nearest centroids of the ImageNet embeddings."""
+    from dcdb.filters.assets import existing_file, expand_glob, load_centroids, load_embeddings
+    from dcdb.filters.centroids import target_centroids
+
+    cpath = existing_file(centroids_path, "centroids")
+    cents = load_centroids(cpath, dim=dim)
+    files = expand_glob(pattern, "imagenet_embeddings")
+    emb = load_embeddings(pattern, dim=cents.shape[1])
+    return target_centroids(emb, cents), files, cpath
+
+
+def _target_centroids(centroids, embeddings, info):
+    import pyarrow as pa
+
+    from dcdb.filters.assets import _stat_key, existing_file, expand_glob
+
+    cpath = existing_file(_constant(centroids, "centroids"), "centroids")
+    pattern = _constant(embeddings, "imagenet_embeddings")
+    files = expand_glob(pattern, "imagenet_embeddings")
+    key = (_stat_key(cpath), tuple(_stat_key(f) for f in files))
+    ids = _target_cache.get(key)
+    if ids is None:
+        ids = _stored_targets(info, cpath, files)
+        if ids is None:
+            ids, _, _ = compute_targets(cpath, pattern, info["l14_dim"])
+        _target_cache.clear()
+        _target_cache[key] = ids
+    value = pa.array([ids.tolist()], pa.list_(pa.int32()))
+    return pa.concat_arrays([value] * len(centroids)) if len(centroids) > 1 else value
+
+
+def _install() -> None:
+    from dcdb.filters import REGISTRARS
+
+    if register not in REGISTRARS:
+        REGISTRARS.append(register)
+
+
+_install()
