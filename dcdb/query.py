@@ -283,7 +283,7 @@ class FilterResult:
     def manifest(self, *, output: str | None = None, fmt: str | None = None) -> dict[str, Any]:
         from dcdb import __version__
 
-        unique = len(np.unique(self.uids)) if len(self.uids) else 0
+        unique = U.count_unique(self.uids)
         return {
             "kind": "dcdb-subset",
             "filter": self.filter.name,

@@ -95,7 +95,7 @@ def combination_manifest(op: str, refs: list[str], arr: np.ndarray, pool: Pool |
         "pool": str(pool.path.resolve()) if pool else None,
         "pool_manifest_sha256": pool.manifest_hash if pool else None,
         "rows": len(arr),
-        "unique_uids": len(np.unique(arr)) if len(arr) else 0,
+        "unique_uids": U.count_unique(arr),
         "uids_sha256": hashlib.sha256(arr.tobytes()).hexdigest(),
         "output": output,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -27,7 +27,6 @@ _RAW_RECORD = 16
 _NIBBLE = np.full(256, 255, dtype=np.uint8)
 _NIBBLE[np.frombuffer(b"0123456789", dtype=np.uint8)] = np.arange(10, dtype=np.uint8)
 _NIBBLE[np.frombuffer(b"abcdef", dtype=np.uint8)] = np.arange(10, 16, dtype=np.uint8)
-_HEXCHARS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 _SHIFTS = np.arange(60, -4, -4, dtype=np.uint64)  # nibble i of a 16-char half -> bit offset
 
 
@@ -142,31 +141,29 @@ def to_hex(uids: np.ndarray) -> list[str]:
     return to_hex_array(uids).tolist()
 
 
+def _hex_block(uids: np.ndarray) -> bytes:
+    """uid array -> n*32 ASCII bytes of lowercase hex (binascii in C: ~20x a numpy nibble table)."""
+    uids = _check_dtype(uids)
+    be = np.empty((len(uids), 2), dtype=">u8")
+    be[:, 0] = uids["f0"]
+    be[:, 1] = uids["f1"]
+    return binascii.hexlify(be.tobytes())
+
+
 def to_hex_array(uids: np.ndarray) -> np.ndarray:
     """uid array -> numpy array of fixed-width unicode hex strings ('<U32')."""
-    uids = _check_dtype(uids)
-    n = len(uids)
-    nib = np.empty((n, UID_HEX_LEN), dtype=np.uint8)
-    for half, field in ((0, "f0"), (16, "f1")):
-        v = uids[field].astype(np.uint64)
-        nib[:, half : half + 16] = ((v[:, None] >> _SHIFTS) & np.uint64(15)).astype(np.uint8)
-    chars = _HEXCHARS[nib]
-    return chars.view(f"S{UID_HEX_LEN}").ravel().astype(f"U{UID_HEX_LEN}")
+    block = _hex_block(uids)
+    return np.frombuffer(block, dtype=f"S{UID_HEX_LEN}").astype(f"U{UID_HEX_LEN}")
 
 
 def to_arrow(uids: np.ndarray):
     """uid array -> pyarrow string array of hex uids."""
     import pyarrow as pa
 
-    uids = _check_dtype(uids)
-    n = len(uids)
-    nib = np.empty((n, UID_HEX_LEN), dtype=np.uint8)
-    for half, field in ((0, "f0"), (16, "f1")):
-        v = uids[field].astype(np.uint64)
-        nib[:, half : half + 16] = ((v[:, None] >> _SHIFTS) & np.uint64(15)).astype(np.uint8)
-    data = _HEXCHARS[nib].ravel()
+    block = _hex_block(uids)
+    n = len(block) // UID_HEX_LEN
     offsets = np.arange(0, (n + 1) * UID_HEX_LEN, UID_HEX_LEN, dtype=np.int32)
-    return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(block)])
 
 
 def _check_dtype(uids: np.ndarray) -> np.ndarray:
@@ -183,17 +180,24 @@ def _check_dtype(uids: np.ndarray) -> np.ndarray:
 def sort(uids: np.ndarray) -> np.ndarray:
     """Sorted copy, ascending by (f0, f1) -- the order of ``np.sort`` on the structured array.
 
-    uids are hashes, so sorting by the high word alone almost orders them; only runs of equal
-    high words (duplicates, mostly) are then re-sorted by (f0, f1). ~8x faster than np.sort.
+    uids are hashes, so the high word's top bits almost order them: the row index is packed into
+    the low bits of the high word and the resulting uint64 keys are sorted in place (numpy's SIMD
+    sort, ~5x faster than a structured or an arg sort); the few runs of equal keys (duplicates,
+    mostly) are then re-sorted by (f0, f1).
     """
     uids = _check_dtype(uids)
-    if len(uids) < 2:
+    n = len(uids)
+    if n < 2:
         return uids.copy()
-    out = uids[np.argsort(uids["f0"])]
-    f0 = out["f0"]
-    tie = f0[1:] == f0[:-1]
+    bits = int(n - 1).bit_length()
+    mask = np.uint64((1 << bits) - 1)
+    key = (uids["f0"] & ~mask) | np.arange(n, dtype=np.uint64)
+    key.sort()
+    out = uids[(key & mask).astype(np.intp)]
+    top = key & ~mask
+    tie = top[1:] == top[:-1]
     if tie.any():
-        in_run = np.zeros(len(out), dtype=bool)
+        in_run = np.zeros(n, dtype=bool)
         in_run[1:] |= tie
         in_run[:-1] |= tie
         sub = out[in_run]
@@ -209,6 +213,17 @@ def is_sorted(uids: np.ndarray) -> bool:
     lt = f0[1:] > f0[:-1]
     eq = f0[1:] == f0[:-1]
     return bool(np.all(lt | (eq & (f1[1:] >= f1[:-1]))))
+
+
+def count_unique(uids: np.ndarray) -> int:
+    """Number of distinct uids; O(n) when the array is sorted (a filter's output), else a sort."""
+    uids = _check_dtype(uids)
+    if len(uids) == 0:
+        return 0
+    if not is_sorted(uids):
+        uids = sort(uids)
+    f0, f1 = uids["f0"], uids["f1"]
+    return int(1 + np.count_nonzero((f0[1:] != f0[:-1]) | (f1[1:] != f1[:-1])))
 
 
 # ----------------------------------------------------------------------------------- files

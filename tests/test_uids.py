@@ -104,3 +104,9 @@ def test_big_conversion_is_vectorised():
     arr["f0"] = rng.integers(0, 2**63, len(arr), dtype=np.uint64)
     arr["f1"] = rng.integers(0, 2**63, len(arr), dtype=np.uint64)
     assert U.from_arrow(U.to_arrow(arr)).tobytes() == arr.tobytes()
+
+
+def test_count_unique(hexes):
+    arr = U.from_hex(hexes)
+    assert U.count_unique(arr) == len(set(hexes)) == U.count_unique(U.sort(arr))
+    assert U.count_unique(U.empty()) == 0
