@@ -459,4 +459,5 @@ def demo_cmd(c: Ctx, folder, rows, force):
 # Commands defined in their own modules register themselves on `cli` when imported.
 from dcdb import cli_annotate  # noqa: E402,F401  (dcdb annotate)
 from dcdb import cli_reshard  # noqa: E402,F401  (dcdb reshard, dcdb index-shards)
+from dcdb import cli_train  # noqa: E402,F401  (dcdb train, dcdb eval, dcdb leaderboard)
 from dcdb import cli_world  # noqa: E402,F401  (dcdb world)
