@@ -455,7 +455,13 @@ def manifest_path(out: str | Path) -> Path:
 
 
 def save_subset(pool: Pool, name: str, result: FilterResult, *, force: bool = False) -> Path:
-    """Store a result in the pool as subset ``name`` (.npy + .json + .parquet for SQL)."""
+    """Store a filter result in the pool as subset ``name``."""
+    npy = pool.subsets_dir / f"{name}.npy"
+    return store_subset(pool, name, result.uids, result.manifest(output=str(npy), fmt="npy"), force=force)
+
+
+def store_subset(pool: Pool, name: str, arr: np.ndarray, manifest: dict[str, Any], *, force: bool = False) -> Path:
+    """Write ``subsets/<name>.npy`` + ``.json`` + ``.parquet`` (the uid table SQL sees)."""
     from dcdb.engine import check_subset_name
 
     check_subset_name(name)
@@ -465,9 +471,9 @@ def save_subset(pool: Pool, name: str, result: FilterResult, *, force: bool = Fa
     if npy.exists() and not force:
         raise OutputError(f"subset {name!r} already exists in the pool", hint="pass --force to replace it")
     # parquet first, npy last: a subset is visible only once its .npy exists.
-    write_uids(d / f"{name}.parquet", result.uids, "parquet")
-    write_manifest(d / f"{name}.json", result.manifest(output=str(npy), fmt="npy"))
-    write_uids(npy, result.uids, "npy")
+    write_uids(d / f"{name}.parquet", arr, "parquet")
+    write_manifest(d / f"{name}.json", manifest)
+    write_uids(npy, arr, "npy")
     return npy
 
 

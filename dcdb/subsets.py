@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from dcdb import uids as U
-from dcdb.errors import OutputError, SubsetError, UsageError
+from dcdb.errors import SubsetError, UsageError
 from dcdb.store import Pool
 
 OPS = {"union": U.union, "intersect": U.intersect, "minus": U.minus}
@@ -104,17 +104,6 @@ def combination_manifest(op: str, refs: list[str], arr: np.ndarray, pool: Pool |
 
 
 def save_combination(pool: Pool, name: str, arr: np.ndarray, manifest: dict[str, Any], *, force: bool) -> Path:
-    from dcdb.engine import check_subset_name
-    from dcdb.io import write_json
-    from dcdb.query import write_uids
+    from dcdb.query import store_subset
 
-    check_subset_name(name)
-    d = pool.subsets_dir
-    d.mkdir(exist_ok=True)
-    npy = d / f"{name}.npy"
-    if npy.exists() and not force:
-        raise OutputError(f"subset {name!r} already exists in the pool", hint="pass --force to replace it")
-    write_uids(d / f"{name}.parquet", arr, "parquet")
-    write_json(d / f"{name}.json", manifest)
-    write_uids(npy, arr, "npy")
-    return npy
+    return store_subset(pool, name, arr, manifest, force=force)
