@@ -447,13 +447,20 @@ _combine_command("minus", "Uids of A that are not in B (all copies dropped).")
 
 @command(cli, "demo")
 @click.argument("folder", default="dcdb-demo", type=click.Path(file_okay=False, path_type=str))
-@click.option("--rows", type=click.IntRange(min=100), default=200_000, show_default=True)
+@click.option("--samples", "--rows", "samples", type=click.IntRange(min=1000), default=12_000, show_default=True,
+              help="Pool size of the demo world (--rows is the old name).")
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train each subset with this many seeds; the table gives mean and spread.")
+@click.option("--samples-seen", type=click.IntRange(min=5), default=6_400, show_default=True,
+              help="Samples seen by each subset's tiny CLIP (the same for every subset).")
 @click.option("--force", is_flag=True, help="Rebuild the demo folder from scratch.")
-def demo_cmd(c: Ctx, folder, rows, force):
-    """Run the main loop on generated data: synth pool -> ingest -> filters -> uid lists."""
+def demo_cmd(c: Ctx, folder, samples, seeds, samples_seen, force):
+    """DataComp's loop on the demo world: world -> teachers -> ingest -> sql/ baselines -> reshard
+    -> train a tiny CLIP per subset -> evaluate -> leaderboard.md + leaderboard.png."""
     from dcdb.demo import run_demo
 
-    click.echo(run_demo(folder, rows=rows, force=force, progress=not c.quiet, log=c.log))
+    click.echo(run_demo(folder, samples=samples, seeds=seeds, samples_seen=samples_seen, force=force,
+                        progress=not c.quiet, log=c.log))
 
 
 # Commands defined in their own modules register themselves on `cli` when imported.

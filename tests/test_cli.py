@@ -158,17 +158,6 @@ def test_metadata_only_pool_says_so(tmp_path):
     assert res.exit_code == 0 and len(np.load(tmp_path / "o.npy")) == 30
 
 
-@pytest.mark.slow
-def test_demo_runs_end_to_end(tmp_path):
-    res = run(["-q", "demo", str(tmp_path / "demo"), "--rows", "2000"])
-    assert res.exit_code == 0, res.output
-    assert "no_filter" in res.stdout and "2,000" in res.stdout
-    assert np.load(tmp_path / "demo" / "subsets" / "no_filter.npy").shape == (2000,)
-    # a second run reuses the pool
-    res = run(["-q", "demo", str(tmp_path / "demo"), "--rows", "2000"])
-    assert res.exit_code == 0, res.output
-
-
 def test_help_lists_commands():
     res = run(["--help"])
     for name in ("query", "sql", "ingest", "info", "synth", "subsets", "filters", "demo"):
