@@ -56,6 +56,11 @@ def pool_option(fn):
     )(fn)
 
 
+jobs_option = click.option(
+    "-j", "--jobs", type=click.IntRange(min=1), default=None, help="Worker processes (default: all cores)."
+)
+
+
 def _pass_ctx(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -144,7 +149,7 @@ def synth_pool_cmd(c: Ctx, out, rows, shards, seed, dtype, no_embeddings, force)
 @command(cli, "ingest")
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=str))
 @click.argument("pool", type=click.Path(file_okay=False, path_type=str))
-@click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, help="Worker processes (default: all cores).")
+@jobs_option
 @click.option(
     "--shards",
     "shards_dir",
@@ -464,7 +469,9 @@ def demo_cmd(c: Ctx, folder, samples, seeds, samples_seen, force):
 
 
 # Commands defined in their own modules register themselves on `cli` when imported.
-from dcdb import cli_annotate  # noqa: E402,F401  (dcdb annotate)
-from dcdb import cli_reshard  # noqa: E402,F401  (dcdb reshard, dcdb index-shards)
-from dcdb import cli_train  # noqa: E402,F401  (dcdb train, dcdb eval, dcdb leaderboard)
-from dcdb import cli_world  # noqa: E402,F401  (dcdb world)
+from dcdb import (
+    cli_annotate,  # noqa: E402,F401  (dcdb annotate)
+    cli_reshard,  # noqa: E402,F401  (dcdb reshard, dcdb index-shards)
+    cli_train,  # noqa: E402,F401  (dcdb train, dcdb eval, dcdb leaderboard)
+    cli_world,  # noqa: E402,F401  (dcdb world)
+)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dcdb.cli import Ctx, _param_pairs, cli, command, param_option, pool_option
+from dcdb.cli import Ctx, _param_pairs, cli, command, jobs_option, param_option, pool_option
 
 
 @command(cli, "annotate")
@@ -17,7 +17,7 @@ from dcdb.cli import Ctx, _param_pairs, cli, command, param_option, pool_option
 @click.option("--columns", help="Comma-separated columns to import (default: all but uid).")
 @click.option("--allow-unknown", is_flag=True, help="Skip (and count) uids of the file the pool lacks.")
 @click.option("--force", is_flag=True, help="Recompute or replace an existing derived group.")
-@click.option("-j", "--jobs", type=click.IntRange(min=1), default=None, help="Worker processes (default: all cores).")
+@jobs_option
 @click.option("--list", "list_", is_flag=True, help="List the pool's derived groups.")
 @click.option("--drop", metavar="GROUP", help="Delete a derived group.")
 def annotate_cmd(c: Ctx, name, pool, params, source, group, columns, allow_unknown, force, jobs, list_, drop):

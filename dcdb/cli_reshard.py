@@ -7,15 +7,13 @@ import os
 import click
 from click.core import ParameterSource
 
-from dcdb.cli import Ctx, cli, command, pool_option
+from dcdb.cli import Ctx, cli, command, jobs_option, pool_option
 
 
 @command(cli, "index-shards")
 @click.argument("shards_dir", metavar="DOWNLOAD/shards", type=click.Path(file_okay=False, path_type=str))
 @pool_option
-@click.option(
-    "-j", "--jobs", type=click.IntRange(min=1), default=None, help="Worker processes (default: all cores)."
-)
+@jobs_option
 def index_shards_cmd(c: Ctx, shards_dir, pool, jobs):
     """Index img2dataset shards (tar + parquet + _stats.json) into the pool: uid -> tar, byte range.
 
@@ -53,9 +51,7 @@ def index_shards_cmd(c: Ctx, shards_dir, pool, jobs):
     show_default=True,
     help="Samples per output tar.",
 )
-@click.option(
-    "-j", "--jobs", type=click.IntRange(min=1), default=None, help="Worker processes (default: all cores)."
-)
+@jobs_option
 @click.option(
     "--blur", is_flag=True, help="Blur face_bboxes like DataComp: re-encode as .webp, boxes into the json."
 )

@@ -477,10 +477,6 @@ def store_subset(pool: Pool, name: str, arr: np.ndarray, manifest: dict[str, Any
     return npy
 
 
-def pool_has_subset(pool: Pool, name: str) -> bool:
-    return (pool.subsets_dir / f"{name}.npy").is_file()
-
-
 __all__ = [
     "FilterFile",
     "FilterResult",

@@ -13,7 +13,6 @@ background, with a caption naming both, so a tiny CLIP learns it in a few hundre
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from dcdb.io import write_json
+from dcdb.world import encode_image
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -72,12 +72,6 @@ def draw(color: str, shape: str, rng: np.random.Generator, size: int = 64):
     return img
 
 
-def _jpeg(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
 def toy_samples(n: int, seed: int, size: int = 64) -> Iterator[tuple[str, str, object, str]]:
     """``n`` samples ``(colour, shape, image, caption)`` drawn from ``seed``."""
     rng = np.random.default_rng(seed)
@@ -102,7 +96,7 @@ def write_toy_shards(folder: str | os.PathLike, n: int = 256, *, seed: int = 0, 
             uid = f"{int(rng.integers(0, 2**63)):016x}{i:016x}"
             meta = {"uid": uid, "caption": text, "key": f"{i:09d}", "status": "success",
                     "width": size, "height": size, "original_width": size, "original_height": size}
-            sink.write({"__key__": f"{uid}-0", "jpg": _jpeg(img), "txt": text, "json": json.dumps(meta)})
+            sink.write({"__key__": f"{uid}-0", "jpg": encode_image(img, "JPEG", 90), "txt": text, "json": json.dumps(meta)})
             if i % shard_size == 0:
                 counts.append(0)
             counts[-1] += 1
