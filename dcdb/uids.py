@@ -120,20 +120,29 @@ def from_arrow(array, source: str = "uids") -> np.ndarray:
 
 def _decode_hex_block(block: np.ndarray, n: int, source: str) -> np.ndarray:
     """n concatenated 32-char uids (uint8 ASCII) -> uid array. binascii does the hex decoding in C
-    (~15x faster than a numpy nibble table); lowercase is checked separately since it accepts
-    upper case. On any error the slow path finds and names the first bad uid."""
-    buf = block.tobytes()
+    (~15x faster than a numpy nibble table) straight from the buffer. It accepts upper case too;
+    among hex digits exactly the upper-case letters lack bit 0x20, so one AND-reduction over
+    8-byte words checks lower case (~20x faster than comparing with ``bytes.lower()``). On any
+    error the slow path finds and names the first bad uid."""
+    block = np.ascontiguousarray(block)
     try:
-        raw = binascii.unhexlify(buf)
+        raw = binascii.unhexlify(memoryview(block))
     except (binascii.Error, ValueError):
         raw = None
-    if raw is None or buf != buf.lower():
+    if raw is None or not _all_have_bit_0x20(block):
         return _bytes_matrix_to_uids(block.reshape(n, UID_HEX_LEN), source)
     be = np.frombuffer(raw, dtype=">u8").reshape(n, 2)
     out = np.empty(n, dtype=UID_DTYPE)
     out["f0"] = be[:, 0]
     out["f1"] = be[:, 1]
     return out
+
+
+def _all_have_bit_0x20(block: np.ndarray) -> bool:
+    """True when every byte of ``block`` (length a multiple of 8) has bit 0x20 set."""
+    words = block.view(np.uint64)
+    mask = np.uint64(0x2020202020202020)
+    return bool(np.bitwise_and.reduce(words) & mask == mask) if len(words) else True
 
 
 def to_hex(uids: np.ndarray) -> list[str]:
@@ -187,7 +196,7 @@ def sort(uids: np.ndarray) -> np.ndarray:
     """
     uids = _check_dtype(uids)
     n = len(uids)
-    if n < 2:
+    if n < 2 or is_sorted(uids):  # a linear check: pools laid out in uid order come out sorted
         return uids.copy()
     bits = int(n - 1).bit_length()
     mask = np.uint64((1 << bits) - 1)

@@ -145,6 +145,8 @@ def _register_functions(con, info: dict[str, Any]) -> None:
     _arrow_function(con, "dcdb_fail", _dcdb_fail, ["VARCHAR", "VARCHAR", "VARCHAR"], "VARCHAR",
                     side_effects=True, special_nulls=True)
     _arrow_function(con, "clip_cut_mode", _clip_cut_mode, ["DOUBLE", "DOUBLE"], "VARCHAR", special_nulls=True)
+    _arrow_function(con, "clip_nth_desc", _clip_nth_desc, [duckdb.list_type(duckdb.sqltype("DOUBLE")), "BIGINT"],
+                    "DOUBLE", special_nulls=True)
     _arrow_function(con, "clip_cut_index", _clip_cut_index, ["BIGINT", "BIGINT", "DOUBLE"], "BIGINT",
                     special_nulls=True)
     _arrow_function(con, "wordnet_hit", _wordnet_hit, [duckdb.list_type(duckdb.sqltype("INTEGER")), "VARCHAR"],
@@ -228,16 +230,19 @@ def _clip_threshold_macro(columns: dict[str, str]) -> str:
 
 
 def _clip_cut_macro() -> str:
-    """``clip_cut(arch, fraction, threshold)``: DataComp's threshold. Fraction mode: ``ORDER BY ...
-    NULLS LAST`` puts NaN (NULL in ``pool``) after every number like numpy's sort of -scores, and
-    ``OFFSET int(N*f)`` picks index n (N counts every row); a NaN there gives NULL: nothing kept."""
+    """``clip_cut(arch, fraction, threshold)``: DataComp's threshold. Fraction mode: the value at
+    index n = int(N*f) (N counts every row) of the scores sorted descending with NaN (NULL in
+    ``pool``) last, as numpy sorts -scores; an index that falls on a NaN gives NULL: nothing kept.
+    One scan collects the non-NULL scores and ``clip_nth_desc`` selects the n-th largest with
+    ``np.partition`` (linear time): ``ORDER BY ... LIMIT 1 OFFSET n`` keeps an n-row heap and was
+    5x slower at 12.8M rows. Memory: 8 bytes per scored row (DataComp's np.sort holds as much)."""
     scores = "FROM baseline_pool(arch := arch) WHERE fraction IS NOT NULL"
     return (
         "CREATE OR REPLACE MACRO clip_cut(arch, fraction, threshold) AS "
         "CASE WHEN clip_cut_mode(CAST(fraction AS DOUBLE), CAST(threshold AS DOUBLE)) = 'threshold' "
         "THEN clip_threshold_as(arch, threshold) "
-        f"ELSE (SELECT clip_score {scores} ORDER BY clip_score DESC NULLS LAST LIMIT 1 "
-        f"OFFSET (SELECT clip_cut_index(count(*), count(clip_score), CAST(fraction AS DOUBLE)) {scores})) END"
+        "ELSE (SELECT clip_nth_desc(list(CAST(clip_score AS DOUBLE)) FILTER (WHERE clip_score IS NOT NULL), "
+        f"clip_cut_index(count(*), count(clip_score), CAST(fraction AS DOUBLE))) {scores}) END"
     )
 
 
@@ -292,6 +297,23 @@ def fraction_index(n_rows: int, n_scored: int, fraction: float) -> int:
     if n >= n_rows:
         return n_scored - 1 if n_scored > 0 else n_rows
     return n
+
+
+def _clip_nth_desc(values, index):
+    """The value at ``index`` of the descending sort of ``values`` (a one-row list of the non-NULL
+    scores), NULL when the index is past the last score."""
+    import pyarrow as pa
+
+    out = []
+    for i in range(len(values)):
+        lst, k = values[i], index[i].as_py()
+        scores = lst.values.to_numpy(zero_copy_only=False) if lst.is_valid else np.empty(0)
+        if k is None or not 0 <= k < len(scores):
+            out.append(None)
+            continue
+        j = len(scores) - 1 - k  # ascending position of the k-th largest
+        out.append(float(np.partition(scores, j)[j]))
+    return pa.array(out, pa.float64())
 
 
 def _clip_cut_index(n_rows, n_scored, fraction):

@@ -35,6 +35,21 @@ def test_sort_matches_numpy_structured_sort(hexes):
     assert U.sort(U.from_hex(hexes)).tobytes() == datacomp_way(hexes).tobytes()
     assert U.is_sorted(U.sort(U.from_hex(hexes)))
     assert not U.is_sorted(U.from_hex(hexes))
+    done = U.sort(U.from_hex(hexes))  # already sorted input takes the linear path: a copy
+    again = U.sort(done)
+    assert again.tobytes() == done.tobytes() and again is not done
+    almost = done.copy()
+    almost[[3, 4]] = almost[[4, 3]]  # one swapped pair is caught by the check
+    assert U.sort(almost).tobytes() == done.tobytes()
+
+
+def test_lower_case_check_covers_every_position():
+    base = "0123456789abcdef" * 2
+    for i in range(32):
+        if base[i].isalpha():
+            bad = base[:i] + base[i].upper() + base[i + 1:]
+            with pytest.raises(UidError, match="lowercase"):
+                U.from_arrow(pa.array([base, bad, base]))
 
 
 def test_arrow_and_hex_round_trip(hexes):
