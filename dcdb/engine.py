@@ -25,6 +25,7 @@ query reads no vector bytes and costs the same as a plain ``read_parquet`` over 
 
 from __future__ import annotations
 
+import os
 import re
 import weakref
 from collections.abc import Iterator
@@ -65,22 +66,45 @@ def _embedding_scan_class():
         float32). Rows come in Lance fragment order, which is the pool's row order.
         """
 
-        def __init__(self, lance_dataset, column: str, dim: int):
-            self._lance = lance_dataset
+        def __init__(self, lance_dataset, column: str, dim: int, rows: int | None = None):
+            # ``lance_dataset``: an open Lance dataset, or its path, opened (importing lance, ~0.5 s)
+            # only when a scan first reads vectors: metadata queries on a pool never import it.
+            self._lance = None if isinstance(lance_dataset, (str, os.PathLike)) else lance_dataset
+            self._path = None if self._lance is not None else str(lance_dataset)
+            self._rows = int(rows) if rows is not None else self._lance.count_rows()
             self._column = column
             self._dim = int(dim)
             self._schema = pa.schema(
                 [(POS_COLUMN, pa.null()), (column, pa.list_(pa.float32(), self._dim))]
             )
-            self._fragment_rows = [f.count_rows() for f in lance_dataset.get_fragments()]
             self.vector_bytes_read = 0  # what scans of this space have read from Lance so far
+            self.error = None  # the PoolError a scan raised (DuckDB wraps it; see scan_error)
 
         @property
         def schema(self):
             return self._schema
 
         def count_rows(self, **_kw) -> int:
-            return int(sum(self._fragment_rows))
+            return self._rows
+
+        def lance_dataset(self):
+            """The Lance dataset, opened and checked against the pool's row count on first use."""
+            if self._lance is None:
+                import lance
+
+                try:
+                    lds = lance.dataset(self._path)
+                    n = lds.count_rows()
+                except Exception as exc:
+                    self.error = PoolError(f"embedding table {self._path!r} cannot be opened: {exc}",
+                                           hint="re-ingest the pool")
+                    raise self.error from exc
+                if n != self._rows:
+                    self.error = PoolError(f"embedding table {self._path!r} has {n} rows, the pool {self._rows}",
+                                           hint="the pool is damaged or was changed by hand; re-ingest it")
+                    raise self.error
+                self._lance = lds
+            return self._lance
 
         def scanner(self, columns=None, filter=None, batch_size=None, use_threads=True, **_kw):
             if filter is not None:  # DuckDB pushes no filter on these columns; refuse silently wrong
@@ -94,12 +118,11 @@ def _embedding_scan_class():
         def _batches(self, columns: list[str]) -> Iterator[Any]:
             schema = pa.schema([self._schema.field(c) for c in columns])
             if self._column not in columns:
-                for n in self._fragment_rows:
-                    for start in range(0, n, BATCH_ROWS):
-                        m = min(BATCH_ROWS, n - start)
-                        yield pa.RecordBatch.from_arrays([pa.nulls(m)] * len(columns), schema=schema)
+                for start in range(0, self._rows, BATCH_ROWS):
+                    m = min(BATCH_ROWS, self._rows - start)
+                    yield pa.RecordBatch.from_arrays([pa.nulls(m)] * len(columns), schema=schema)
                 return
-            for batch in self._lance.to_batches(columns=[self._column], batch_size=BATCH_ROWS):
+            for batch in self.lance_dataset().to_batches(columns=[self._column], batch_size=BATCH_ROWS):
                 vec = batch.column(0)
                 self.vector_bytes_read += vec.nbytes
                 flat = vec.flatten()
@@ -142,11 +165,22 @@ def embedding_scans(con) -> list:
     return list(_SCANS.get(con, []))
 
 
-def embedding_scan(lance_dataset, column: str, dim: int):
+def scan_error(con) -> Exception | None:
+    """The dcdb error an embedding scan of ``con`` raised (DuckDB wraps it in its own), once."""
+    for scan in _SCANS.get(con, []):
+        if scan.error is not None:
+            err, scan.error = scan.error, None
+            return err
+    return None
+
+
+def embedding_scan(lance_dataset, column: str, dim: int, rows: int | None = None):
+    """An EmbeddingScan over a Lance dataset or (opened lazily) its path; ``rows`` is required
+    with a path."""
     global _SCAN_CLASS
     if _SCAN_CLASS is None:
         _SCAN_CLASS = _embedding_scan_class()
-    return _SCAN_CLASS(lance_dataset, column, dim)
+    return _SCAN_CLASS(lance_dataset, column, dim, rows)
 
 
 def _projection(con, source: str, alias: str, skip: set[str] = frozenset()) -> list[tuple[str, str]]:
@@ -228,22 +262,12 @@ def connect(pool: Pool | str | Path | None = None, *, threads: int | None = None
     con.execute(f"CREATE VIEW pool_metadata AS SELECT * FROM {meta}")
     joins, emb_cols = [], []
     for i, (space, spec) in enumerate(pool.spaces.items()):
-        import lance
-
         path = pool.lance_path(space)
-        try:
-            lds = lance.dataset(str(path))
-        except Exception as exc:
-            raise PoolError(
-                f"embedding table {str(path)!r} cannot be opened: {exc}", hint="re-ingest the pool"
-            ) from exc
-        if lds.count_rows() != pool.rows:
-            raise PoolError(
-                f"embedding table {space!r} has {lds.count_rows()} rows, the pool {pool.rows}",
-                hint="the pool is damaged or was changed by hand; re-ingest it",
-            )
+        if not path.is_dir():
+            raise PoolError(f"pool {str(pool.path)!r} is damaged: embedding table {str(path)!r} is missing",
+                            hint="re-ingest the pool")
         view = f"_dcdb_emb_{space}"
-        scan = embedding_scan(lds, space, spec["dim"])
+        scan = embedding_scan(path, space, spec["dim"], pool.rows)
         _SCANS.setdefault(con, []).append(scan)
         con.register(view, scan)
         alias = f"e{i}"

@@ -342,7 +342,9 @@ def _reraise(con, filt: FilterFile, pool: Pool, exc: Exception):
 
     from dcdb.filters import take_error
 
-    err = take_error(con)
+    from dcdb.engine import scan_error
+
+    err = take_error(con) or scan_error(con)
     if err is not None:
         raise err from None
     if isinstance(exc, duckdb.ParserException):

@@ -1,6 +1,9 @@
 """Filters: header, parameters, read-only rule, results against brute force, outputs."""
 
 import glob
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -11,6 +14,7 @@ from dcdb import uids as U
 from dcdb.engine import connect, embedding_scans
 from dcdb.errors import (
     FilterNotFoundError,
+    PoolError,
     ParameterError,
     QueryError,
     ReadOnlyError,
@@ -215,6 +219,31 @@ def test_metadata_query_reads_no_vector_bytes(pool):
     con.execute("SELECT max(l14_img[1]) FROM pool").fetchone()
     read = {s._column: s.vector_bytes_read for s in embedding_scans(con)}
     assert read["l14_img"] > 0 and read["b32_img"] == 0
+
+
+def test_metadata_query_does_not_import_lance(pool):
+    code = (
+        "import sys, dcdb; con = dcdb.connect(sys.argv[1]);"
+        "con.sql('SELECT count(*) FROM pool WHERE clip_l14_similarity_score > 0.1').fetchall();"
+        "assert 'lance' not in sys.modules, 'lance imported by a metadata query';"
+        "con.sql('SELECT max(l14_img[1]) FROM pool').fetchall(); assert 'lance' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code, str(pool.path)], check=True)
+
+
+def test_damaged_embedding_table_is_a_pool_error(small_pool):
+    import lance
+
+    pool = open_pool(small_pool)
+    path = str(pool.lance_path("l14_img"))
+    lance.write_dataset(lance.dataset(path).to_table().slice(0, 5), path, mode="overwrite")
+    res = run_filter(pool, F("SELECT uid FROM pool WHERE clip_l14_similarity_score > 0"))  # no vectors: fine
+    assert len(res.uids) > 0
+    with pytest.raises(PoolError, match="has 5 rows, the pool 200"):
+        run_filter(pool, F("SELECT uid FROM pool WHERE cosine(l14_img, l14_txt) > 0"))
+    shutil.rmtree(pool.lance_path("b32_img"))
+    with pytest.raises(PoolError, match="embedding table .* is missing"):
+        connect(pool)
 
 
 def test_cosine_and_dot_macros_match_numpy(pool, source):
