@@ -11,6 +11,6 @@
 SELECT uid
 FROM baseline_pool(lang_column := $lang_column, centroids := $centroids)
 WHERE caption_lang = 'en'
-  AND ft_tokens(text) > 1
+  AND ft_tokens_gt(text, 1)
   AND length(text) > 5
   AND assigned_centroid IN (SELECT unnest(target_centroids($centroids, $imagenet_embeddings)))

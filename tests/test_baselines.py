@@ -362,6 +362,21 @@ def test_ft_tokens_macro_matches_python(tmp_path):
     assert [g[0] for g in got] == [fasttext_token_count(t) for t in texts]
 
 
+def test_ft_tokens_gt_matches_the_count(tmp_path):
+    from dcdb.engine import connect
+    from dcdb.filters.tokens import fasttext_token_count
+
+    rng = np.random.default_rng(5)
+    alphabet = ["a", "b", "ü", " ", "\n", "\r", "\t", "\x0b", "\x0c", "\x00", "\u00a0", "\u3000"]
+    texts = ["", "a", "ab", "a b", "\n", "\n\n", "a\n", "\na", " \n ", "\r\n", "\x00a\x00", "a\u00a0b"]
+    texts += ["".join(rng.choice(alphabet, size=int(rng.integers(0, 7)))) for _ in range(400)]
+    pool = build_pool(tmp_path, [{"text": t} for t in texts])
+    con = connect(pool)
+    for n in (0, 1, 2, 3):
+        got = [r[0] for r in con.sql("SELECT ft_tokens_gt(text, $n) FROM pool", params={"n": n}).fetchall()]
+        assert got == [fasttext_token_count(t) > n for t in texts], n
+
+
 def image_assets(tmp_path, rng):
     """Centroids where dot product and cosine disagree, two identical centroids (tie), and
     ImageNet embeddings (.pt, DataComp's {"image_features": tensor}) near a subset."""
