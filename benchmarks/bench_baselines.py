@@ -275,12 +275,16 @@ def make_assets(work: Path, pool, src: Path, wn_root, k: int, m: int):
             "in1k": str(work / "in1k_clip_vit_l14_*.pt"), "in1k_files": files}
 
 
-def annotate_all(pool, assets, wn_root, names):
+def annotate_all(pool, assets, wn_root, names, reuse=False):
     from dcdb.annotate import annotate
+    from dcdb.derived import groups
     from dcdb.store import open_pool
 
     costs = {}
     for name in names:
+        if reuse and name in groups(open_pool(pool.path)):
+            log(f"annotate {name}: reusing the stored columns (--reuse)")
+            continue
         params = {}
         if name == "wordnet":
             params = {"wordnet": str(wn_root)}
@@ -335,6 +339,7 @@ def main() -> None:
     ap.add_argument("--in1k", type=int, default=20000, help="ImageNet embedding count (DataComp: 1.28M)")
     ap.add_argument("--dc-workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--only", nargs="*", default=None, help="baselines to run")
+    ap.add_argument("--reuse", action="store_true", help="keep derived columns already annotated (no one-off cost)")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -344,7 +349,7 @@ def main() -> None:
     assets = make_assets(work, pool, src, wn_root, args.centroids, args.in1k)
     log(f"assets: {len(assets['entity']):,} WordNet ids, {args.centroids:,} centroids, {args.in1k:,} ImageNet "
         f"vectors; WordNet {wn_root}; DataComp way looks words up with {'NLTK' if nltk_data else 'dcdb reader'}")
-    costs = annotate_all(pool, assets, wn_root, ["lang", "lang_cld3", "wordnet", "centroids"])
+    costs = annotate_all(pool, assets, wn_root, ["lang", "lang_cld3", "wordnet", "centroids"], args.reuse)
     init_args = (str(wn_root), nltk_data)
     names = args.only or BASELINES
     compare(pool, src, names, assets, args.dc_workers, init_args,
@@ -353,7 +358,7 @@ def main() -> None:
     print("\nderived columns, one-off (dcdb annotate): " + ", ".join(f"{k} {v:.1f}s" for k, v in costs.items()))
     if args.meta_rows:
         mpool, msrc = build_pool(work, args.meta_rows, max(1, args.meta_rows // 10_000), False, "meta")
-        mcosts = annotate_all(mpool, assets, wn_root, ["lang", "lang_cld3"])
+        mcosts = annotate_all(mpool, assets, wn_root, ["lang", "lang_cld3"], args.reuse)
         compare(mpool, msrc, [n for n in names if n in META_BASELINES], assets, args.dc_workers, init_args,
                 f"{mpool.rows:,}-row metadata-only pool")
         print("\nderived columns, one-off: " + ", ".join(f"{k} {v:.1f}s" for k, v in mcosts.items()))

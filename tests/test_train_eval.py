@@ -182,6 +182,19 @@ def test_find_shards_reads_meta_and_plain_folders(world, tmp_path):
 
 
 @pytest.mark.slow
+def test_dataloader_workers_after_lance_raise_no_warning(world, tmp_path):
+    """The demo ingests (Lance) and then trains with worker processes in one process; Lance warns
+    at every fork. The workers never call Lance, so the training loader silences that warning
+    (the suite turns warnings into errors) and trains."""
+    import lance  # noqa: F401  (registers Lance's at-fork warning)
+
+    from dcdb.train import train
+
+    data, _ = world
+    res = train(data, tmp_path / "w1", "tiny", seed=0, samples_seen=64, batch_size=32, workers=1, progress=False)
+    assert res.samples_seen >= 64 and res.checkpoint.is_file()
+
+
 def test_train_writes_checkpoints_and_run_info(run, world):
     out, result = run
     ckpts = out / "checkpoints"

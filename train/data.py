@@ -23,6 +23,7 @@ import logging
 import os
 import random
 import tarfile
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,8 +274,17 @@ def stream_batches(shards: ShardSet, *, preprocess: Callable, tokenizer: Callabl
     try:
         for step in range(steps):
             try:
-                yield next(batches)
+                if step == 0:
+                    with warnings.catch_warnings():
+                        # The first batch starts the worker processes. Lance (imported when this
+                        # process ingested or read vectors) warns at every fork; the workers only
+                        # read tar shards and never call Lance, so this fork is safe.
+                        warnings.filterwarnings("ignore", message="lance is not fork-safe")
+                        batch = next(batches)
+                else:
+                    batch = next(batches)
             except StopIteration:
                 raise TrainError(f"the training stream ended after {step} of {steps} batches") from None
+            yield batch
     finally:
         del batches  # shuts the dataloader workers down
