@@ -158,7 +158,9 @@ def synth_pool_cmd(c: Ctx, out, rows, shards, seed, dtype, no_embeddings, force)
     metavar="DOWNLOAD/shards",
     help="Also index these img2dataset shards (uid -> tar, byte range) for `dcdb reshard --pool`.",
 )
-def ingest_cmd(c: Ctx, src, pool, jobs, shards_dir):
+@click.option("--buckets", type=int, default=None, metavar="N",
+              help="Lay the pool out in N uid buckets (a power of two), each sorted by uid (for --engine ray).")
+def ingest_cmd(c: Ctx, src, pool, jobs, shards_dir, buckets):
     """Ingest a DataComp metadata folder SRC (parquet + same-stem .npz) into the pool store POOL.
 
     Streams shard by shard; a re-run after an interruption resumes where it stopped.
@@ -170,7 +172,7 @@ def ingest_cmd(c: Ctx, src, pool, jobs, shards_dir):
         from dcdb.shardindex import list_tars
 
         list_tars(shards_dir)  # refuse a folder without tars before ingesting
-    report = ingest(src, pool, jobs=jobs, progress=not c.quiet)
+    report = ingest(src, pool, jobs=jobs, progress=not c.quiet, buckets=buckets)
     c.log(report.summary())
     if shards_dir:
         from dcdb.shardindex import index_shards

@@ -65,14 +65,20 @@ def _embedding_scan_class():
         float32). Rows come in Lance fragment order, which is the pool's row order.
         """
 
-        def __init__(self, lance_dataset, column: str, dim: int):
+        def __init__(self, lance_dataset, column: str, dim: int, fragment_ids=None):
             self._lance = lance_dataset
             self._column = column
             self._dim = int(dim)
             self._schema = pa.schema(
                 [(POS_COLUMN, pa.null()), (column, pa.list_(pa.float32(), self._dim))]
             )
-            self._fragment_rows = [f.count_rows() for f in lance_dataset.get_fragments()]
+            # A bucket view (dcdb.buckets.bucket_view) scans only its buckets' fragments.
+            frags = lance_dataset.get_fragments()
+            if fragment_ids is not None:
+                by_id = {f.fragment_id: f for f in frags}
+                frags = [by_id[i] for i in fragment_ids]
+            self._fragments = None if fragment_ids is None else frags
+            self._fragment_rows = [f.count_rows() for f in frags]
             self.vector_bytes_read = 0  # what scans of this space have read from Lance so far
 
         @property
@@ -99,7 +105,11 @@ def _embedding_scan_class():
                         m = min(BATCH_ROWS, n - start)
                         yield pa.RecordBatch.from_arrays([pa.nulls(m)] * len(columns), schema=schema)
                 return
-            for batch in self._lance.to_batches(columns=[self._column], batch_size=BATCH_ROWS):
+            if self._fragments is not None and not self._fragments:
+                return
+            for batch in self._lance.to_batches(
+                columns=[self._column], batch_size=BATCH_ROWS, fragments=self._fragments
+            ):
                 vec = batch.column(0)
                 self.vector_bytes_read += vec.nbytes
                 flat = vec.flatten()
@@ -142,11 +152,11 @@ def embedding_scans(con) -> list:
     return list(_SCANS.get(con, []))
 
 
-def embedding_scan(lance_dataset, column: str, dim: int):
+def embedding_scan(lance_dataset, column: str, dim: int, fragment_ids=None):
     global _SCAN_CLASS
     if _SCAN_CLASS is None:
         _SCAN_CLASS = _embedding_scan_class()
-    return _SCAN_CLASS(lance_dataset, column, dim)
+    return _SCAN_CLASS(lance_dataset, column, dim, fragment_ids)
 
 
 def _projection(con, source: str, alias: str, skip: set[str] = frozenset()) -> list[tuple[str, str]]:
@@ -237,13 +247,20 @@ def connect(pool: Pool | str | Path | None = None, *, threads: int | None = None
             raise PoolError(
                 f"embedding table {str(path)!r} cannot be opened: {exc}", hint="re-ingest the pool"
             ) from exc
-        if lds.count_rows() != pool.rows:
+        view_of = pool.manifest.get("_view")  # a bucket view: only its buckets' fragments
+        fragment_ids = view_of["fragment_ids"] if view_of else None
+        try:
+            scan = embedding_scan(lds, space, spec["dim"], fragment_ids)
+        except KeyError as exc:
             raise PoolError(
-                f"embedding table {space!r} has {lds.count_rows()} rows, the pool {pool.rows}",
+                f"embedding table {space!r} lacks fragment {exc} of a bucket", hint="re-ingest the pool"
+            ) from None
+        if scan.count_rows() != pool.rows:
+            raise PoolError(
+                f"embedding table {space!r} has {scan.count_rows()} rows, the pool {pool.rows}",
                 hint="the pool is damaged or was changed by hand; re-ingest it",
             )
         view = f"_dcdb_emb_{space}"
-        scan = embedding_scan(lds, space, spec["dim"])
         _SCANS.setdefault(con, []).append(scan)
         con.register(view, scan)
         alias = f"e{i}"
@@ -260,11 +277,15 @@ def connect(pool: Pool | str | Path | None = None, *, threads: int | None = None
     meta_cols = _projection(con, meta, "m", skip=set(derived_cols) | {n for n, _ in emb_cols})
     select = ", ".join([e for _, e in meta_cols] + list(derived_cols.values()) + [e for _, e in emb_cols])
     con.execute(f"CREATE VIEW pool AS SELECT {select} FROM {meta} AS m {' '.join(joins)}")
+    from dcdb.buckets import uid_range_predicate
+
+    in_view = uid_range_predicate(pool)  # a bucket view sees the subset uids of its buckets only
     for name, path in stored_subsets(pool).items():
         if name in RESERVED_VIEWS:
             continue
         con.execute(
             f"CREATE VIEW {quote_identifier(name)} AS SELECT uid FROM read_parquet({sql_string(str(path.resolve()))})"
+            + (f" WHERE {in_view}" if in_view else "")
         )
     from dcdb.shardindex import view_sql as shard_index_view
 
