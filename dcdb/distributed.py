@@ -1,0 +1,477 @@
+"""Run a filter bucket by bucket: ``dcdb query --engine ray`` (and the in-process ``serial`` engine
+the tests use to check plans without a cluster).
+
+The driver plans the filter once (dcdb/plan.py), then runs phases of tasks; one task handles a
+*group* of consecutive buckets of a bucketed pool (dcdb/buckets.py) with one DuckDB connection on
+those buckets' files only. Everything a task produces goes to a work folder as Parquet with a
+completion marker written last, so a re-run after a lost worker or a killed driver redoes only the
+groups without a marker (Ray itself retries a task whose worker died):
+
+1. for each ``clip_cut`` fraction: every group writes its non-NULL scores (``cutI/<group>.parquet``)
+   and row counts; the driver then finds the exact value at descending index ``int(N*f)`` by radix
+   selection over the float64 sort keys, 16 bits per round (each round a small histogram from each
+   group), and stores it in ``cutI/value.json``;
+2. the per-bucket query with those values (and broadcast constants) bound: every group writes its
+   sorted uid list (``parts/<group>.parquet``: f0, f1) -- or, for a global top-k, its top rows
+   with their sort keys;
+3. the driver concatenates the groups' lists in bucket order (a sorted list needs no global sort),
+   or merges the top-k candidates, and returns the same FilterResult as the local engine.
+
+Ray is imported only here, only for ``engine="ray"``; it connects to ``RAY_ADDRESS`` or a local
+cluster (``ray start --head``), or starts one in this process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dcdb import errors
+from dcdb import uids as U
+from dcdb.errors import DcdbError, PoolError, UsageError
+from dcdb.io import atomic_path, write_json
+from dcdb.query import FilterFile, FilterResult, _collect
+from dcdb.store import Pool
+
+ENGINES = ("local", "ray")
+TARGET_TASKS = 64  # bucket groups per query: enough to balance a cluster, few enough to start cheaply
+RADIX_BITS = 16
+FAULT_ENV = "DCDB_FAULT_INJECT"  # test hook: "<marker file>": the first query task's worker dies once
+MARKER = ".done.json"
+
+
+# ---------------------------------------------------------------------------------- backends
+
+
+class SerialBackend:
+    """Tasks in this process, one after another (tests, and a baseline for the Ray overhead)."""
+
+    name = "serial"
+    workers = 1
+
+    def map(self, fn: Callable, tasks: list[tuple], progress: Callable[[Any], None] | None = None) -> list:
+        out = []
+        for t in tasks:
+            out.append(fn(*t))
+            if progress:
+                progress(out[-1])
+        return out
+
+
+class RayBackend:
+    """One Ray task per bucket group; Ray places them and retries a task whose worker died."""
+
+    name = "ray"
+
+    def __init__(self, max_retries: int = 3):
+        try:
+            import ray
+        except ImportError as exc:
+            raise UsageError("--engine ray needs Ray", hint="pip install 'dcdb[ray]'") from exc
+        if not ray.is_initialized():
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
+        self.ray = ray
+        self.max_retries = max_retries
+        self.workers = int(ray.cluster_resources().get("CPU", 1))
+        self._remote: dict[Callable, Any] = {}
+
+    def map(self, fn: Callable, tasks: list[tuple], progress: Callable[[Any], None] | None = None) -> list:
+        ray = self.ray
+        remote = self._remote.get(fn)
+        if remote is None:
+            remote = self._remote[fn] = ray.remote(num_cpus=1, max_retries=self.max_retries)(fn)
+        refs = [remote.remote(*t) for t in tasks]
+        index = {r: i for i, r in enumerate(refs)}
+        out: list[Any] = [None] * len(refs)
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for r in done:
+                out[index[r]] = ray.get(r)
+                if progress:
+                    progress(out[index[r]])
+        return out
+
+
+def backend_for(engine: str):
+    if engine == "ray":
+        return RayBackend()
+    if engine == "serial":
+        return SerialBackend()
+    raise UsageError(f"unknown engine {engine!r}", hint=f"use one of {', '.join(ENGINES)}")
+
+
+# ------------------------------------------------------------------------------------- tasks
+
+
+def _group_key(group: list[int]) -> str:
+    return f"{group[0]:05d}-{group[-1]:05d}"
+
+
+def _marker(path: Path) -> Path:
+    return path.with_name(path.name + MARKER)
+
+
+def _done(path: Path) -> dict[str, Any] | None:
+    m = _marker(path)
+    if not m.is_file() or not path.is_file():
+        return None
+    try:
+        return json.loads(m.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _guarded(fn, *args) -> dict[str, Any]:
+    """Run a task body; dcdb errors come back as data (their type survives, Ray's pickling of
+    exceptions would not keep the hint)."""
+    try:
+        return {"ok": True, **fn(*args)}
+    except DcdbError as exc:
+        return {"ok": False, "error": type(exc).__name__, "message": exc.message, "hint": exc.hint}
+
+
+def _connect(pool_path: str, group: list[int]):
+    from dcdb.buckets import bucket_view
+    from dcdb.engine import connect
+    from dcdb.store import open_pool
+
+    view = bucket_view(open_pool(pool_path), group)
+    return view, connect(view, threads=1)
+
+
+def _duck_error(con, exc: Exception, what: str):
+    from dcdb.filters import take_error
+
+    err = take_error(con)
+    if err is not None:
+        raise err from None
+    raise errors.QueryError(f"{what} failed on a bucket: {str(exc).strip()}") from None
+
+
+def _scores_task(pool_path: str, group: list[int], sql: str, params: dict[str, Any], out: str) -> dict[str, Any]:
+    """Phase 1 of a clip_cut fraction: this group's non-NULL scores (float64) and row counts."""
+    import duckdb
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(out)
+    done = _done(path)
+    if done is not None:
+        return {**done, "skipped": True}
+    t0 = time.perf_counter()
+    view, con = _connect(pool_path, group)
+    try:
+        tbl = con.sql(sql, params=params).to_arrow_table()
+    except duckdb.Error as exc:
+        _duck_error(con, exc, "the clip_cut score scan")
+    col = tbl.column(0)
+    n_rows = tbl.num_rows
+    scores = col.drop_null().cast(pa.float64())
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table({"score": scores}), tmp, compression="zstd", compression_level=1)
+    info = {"group": group, "rows": n_rows, "scored": len(scores), "seconds": time.perf_counter() - t0}
+    write_json(_marker(path), info)
+    return {**info, "skipped": False}
+
+
+def _sort_keys(values: np.ndarray) -> np.ndarray:
+    """uint64 keys that sort like the float64 values (ascending; no NaN here: NULLs were dropped)."""
+    bits = np.ascontiguousarray(values, dtype=np.float64).view(np.uint64)
+    neg = (bits >> np.uint64(63)).astype(bool)
+    return np.where(neg, ~bits, bits | np.uint64(1 << 63))
+
+
+def _from_key(key: int) -> float:
+    k = np.uint64(key)
+    bits = k & ~np.uint64(1 << 63) if k >> np.uint64(63) else ~k
+    return float(np.array([bits], dtype=np.uint64).view(np.float64)[0])
+
+
+def _hist_task(paths: list[str], prefix: int, shift: int) -> dict[str, Any]:
+    """One radix round: histogram of the next 16 key bits among scores whose higher bits are
+    ``prefix`` (``shift`` = bits below the digit)."""
+    import pyarrow.parquet as pq
+
+    hist = np.zeros(1 << RADIX_BITS, dtype=np.int64)
+    for p in paths:
+        keys = _sort_keys(pq.read_table(p).column(0).to_numpy())
+        top = shift + RADIX_BITS
+        if top < 64:
+            keys = keys[(keys >> np.uint64(top)) == np.uint64(prefix)]
+        digits = ((keys >> np.uint64(shift)) & np.uint64((1 << RADIX_BITS) - 1)).astype(np.int64)
+        hist += np.bincount(digits, minlength=1 << RADIX_BITS)
+    return {"hist": hist}
+
+
+def _query_task(pool_path: str, group: list[int], sql: str, params: dict[str, Any], out: str,
+                topk_keys: list[str] | None, fault: str | None, name: str) -> dict[str, Any]:
+    """Phase 2: the filter on this group's buckets -> its sorted uid list (or top-k candidates)."""
+    import duckdb
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(out)
+    done = _done(path)
+    if done is not None:
+        return {**done, "skipped": True}
+    if fault and not os.path.exists(fault):  # test hook: this worker dies once, mid-run
+        Path(fault).write_text(f"worker {os.getpid()} killed on group {_group_key(group)}\n")
+        os._exit(137)
+    t0 = time.perf_counter()
+    view, con = _connect(pool_path, group)
+    try:
+        reader = con.sql(sql, params=params or None).to_arrow_reader(1 << 20)
+        if topk_keys is not None:
+            tbl = reader.read_all()
+        else:
+            parts, copies_parts, nrows = _collect(reader, name)
+    except duckdb.Error as exc:
+        _duck_error(con, exc, f"filter {name!r}")
+    if topk_keys is not None:
+        nrows = tbl.num_rows
+        names = {n.lower(): n for n in tbl.column_names}
+        if "uid" not in names:
+            raise errors.QueryError(f"the result of filter {name!r} has no uid column", hint="SELECT uid FROM pool ...")
+        cols = {"uid": tbl.column(names["uid"]).cast(pa.string())}
+        if "copies" in names:
+            cols["copies"] = tbl.column(names["copies"])
+        for k in topk_keys:
+            cols[k] = tbl.column(k)
+        table = pa.table(cols)
+    else:
+        arr = np.concatenate(parts) if parts else U.empty()
+        if copies_parts is not None:
+            arr = np.repeat(arr, np.concatenate(copies_parts) if copies_parts else np.empty(0, np.int64))
+        arr = U.sort(arr)
+        table = pa.table({"f0": arr["f0"], "f1": arr["f1"]})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd", compression_level=1)
+    info = {"group": group, "result_rows": nrows, "uids": table.num_rows, "rows": view.rows,
+            "seconds": time.perf_counter() - t0}
+    write_json(_marker(path), info)
+    return {**info, "skipped": False}
+
+
+def scores_task(*args) -> dict[str, Any]:
+    return _guarded(_scores_task, *args)
+
+
+def hist_task(*args) -> dict[str, Any]:
+    return _guarded(_hist_task, *args)
+
+
+def query_task(*args) -> dict[str, Any]:
+    return _guarded(_query_task, *args)
+
+
+def _check(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for r in results:
+        if not r["ok"]:
+            cls = getattr(errors, r["error"], DcdbError)
+            raise cls(r["message"], hint=r["hint"])
+    return results
+
+
+# ------------------------------------------------------------------------------------ driver
+
+
+@dataclass
+class RunStats:
+    groups: int = 0
+    skipped: int = 0
+    rows: int = 0
+
+
+def groups_of(pool: Pool, per_task: int | None = None) -> list[list[int]]:
+    n = len(pool.manifest["shards"])
+    per = per_task or max(1, -(-n // TARGET_TASKS))
+    return [list(range(i, min(i + per, n))) for i in range(0, n, per)]
+
+
+def _work_key(pool: Pool, plan) -> str:
+    h = hashlib.sha256()
+    h.update(pool.manifest_hash.encode())
+    h.update(plan.bucket_sql.encode())
+    h.update(json.dumps({k: str(v) for k, v in sorted(plan.bucket_params.items())}).encode())
+    h.update(json.dumps([[c.param, c.arch, c.fraction] for c in plan.cuts]).encode())
+    return h.hexdigest()[:20]
+
+
+class _Bar:
+    def __init__(self, total_rows: int, label: str, enabled: bool):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_rows, unit="rows", unit_scale=True, desc=label, file=sys.stderr,
+                        disable=not enabled)
+        self.groups = 0
+
+    def __call__(self, r: dict[str, Any]) -> None:
+        self.groups += 1
+        if r.get("ok"):
+            self.bar.set_postfix_str(f"{self.groups} groups" + (" (cached)" if r.get("skipped") else ""),
+                                     refresh=False)
+            self.bar.update(int(r.get("rows", 0)))
+
+    def close(self):
+        self.bar.close()
+
+
+def _exact_cut(backend, pool: Pool, cut, groups, work: Path, stats: RunStats, progress: bool) -> float | None:
+    """The value at index int(N*f) of the pool's scores sorted descending, NaN/NULL last."""
+    from dcdb.filters.baselines import fraction_index
+
+    d = work / cut.param
+    d.mkdir(parents=True, exist_ok=True)
+    value_file = d / "value.json"
+    if value_file.is_file():
+        return json.loads(value_file.read_text())["value"]
+    bar = _Bar(pool.rows, f"{cut.param[2:]} scores", progress)
+    try:
+        tasks = [(str(pool.path), g, cut.score_sql, {"arch": cut.arch}, str(d / f"{_group_key(g)}.parquet"))
+                 for g in groups]
+        res = _check(backend.map(scores_task, tasks, bar))
+    finally:
+        bar.close()
+    stats.skipped += sum(r["skipped"] for r in res)
+    n_rows = sum(r["rows"] for r in res)
+    n_scored = sum(r["scored"] for r in res)
+    n = fraction_index(n_rows, n_scored, cut.fraction)
+    if n >= n_scored:
+        value = None  # the index falls in the NULL (NaN) tail: nothing passes, as in DataComp
+    else:
+        m = n_scored - 1 - n  # ascending rank of the value
+        paths = [str(d / f"{_group_key(g)}.parquet") for g in groups]
+        chunks = [paths[i::backend.workers] for i in range(min(backend.workers, len(paths)))]
+        prefix = 0
+        for shift in range(64 - RADIX_BITS, -1, -RADIX_BITS):
+            hists = _check(backend.map(hist_task, [(c, prefix, shift) for c in chunks]))
+            hist = np.sum([h["hist"] for h in hists], axis=0)
+            cum = np.cumsum(hist)
+            digit = int(np.searchsorted(cum, m, side="right"))
+            m -= int(cum[digit - 1]) if digit else 0
+            prefix = (prefix << RADIX_BITS) | digit
+        value = _from_key(prefix)
+    write_json(value_file, {"value": value, "rows": n_rows, "scored": n_scored, "index": n,
+                            "fraction": cut.fraction, "arch": cut.arch})
+    return value
+
+
+def run_distributed(
+    pool: Pool,
+    filt: FilterFile,
+    given: dict[str, str] | None = None,
+    *,
+    engine: str = "ray",
+    work_dir: str | os.PathLike | None = None,
+    keep_work: bool = False,
+    per_task: int | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> FilterResult:
+    """Run ``filt`` on the bucketed ``pool`` group by group on ``engine`` ("ray" or "serial").
+    Same result as ``dcdb.query.run_filter``; PlanError when the filter cannot be split."""
+    from dcdb.buckets import pool_buckets
+    from dcdb.engine import connect, stored_subsets
+    from dcdb.plan import plan_filter
+
+    t0 = time.perf_counter()
+    if pool_buckets(pool) is None:
+        raise PoolError(
+            f"pool {str(pool.path)!r} is not bucketed, so it cannot run on --engine {engine}",
+            hint="ingest it with `dcdb ingest SRC POOL --buckets 256`, or use --engine local",
+        )
+    con = connect(pool)
+    plan = plan_filter(con, filt, given, subsets=set(stored_subsets(pool)))
+    con.close()
+    if log:
+        log(f"plan: {plan.describe()}")
+    backend = backend_for(engine)
+    groups = groups_of(pool, per_task)
+    temp = None
+    if work_dir is None:
+        temp = work_dir = tempfile.mkdtemp(prefix="dcdb-work-")
+    work = Path(work_dir) / _work_key(pool, plan)
+    (work / "parts").mkdir(parents=True, exist_ok=True)
+    stats = RunStats(groups=len(groups))
+    try:
+        params = dict(plan.bucket_params)
+        for cut in plan.cuts:
+            params[cut.param] = _exact_cut(backend, pool, cut, groups, work, stats, progress)
+        fault = os.environ.get(FAULT_ENV) or None
+        keys = plan.topk.keys if plan.topk else None
+        tasks = [(str(pool.path), g, plan.bucket_sql, params, str(work / "parts" / f"{_group_key(g)}.parquet"),
+                  keys, fault, filt.name) for g in groups]
+        bar = _Bar(pool.rows, filt.name, progress)
+        try:
+            res = _check(backend.map(query_task, tasks, bar))
+        finally:
+            bar.close()
+        stats.skipped += sum(r["skipped"] for r in res)
+        paths = [work / "parts" / f"{_group_key(g)}.parquet" for g in groups]
+        if plan.topk:
+            arr, nrows = _merge_topk(paths, plan.topk)
+        else:
+            arr = _concat(paths)
+            nrows = sum(r["result_rows"] for r in res)
+        if log:
+            log(f"{backend.name}: {len(groups)} tasks of {len(groups[0])} bucket(s) on {backend.workers} "
+                f"worker(s), {stats.skipped} task result(s) reused from {work}")
+    except BaseException:
+        raise
+    else:
+        if temp is not None or not keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+    finally:
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
+    return FilterResult(uids=arr, filter=filt, params=plan.params, pool=pool,
+                        seconds=time.perf_counter() - t0, result_rows=nrows)
+
+
+def _concat(paths: list[Path]) -> np.ndarray:
+    """The groups' sorted lists in bucket order; a uid outside its group's bucket range (a filter
+    that makes up uids) only costs a final sort."""
+    import pyarrow.parquet as pq
+
+    parts = []
+    for p in paths:
+        t = pq.read_table(p)
+        a = np.empty(t.num_rows, dtype=U.UID_DTYPE)
+        a["f0"] = t.column("f0").to_numpy()
+        a["f1"] = t.column("f1").to_numpy()
+        parts.append(a)
+    arr = np.concatenate(parts) if parts else U.empty()
+    return arr if U.is_sorted(arr) else U.sort(arr)
+
+
+def _merge_topk(paths: list[Path], topk) -> tuple[np.ndarray, int]:
+    import duckdb
+
+    from dcdb.engine import sql_string
+
+    files = "[" + ", ".join(sql_string(str(p)) for p in paths) + "]"
+    con = duckdb.connect(":memory:")
+    cols = [n for n, *_ in con.execute(f"DESCRIBE SELECT * FROM read_parquet({files})").fetchall()]
+    sel = "uid" + (", copies" if "copies" in cols else "")
+    reader = con.sql(
+        f"SELECT {sel} FROM read_parquet({files}) ORDER BY {topk.order_sql} LIMIT {topk.limit} OFFSET {topk.offset}"
+    ).to_arrow_reader(1 << 20)
+    parts, copies_parts, nrows = _collect(reader, "top-k merge")
+    arr = np.concatenate(parts) if parts else U.empty()
+    if copies_parts is not None:
+        arr = np.repeat(arr, np.concatenate(copies_parts) if copies_parts else np.empty(0, np.int64))
+    return U.sort(arr), nrows
