@@ -107,7 +107,7 @@ def bucket_view(pool: Pool, buckets: list[int]) -> Pool:
             hint="re-ingest it with `dcdb ingest SRC POOL --buckets 256` to run on buckets",
         )
     bits = int(info["bits"])
-    buckets = sorted(set(int(b) for b in buckets))
+    buckets = sorted({int(b) for b in buckets})
     shards = pool.manifest["shards"]
     chosen = [shards[b] for b in buckets]
     if any(s["name"] != bucket_name(b) for s, b in zip(chosen, buckets)):
@@ -181,8 +181,7 @@ def _split_shard(task: _SplitTask) -> dict[str, Any]:
     present, starts, counts = np.unique(sorted_b, return_index=True, return_counts=True)
     index = {}
     out = Path(task.out)
-    with atomic_path(out) as tmp:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+    with atomic_path(out) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             for i, (b, start, n) in enumerate(zip(present, starts, counts)):
                 writer.write_batch(table.slice(int(start), int(n)).combine_chunks().to_batches()[0])
                 index[str(int(b))] = i

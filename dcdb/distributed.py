@@ -9,8 +9,10 @@ groups without a marker (Ray itself retries a task whose worker died):
 
 1. for each ``clip_cut`` fraction: every group writes its non-NULL scores (``cutI/<group>.parquet``)
    and row counts; the driver then finds the exact value at descending index ``int(N*f)`` by radix
-   selection over the float64 sort keys, 16 bits per round (each round a small histogram from each
-   group), and stores it in ``cutI/value.json``;
+   selection over the float64 sort keys: while more than a million candidates are left, a round
+   narrows them by 16 bits (a 65536-bin histogram from each worker's share), then the candidates
+   themselves are fetched and sorted (one round up to ~1M scored rows, two for ~10^10); the value
+   is stored in ``cutI/value.json``;
 2. the per-bucket query with those values (and broadcast constants) bound: every group writes its
    sorted uid list (``parts/<group>.parquet``: f0, f1) -- or, for a global top-k, its top rows
    with their sort keys;
@@ -47,6 +49,7 @@ from dcdb.store import Pool
 ENGINES = ("local", "ray")
 TARGET_TASKS = 64  # bucket groups per query: enough to balance a cluster, few enough to start cheaply
 RADIX_BITS = 16
+COLLECT_LIMIT = 1 << 20  # fetch the remaining candidate scores once at most this many are left
 FAULT_ENV = "DCDB_FAULT_INJECT"  # test hook: "<marker file>": the first query task's worker dies once
 MARKER = ".done.json"
 
@@ -173,7 +176,7 @@ def _scores_task(pool_path: str, group: list[int], sql: str, params: dict[str, A
     if done is not None:
         return {**done, "skipped": True}
     t0 = time.perf_counter()
-    view, con = _connect(pool_path, group)
+    _view, con = _connect(pool_path, group)
     try:
         tbl = con.sql(sql, params=params).to_arrow_table()
     except duckdb.Error as exc:
@@ -201,19 +204,24 @@ def _from_key(key: int) -> float:
     return float(np.array([bits], dtype=np.uint64).view(np.float64)[0])
 
 
-def _hist_task(paths: list[str], prefix: int, shift: int) -> dict[str, Any]:
-    """One radix round: histogram of the next 16 key bits among scores whose higher bits are
-    ``prefix`` (``shift`` = bits below the digit)."""
+def _radix_task(paths: list[str], prefix: int, known: int, collect: bool) -> dict[str, Any]:
+    """One radix round over the score files in ``paths``, among the sort keys whose top ``known``
+    bits are ``prefix``: a histogram of their next 16 bits, or (``collect``) the keys themselves."""
     import pyarrow.parquet as pq
 
     hist = np.zeros(1 << RADIX_BITS, dtype=np.int64)
+    found = []
     for p in paths:
         keys = _sort_keys(pq.read_table(p).column(0).to_numpy())
-        top = shift + RADIX_BITS
-        if top < 64:
-            keys = keys[(keys >> np.uint64(top)) == np.uint64(prefix)]
-        digits = ((keys >> np.uint64(shift)) & np.uint64((1 << RADIX_BITS) - 1)).astype(np.int64)
+        if known:
+            keys = keys[(keys >> np.uint64(64 - known)) == np.uint64(prefix)]
+        if collect:
+            found.append(keys)
+            continue
+        digits = ((keys >> np.uint64(64 - known - RADIX_BITS)) & np.uint64((1 << RADIX_BITS) - 1)).astype(np.int64)
         hist += np.bincount(digits, minlength=1 << RADIX_BITS)
+    if collect:
+        return {"keys": np.concatenate(found) if found else np.empty(0, np.uint64)}
     return {"hist": hist}
 
 
@@ -270,8 +278,8 @@ def scores_task(*args) -> dict[str, Any]:
     return _guarded(_scores_task, *args)
 
 
-def hist_task(*args) -> dict[str, Any]:
-    return _guarded(_hist_task, *args)
+def radix_task(*args) -> dict[str, Any]:
+    return _guarded(_radix_task, *args)
 
 
 def query_task(*args) -> dict[str, Any]:
@@ -356,14 +364,17 @@ def _exact_cut(backend, pool: Pool, cut, groups, work: Path, stats: RunStats, pr
         m = n_scored - 1 - n  # ascending rank of the value
         paths = [str(d / f"{_group_key(g)}.parquet") for g in groups]
         chunks = [paths[i::backend.workers] for i in range(min(backend.workers, len(paths)))]
-        prefix = 0
-        for shift in range(64 - RADIX_BITS, -1, -RADIX_BITS):
-            hists = _check(backend.map(hist_task, [(c, prefix, shift) for c in chunks]))
-            hist = np.sum([h["hist"] for h in hists], axis=0)
-            cum = np.cumsum(hist)
+        prefix, known, count = 0, 0, n_scored
+        while count > COLLECT_LIMIT and known < 64:  # narrow by 16 bits per round
+            hists = _check(backend.map(radix_task, [(c, prefix, known, False) for c in chunks]))
+            cum = np.cumsum(np.sum([h["hist"] for h in hists], axis=0))
             digit = int(np.searchsorted(cum, m, side="right"))
-            m -= int(cum[digit - 1]) if digit else 0
-            prefix = (prefix << RADIX_BITS) | digit
+            below = int(cum[digit - 1]) if digit else 0
+            m, count = m - below, int(cum[digit]) - below
+            prefix, known = (prefix << RADIX_BITS) | digit, known + RADIX_BITS
+        found = _check(backend.map(radix_task, [(c, prefix, known, True) for c in chunks]))
+        keys = np.sort(np.concatenate([f["keys"] for f in found]))
+        prefix = int(keys[m])
         value = _from_key(prefix)
     write_json(value_file, {"value": value, "rows": n_rows, "scored": n_scored, "index": n,
                             "fraction": cut.fraction, "arch": cut.arch})
@@ -430,8 +441,6 @@ def run_distributed(
         if log:
             log(f"{backend.name}: {len(groups)} tasks of {len(groups[0])} bucket(s) on {backend.workers} "
                 f"worker(s), {stats.skipped} task result(s) reused from {work}")
-    except BaseException:
-        raise
     else:
         if temp is not None or not keep_work:
             shutil.rmtree(work, ignore_errors=True)

@@ -107,9 +107,10 @@ def _embedding_scan_class():
                 return
             if self._fragments is not None and not self._fragments:
                 return
-            for batch in self._lance.to_batches(
-                columns=[self._column], batch_size=BATCH_ROWS, fragments=self._fragments
-            ):
+            scanner = self._lance.scanner(
+                columns=[self._column], batch_size=BATCH_ROWS, fragments=self._fragments, scan_in_order=True
+            )
+            for batch in scanner.to_batches():
                 vec = batch.column(0)
                 self.vector_bytes_read += vec.nbytes
                 flat = vec.flatten()

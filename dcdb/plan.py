@@ -33,6 +33,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import duckdb
+
 from dcdb.errors import PlanError, QueryError
 from dcdb.query import FilterFile, bind_parameters, check_statement
 
@@ -197,11 +199,11 @@ class _Analyser:
             raise PlanError(
                 f"{op} of a pool relation with rows that do not come from the pool: each bucket would add "
                 "those rows again", hint="run it with --engine local")
-        if not (node.get("setop_type") == "UNION" and node.get("setop_all")):
-            if not all(self._selects_uid(c) for c in children if c is not None):
-                raise PlanError(
-                    f"{op} over rows without a uid column: equal rows may come from different buckets",
-                    hint="select uid in both sides, or run it with --engine local")
+        union_all = node.get("setop_type") == "UNION" and node.get("setop_all")
+        if not union_all and not all(self._selects_uid(c) for c in children if c is not None):
+            raise PlanError(
+                f"{op} over rows without a uid column: equal rows may come from different buckets",
+                hint="select uid in both sides, or run it with --engine local")
         return LOCAL
 
     def _selects_uid(self, node: dict[str, Any]) -> bool:
@@ -382,7 +384,7 @@ class _Analyser:
     def _constant(self, expr: dict[str, Any], what: str) -> Any:
         try:
             return _run_const(self.con, f"SELECT {_expr_sql(self.con, expr)}", self.params)[0][0]
-        except Exception as exc:  # a column reference: not a constant
+        except duckdb.Error as exc:  # a column reference: not a constant
             _raise_dcdb_error(self.con, exc)
             raise PlanError(f"{what} must be a constant or a parameter, not a value that varies by row",
                             hint="pass it with -p, or run it with --engine local") from None
@@ -433,7 +435,7 @@ class _Analyser:
         stmt = {"statements": [{"node": node, "named_param_map": []}]}
         try:
             inner = _deserialize(self.con, stmt)
-        except Exception:
+        except duckdb.Error:
             return
         param = CONST_PARAM.format(len(self.broadcast))
         try:
@@ -449,7 +451,7 @@ class _Analyser:
                 e.update(_param_node(param))
             else:
                 return  # EXISTS of a constant: cheap and row-independent; leave it in the bucket query
-        except Exception as exc:
+        except duckdb.Error as exc:
             _raise_dcdb_error(self.con, exc)
             return  # correlated (refers to the outer row): row-wise, stays in the bucket query
         self.broadcast[param] = value
@@ -462,8 +464,6 @@ class _Analyser:
 def plan_filter(con, filt: FilterFile, given: dict[str, str] | None, *, subsets: set[str]) -> QueryPlan:
     """Analyse ``filt`` on the driver's whole-pool connection ``con`` into a QueryPlan, or raise
     PlanError naming the construct that cannot be split."""
-    import duckdb
-
     used = check_statement(con, filt.text, filt.name)
     params = bind_parameters(filt, used, dict(given or {}))
     stmt = _serialize(con, filt.text)
