@@ -441,8 +441,7 @@ def run_distributed(
         if log:
             log(f"{backend.name}: {len(groups)} tasks of {len(groups[0])} bucket(s) on {backend.workers} "
                 f"worker(s), {stats.skipped} task result(s) reused from {work}")
-    else:
-        if temp is not None or not keep_work:
+        if not keep_work:  # done: the intermediates are only worth keeping for a re-run
             shutil.rmtree(work, ignore_errors=True)
     finally:
         if temp is not None:
