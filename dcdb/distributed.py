@@ -47,7 +47,7 @@ from dcdb.query import FilterFile, FilterResult, _collect
 from dcdb.store import Pool
 
 ENGINES = ("local", "ray")
-TARGET_TASKS = 64  # bucket groups per query: enough to balance a cluster, few enough to start cheaply
+TASKS_PER_WORKER = 4  # bucket groups per worker: balance and cheap retries vs. per-task start-up
 RADIX_BITS = 16
 COLLECT_LIMIT = 1 << 20  # fetch the remaining candidate scores once at most this many are left
 FAULT_ENV = "DCDB_FAULT_INJECT"  # test hook: "<marker file>": the first query task's worker dies once
@@ -120,10 +120,6 @@ def backend_for(engine: str):
 # ------------------------------------------------------------------------------------- tasks
 
 
-def _group_key(group: list[int]) -> str:
-    return f"{group[0]:05d}-{group[-1]:05d}"
-
-
 def _marker(path: Path) -> Path:
     return path.with_name(path.name + MARKER)
 
@@ -165,30 +161,74 @@ def _duck_error(con, exc: Exception, what: str):
     raise errors.QueryError(f"{what} failed on a bucket: {str(exc).strip()}") from None
 
 
-def _scores_task(pool_path: str, group: list[int], sql: str, params: dict[str, Any], out: str) -> dict[str, Any]:
-    """Phase 1 of a clip_cut fraction: this group's non-NULL scores (float64) and row counts."""
-    import duckdb
-    import pyarrow as pa
+def _bucket_path(out_dir: str, b: int) -> Path:
+    return Path(out_dir) / f"{b:05d}.parquet"
+
+
+def _pending(out_dir: str, group: list[int]) -> tuple[list[int], list[dict[str, Any]]]:
+    """Buckets of ``group`` without a completion marker, and the markers of the others."""
+    todo, done = [], []
+    for b in group:
+        info = _done(_bucket_path(out_dir, b))
+        if info is None:
+            todo.append(b)
+        else:
+            done.append(info)
+    return todo, done
+
+
+def _by_bucket(uid_arr: np.ndarray, todo: list[int], bits: int, name: str) -> dict[int, np.ndarray]:
+    """Row indices of each bucket in ``todo``; a uid outside them (made up by the filter, not a
+    row's own uid) cannot be placed, so it is refused rather than put in the wrong bucket."""
+    from dcdb.buckets import bucket_of
+
+    ids = bucket_of(uid_arr, bits)
+    out = {b: np.flatnonzero(ids == b) for b in todo}
+    placed = sum(len(v) for v in out.values())
+    if placed != len(uid_arr):
+        stray = U.to_hex(uid_arr[~np.isin(ids, todo)][:1])[0]
+        raise errors.PlanError(
+            f"filter {name!r} returned uid {stray}, which is not the uid of a row it read (it lies in "
+            "another bucket), so --engine ray cannot place it",
+            hint="select the rows' own uid column, or run it with --engine local")
+    return out
+
+
+def _write_part(path: Path, table, info: dict[str, Any]) -> None:
     import pyarrow.parquet as pq
 
-    path = Path(out)
-    done = _done(path)
-    if done is not None:
-        return {**done, "skipped": True}
-    t0 = time.perf_counter()
-    _view, con = _connect(pool_path, group)
-    try:
-        tbl = con.sql(sql, params=params).to_arrow_table()
-    except duckdb.Error as exc:
-        _duck_error(con, exc, "the clip_cut score scan")
-    col = tbl.column(0)
-    n_rows = tbl.num_rows
-    scores = col.drop_null().cast(pa.float64())
     with atomic_path(path) as tmp:
-        pq.write_table(pa.table({"score": scores}), tmp, compression="zstd", compression_level=1)
-    info = {"group": group, "rows": n_rows, "scored": len(scores), "seconds": time.perf_counter() - t0}
-    write_json(_marker(path), info)
-    return {**info, "skipped": False}
+        pq.write_table(table, tmp, compression="zstd", compression_level=1)
+    write_json(_marker(path), info)  # the marker last: a part without one is redone
+
+
+def _scores_task(pool_path: str, group: list[int], sql: str, params: dict[str, Any], out_dir: str,
+                 bits: int) -> dict[str, Any]:
+    """Phase 1 of a clip_cut fraction: per bucket its non-NULL scores (float64) and row count."""
+    import duckdb
+    import pyarrow as pa
+
+    todo, done = _pending(out_dir, group)
+    rows, scored = sum(d["rows"] for d in done), sum(d["scored"] for d in done)
+    if todo:
+        t0 = time.perf_counter()
+        view, con = _connect(pool_path, todo)
+        try:
+            tbl = con.sql(sql, params=params).to_arrow_table()
+        except duckdb.Error as exc:
+            _duck_error(con, exc, "the clip_cut score scan")
+        con.close()
+        uid_arr = U.from_arrow(tbl.column(0), source="pool")
+        scores = tbl.column(1).cast(pa.float64()).to_numpy(zero_copy_only=False)  # NULL -> NaN
+        per_bucket = {s["name"]: int(s["rows"]) for s in view.shards}
+        for b, idx in _by_bucket(uid_arr, todo, bits, "clip_cut").items():
+            v = scores[idx]
+            v = v[~np.isnan(v)]
+            info = {"bucket": b, "rows": per_bucket[f"bucket-{b:05d}"], "scored": len(v),
+                    "seconds": time.perf_counter() - t0}
+            _write_part(_bucket_path(out_dir, b), pa.table({"score": v}), info)
+            rows, scored = rows + info["rows"], scored + len(v)
+    return {"rows": rows, "scored": scored, "skipped": len(done), "buckets": len(group)}
 
 
 def _sort_keys(values: np.ndarray) -> np.ndarray:
@@ -225,22 +265,22 @@ def _radix_task(paths: list[str], prefix: int, known: int, collect: bool) -> dic
     return {"hist": hist}
 
 
-def _query_task(pool_path: str, group: list[int], sql: str, params: dict[str, Any], out: str,
-                topk_keys: list[str] | None, fault: str | None, name: str) -> dict[str, Any]:
-    """Phase 2: the filter on this group's buckets -> its sorted uid list (or top-k candidates)."""
+def _query_task(pool_path: str, group: list[int], sql: str, params: dict[str, Any], out_dir: str,
+                topk_keys: list[str] | None, fault: str | None, name: str, bits: int) -> dict[str, Any]:
+    """Phase 2: the filter on this group's unfinished buckets -> per bucket its sorted uid list
+    (or, for a global top-k, its rows among the group's top-k, with their sort keys)."""
     import duckdb
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    path = Path(out)
-    done = _done(path)
-    if done is not None:
-        return {**done, "skipped": True}
+    todo, done = _pending(out_dir, group)
+    result_rows, rows = sum(d["result_rows"] for d in done), sum(d["rows"] for d in done)
+    if not todo:
+        return {"result_rows": result_rows, "rows": rows, "skipped": len(done), "buckets": len(group)}
     if fault and not os.path.exists(fault):  # test hook: this worker dies once, mid-run
-        Path(fault).write_text(f"worker {os.getpid()} killed on group {_group_key(group)}\n")
+        Path(fault).write_text(f"worker {os.getpid()} killed on buckets {todo}\n")
         os._exit(137)
     t0 = time.perf_counter()
-    view, con = _connect(pool_path, group)
+    view, con = _connect(pool_path, todo)
     try:
         reader = con.sql(sql, params=params or None).to_arrow_reader(1 << 20)
         if topk_keys is not None:
@@ -249,8 +289,9 @@ def _query_task(pool_path: str, group: list[int], sql: str, params: dict[str, An
             parts, copies_parts, nrows = _collect(reader, name)
     except duckdb.Error as exc:
         _duck_error(con, exc, f"filter {name!r}")
+    con.close()
+    per_bucket = {s["name"]: int(s["rows"]) for s in view.shards}
     if topk_keys is not None:
-        nrows = tbl.num_rows
         names = {n.lower(): n for n in tbl.column_names}
         if "uid" not in names:
             raise errors.QueryError(f"the result of filter {name!r} has no uid column", hint="SELECT uid FROM pool ...")
@@ -260,18 +301,24 @@ def _query_task(pool_path: str, group: list[int], sql: str, params: dict[str, An
         for k in topk_keys:
             cols[k] = tbl.column(k)
         table = pa.table(cols)
+        uid_arr = U.from_arrow(table.column("uid"), source=f"result of filter {name!r}")
+        pieces = {b: (table.take(pa.array(idx)), len(idx)) for b, idx in _by_bucket(uid_arr, todo, bits, name).items()}
     else:
         arr = np.concatenate(parts) if parts else U.empty()
+        counts = None
         if copies_parts is not None:
-            arr = np.repeat(arr, np.concatenate(copies_parts) if copies_parts else np.empty(0, np.int64))
-        arr = U.sort(arr)
-        table = pa.table({"f0": arr["f0"], "f1": arr["f1"]})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd", compression_level=1)
-    info = {"group": group, "result_rows": nrows, "uids": table.num_rows, "rows": view.rows,
-            "seconds": time.perf_counter() - t0}
-    write_json(_marker(path), info)
-    return {**info, "skipped": False}
+            counts = np.concatenate(copies_parts) if copies_parts else np.empty(0, np.int64)
+        pieces = {}
+        for b, idx in _by_bucket(arr, todo, bits, name).items():
+            sub = arr[idx] if counts is None else np.repeat(arr[idx], counts[idx])
+            sub = U.sort(sub)
+            pieces[b] = (pa.table({"f0": sub["f0"], "f1": sub["f1"]}), len(idx))
+    for b, (table, n) in pieces.items():
+        info = {"bucket": b, "result_rows": n, "uids": table.num_rows, "rows": per_bucket[f"bucket-{b:05d}"],
+                "seconds": time.perf_counter() - t0}
+        _write_part(_bucket_path(out_dir, b), table, info)
+        result_rows, rows = result_rows + n, rows + info["rows"]
+    return {"result_rows": result_rows, "rows": rows, "skipped": len(done), "buckets": len(group)}
 
 
 def scores_task(*args) -> dict[str, Any]:
@@ -304,9 +351,11 @@ class RunStats:
     rows: int = 0
 
 
-def groups_of(pool: Pool, per_task: int | None = None) -> list[list[int]]:
+def groups_of(pool: Pool, workers: int, per_task: int | None = None) -> list[list[int]]:
+    """Consecutive buckets per task. Markers are per bucket, so a re-run on another cluster size
+    (other groups) still reuses every finished bucket."""
     n = len(pool.manifest["shards"])
-    per = per_task or max(1, -(-n // TARGET_TASKS))
+    per = per_task or max(1, -(-n // (TASKS_PER_WORKER * max(1, workers))))
     return [list(range(i, min(i + per, n))) for i in range(0, n, per)]
 
 
@@ -325,20 +374,20 @@ class _Bar:
 
         self.bar = tqdm(total=total_rows, unit="rows", unit_scale=True, desc=label, file=sys.stderr,
                         disable=not enabled)
-        self.groups = 0
+        self.buckets = 0
 
     def __call__(self, r: dict[str, Any]) -> None:
-        self.groups += 1
         if r.get("ok"):
-            self.bar.set_postfix_str(f"{self.groups} groups" + (" (cached)" if r.get("skipped") else ""),
-                                     refresh=False)
+            self.buckets += int(r.get("buckets", 0))
+            self.bar.set_postfix_str(f"{self.buckets} buckets done", refresh=False)
             self.bar.update(int(r.get("rows", 0)))
 
     def close(self):
         self.bar.close()
 
 
-def _exact_cut(backend, pool: Pool, cut, groups, work: Path, stats: RunStats, progress: bool) -> float | None:
+def _exact_cut(backend, pool: Pool, cut, groups, work: Path, stats: RunStats, progress: bool,
+               bits: int) -> float | None:
     """The value at index int(N*f) of the pool's scores sorted descending, NaN/NULL last."""
     from dcdb.filters.baselines import fraction_index
 
@@ -349,8 +398,7 @@ def _exact_cut(backend, pool: Pool, cut, groups, work: Path, stats: RunStats, pr
         return json.loads(value_file.read_text())["value"]
     bar = _Bar(pool.rows, f"{cut.param[2:]} scores", progress)
     try:
-        tasks = [(str(pool.path), g, cut.score_sql, {"arch": cut.arch}, str(d / f"{_group_key(g)}.parquet"))
-                 for g in groups]
+        tasks = [(str(pool.path), g, cut.score_sql, {"arch": cut.arch}, str(d), bits) for g in groups]
         res = _check(backend.map(scores_task, tasks, bar))
     finally:
         bar.close()
@@ -362,7 +410,7 @@ def _exact_cut(backend, pool: Pool, cut, groups, work: Path, stats: RunStats, pr
         value = None  # the index falls in the NULL (NaN) tail: nothing passes, as in DataComp
     else:
         m = n_scored - 1 - n  # ascending rank of the value
-        paths = [str(d / f"{_group_key(g)}.parquet") for g in groups]
+        paths = [str(_bucket_path(str(d), b)) for g in groups for b in g]
         chunks = [paths[i::backend.workers] for i in range(min(backend.workers, len(paths)))]
         prefix, known, count = 0, 0, n_scored
         while count > COLLECT_LIMIT and known < 64:  # narrow by 16 bits per round
@@ -411,7 +459,8 @@ def run_distributed(
     if log:
         log(f"plan: {plan.describe()}")
     backend = backend_for(engine)
-    groups = groups_of(pool, per_task)
+    groups = groups_of(pool, backend.workers, per_task)
+    bits = int(pool_buckets(pool)["bits"])
     temp = None
     if work_dir is None:
         temp = work_dir = tempfile.mkdtemp(prefix="dcdb-work-")
@@ -421,18 +470,18 @@ def run_distributed(
     try:
         params = dict(plan.bucket_params)
         for cut in plan.cuts:
-            params[cut.param] = _exact_cut(backend, pool, cut, groups, work, stats, progress)
+            params[cut.param] = _exact_cut(backend, pool, cut, groups, work, stats, progress, bits)
         fault = os.environ.get(FAULT_ENV) or None
         keys = plan.topk.keys if plan.topk else None
-        tasks = [(str(pool.path), g, plan.bucket_sql, params, str(work / "parts" / f"{_group_key(g)}.parquet"),
-                  keys, fault, filt.name) for g in groups]
+        tasks = [(str(pool.path), g, plan.bucket_sql, params, str(work / "parts"), keys, fault, filt.name, bits)
+                 for g in groups]
         bar = _Bar(pool.rows, filt.name, progress)
         try:
             res = _check(backend.map(query_task, tasks, bar))
         finally:
             bar.close()
         stats.skipped += sum(r["skipped"] for r in res)
-        paths = [work / "parts" / f"{_group_key(g)}.parquet" for g in groups]
+        paths = [_bucket_path(str(work / "parts"), b) for g in groups for b in g]
         if plan.topk:
             arr, nrows = _merge_topk(paths, plan.topk)
         else:
@@ -440,7 +489,7 @@ def run_distributed(
             nrows = sum(r["result_rows"] for r in res)
         if log:
             log(f"{backend.name}: {len(groups)} tasks of {len(groups[0])} bucket(s) on {backend.workers} "
-                f"worker(s), {stats.skipped} task result(s) reused from {work}")
+                f"worker(s), {stats.skipped} bucket result(s) reused from {work}")
         if not keep_work:  # done: the intermediates are only worth keeping for a re-run
             shutil.rmtree(work, ignore_errors=True)
     finally:

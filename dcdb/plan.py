@@ -60,7 +60,7 @@ class Cut:
     param: str
     arch: str
     fraction: float
-    score_sql: str = "SELECT clip_score AS score FROM baseline_pool(arch := $arch)"
+    score_sql: str = "SELECT uid, clip_score AS score FROM baseline_pool(arch := $arch)"
 
 
 @dataclass

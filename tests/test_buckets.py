@@ -283,6 +283,9 @@ def test_unbucketed_pool_and_bad_params(world):
 
     with pytest.raises(PoolError, match="not bucketed"):
         run_distributed(open_pool(world["plain"]), load_filter("no_filter"), {}, engine="serial")
+    made_up = parse_filter("q", "SELECT '0123456789abcdef0123456789abcdef' AS uid FROM pool", None)
+    with pytest.raises(PlanError, match="not the uid of a row it read"):
+        run_distributed(open_pool(world["bucketed"]), made_up, {}, engine="serial")
     with pytest.raises(ParameterError, match="not both"):
         run_distributed(open_pool(world["bucketed"]), load_filter("clip_score"),
                         {"arch": "l14", "fraction": "0.3", "threshold": "0.2"}, engine="serial")
@@ -296,14 +299,15 @@ def test_rerun_redoes_only_missing_groups(world, tmp_path):
     logs: list[str] = []
     first = run_distributed(pool, filt, given, engine="serial", work_dir=tmp_path, keep_work=True,
                             per_task=1, log=logs.append)
-    assert "0 task result(s) reused" in logs[-1]
+    assert "0 bucket result(s) reused" in logs[-1]
     markers = sorted(tmp_path.glob("*/parts/*.done.json"))
     assert len(markers) == BUCKETS
-    markers[3].unlink()  # a lost worker / killed driver: this group never finished
-    (tmp_path / next(tmp_path.iterdir()).name / "parts" / markers[5].name.replace(".done.json", "")).unlink()
-    again = run_distributed(pool, filt, given, engine="serial", work_dir=tmp_path, per_task=1, log=logs.append)
-    # the global threshold (cut value) was kept, 6 of the 8 query groups are reused
-    assert f"{BUCKETS - 2} task result(s) reused" in logs[-1]
+    markers[3].unlink()  # a lost worker / killed driver: this bucket never finished
+    Path(str(markers[5]).replace(".done.json", "")).unlink()  # a part without its data: redone too
+    # other groups (4 buckets per task) than the first run: markers are per bucket
+    again = run_distributed(pool, filt, given, engine="serial", work_dir=tmp_path, per_task=4, log=logs.append)
+    # the global threshold (cut value) was kept, 6 of the 8 buckets' query results are reused
+    assert f"{BUCKETS - 2} bucket result(s) reused" in logs[-1]
     assert np.array_equal(first.uids, again.uids)
     assert not any(tmp_path.iterdir())  # removed after success without keep_work
 
