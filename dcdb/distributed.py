@@ -42,7 +42,7 @@ import numpy as np
 from dcdb import errors
 from dcdb import uids as U
 from dcdb.errors import DcdbError, PoolError, UsageError
-from dcdb.io import atomic_path, write_json
+from dcdb.io import tmp_name, write_json
 from dcdb.query import FilterFile, FilterResult, _collect
 from dcdb.store import Pool
 
@@ -125,12 +125,12 @@ def _marker(path: Path) -> Path:
 
 
 def _done(path: Path) -> dict[str, Any] | None:
+    """The marker of a finished intermediate, if it and the part it vouches for are intact."""
     m = _marker(path)
-    if not m.is_file() or not path.is_file():
-        return None
     try:
-        return json.loads(m.read_text())
-    except (OSError, ValueError):
+        info = json.loads(m.read_text())
+        return info if path.stat().st_size == info.get("bytes") else None
+    except (OSError, ValueError, AttributeError):
         return None
 
 
@@ -195,11 +195,19 @@ def _by_bucket(uid_arr: np.ndarray, todo: list[int], bits: int, name: str) -> di
 
 
 def _write_part(path: Path, table, info: dict[str, Any]) -> None:
+    """An intermediate, then its marker, each written under a temp name and renamed into place
+    (atomic for a killed process). No fsync (it dominated small tasks): after a machine crash a
+    marker may survive its part's data, so the marker records the part's size and a part of
+    another size is redone."""
     import pyarrow.parquet as pq
 
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd", compression_level=1)
-    write_json(_marker(path), info)  # the marker last: a part without one is redone
+    tmp = tmp_name(path)
+    pq.write_table(table, tmp, compression="zstd", compression_level=1)
+    os.replace(tmp, path)
+    info = {**info, "bytes": path.stat().st_size}
+    tmp = tmp_name(_marker(path))
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, _marker(path))
 
 
 def _scores_task(pool_path: str, group: list[int], sql: str, params: dict[str, Any], out_dir: str,
@@ -286,7 +294,7 @@ def _query_task(pool_path: str, group: list[int], sql: str, params: dict[str, An
         if topk_keys is not None:
             tbl = reader.read_all()
         else:
-            parts, copies_parts, nrows = _collect(reader, name)
+            parts, copies_parts, _nrows = _collect(reader, name)
     except duckdb.Error as exc:
         _duck_error(con, exc, f"filter {name!r}")
     con.close()
