@@ -109,6 +109,22 @@ class RayBackend:
         return out
 
 
+def ray_map(fn: Callable, items, jobs: int | None = None, window: int | None = None):
+    """``fn`` over ``items`` as Ray tasks, results in input order, at most ``window`` in flight
+    (default: twice the cluster's CPUs) -- the resharder's per-shard tasks on ``--engine ray``."""
+    backend = RayBackend()
+    ray = backend.ray
+    remote = ray.remote(num_cpus=1, max_retries=backend.max_retries)(fn)
+    window = window or 2 * backend.workers
+    pending: list = []
+    for item in items:
+        pending.append(remote.remote(item))
+        if len(pending) >= window:
+            yield ray.get(pending.pop(0))
+    while pending:
+        yield ray.get(pending.pop(0))
+
+
 def backend_for(engine: str):
     if engine == "ray":
         return RayBackend()

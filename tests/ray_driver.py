@@ -1,7 +1,8 @@
 """Driver for tests/test_buckets.py::test_ray_engine_identical_to_local, run by the test inside a
 loopback-only network namespace: starts a 2-CPU local Ray cluster once and runs ``dcdb query
 --engine ray`` (in-process, through click) for every case of a spec file, then once with a worker
-killed mid-run (DCDB_FAULT_INJECT) and once with an unsplittable filter; writes report.json."""
+killed mid-run (DCDB_FAULT_INJECT) and once with an unsplittable filter, and ``dcdb reshard
+--engine ray``; writes report.json."""
 
 import json
 import os
@@ -38,6 +39,8 @@ def main(spec_path: str) -> None:
     report["refuse_code"], report["refuse_output"] = query(
         [str(out / "refuse.sql"), "--pool", spec["pool"], "-o", str(out / "refused.npy")]
     )
+    res = CliRunner().invoke(cli, ["-q", "reshard", *spec["reshard"], "--engine", "ray"])
+    report["reshard_code"], report["reshard_output"] = res.exit_code, res.output + repr(res.exception)
     (out / "report.json").write_text(json.dumps(report))
     ray.shutdown()
 

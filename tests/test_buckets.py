@@ -325,21 +325,42 @@ def _netns_works() -> str | None:
     return None
 
 
+def _reshard_inputs(tmp_path):
+    """A tiny demo world's img2dataset shards, indexed in a pool, its uid list and a local reshard."""
+    from dcdb.world import build_world
+
+    build_world(tmp_path / "w", samples=60, concepts=3, seed=2, shard_size=20, eval_per_class=2,
+                retrieval_samples=10, workers=1)
+    wpool, uids = tmp_path / "wpool", tmp_path / "all.npy"
+    r = CliRunner()
+    res = r.invoke(cli, ["-q", "ingest", str(tmp_path / "w" / "metadata"), str(wpool), "-j", "1",
+                         "--shards", str(tmp_path / "w" / "shards")])
+    assert res.exit_code == 0, res.output
+    assert r.invoke(cli, ["-q", "query", "no_filter", "--pool", str(wpool), "-o", str(uids)]).exit_code == 0
+    res = r.invoke(cli, ["-q", "reshard", "--pool", str(wpool), "--uids", str(uids), "-o", str(tmp_path / "rl"),
+                         "-j", "1", "--shard-size", "7"])
+    assert res.exit_code == 0, res.output
+    return ["--pool", str(wpool), "--uids", str(uids), "-o", str(tmp_path / "rr"), "--shard-size", "7"]
+
+
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::ResourceWarning")  # webdataset 1.0.2 leaves tar files open
 def test_ray_engine_identical_to_local(world, tmp_path):
     """Every baseline with --engine ray (2-CPU local cluster, loopback-only netns) gives the same
-    bytes as --engine local; a worker killed mid-run still does; an unsplittable filter is refused."""
+    bytes as --engine local; a worker killed mid-run still does; an unsplittable filter is refused;
+    dcdb reshard --engine ray writes the same tars."""
     pytest.importorskip("ray")
     why = _netns_works()
     if why:
         pytest.skip(why)
     env = world["env"]
+    reshard_args = _reshard_inputs(tmp_path)
     want = [_query(world["plain"], n, p, tmp_path / f"local{i}.npy", env) for i, (n, p) in enumerate(world["cases"])]
     spec = tmp_path / "spec.json"
     cases = [c for c in world["cases"] if c[1].get("fraction") != "0.1"]  # every sql/ file; Ray is slow
     want = [w for w, c in zip(want, world["cases"]) if c in cases]
     spec.write_text(json.dumps({"pool": str(world["bucketed"]), "out": str(tmp_path), "cases": cases,
-                                "refuse": "SELECT uid FROM pool LIMIT 5"}))
+                                "refuse": "SELECT uid FROM pool LIMIT 5", "reshard": reshard_args}))
     driver = Path(__file__).with_name("ray_driver.py")
     child_env = {**os.environ, **env, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     cmd = f"ip link set lo up && exec {sys.executable} {driver} {spec}"
@@ -354,3 +375,8 @@ def test_ray_engine_identical_to_local(world, tmp_path):
     assert "killed" in (tmp_path / "fault.txt").read_text()  # the hook really killed a worker
     assert (tmp_path / "fault.npy").read_bytes() == want[2]
     assert report["refuse_code"] != 0 and "LIMIT without ORDER BY" in report["refuse_output"]
+    assert report["reshard_code"] == 0, report["reshard_output"]
+    tars = sorted(p.name for p in (tmp_path / "rl").glob("*.tar"))
+    assert len(tars) > 3 and tars == sorted(p.name for p in (tmp_path / "rr").glob("*.tar"))
+    for name in [*tars, "sample_ids.npy"]:
+        assert (tmp_path / "rr" / name).read_bytes() == (tmp_path / "rl" / name).read_bytes(), name
