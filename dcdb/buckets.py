@@ -251,7 +251,7 @@ def _run_all(fn, tasks: list, jobs: int, label: str, progress: bool) -> list:
 def repartition(plan, pool: Path, buckets: int, *, jobs: int = 2, progress: bool = False):
     """Stage SRC as N uid buckets (phases A and B above) and return the ingest plan whose shards
     are the buckets, with SRC's fingerprint and the bucketing record. Resumable."""
-    from dcdb.ingest import Plan, _read_json, _tasks, plan_source
+    from dcdb.ingest import Plan, plan_source
 
     bits = bucket_bits(buckets)
     stage = _stage_dir(pool, bits, plan.fingerprint)
@@ -262,6 +262,33 @@ def repartition(plan, pool: Path, buckets: int, *, jobs: int = 2, progress: bool
     parts, src = stage / "parts", stage / "src"
     parts.mkdir(parents=True, exist_ok=True)
     src.mkdir(parents=True, exist_ok=True)
+    complete = src / "_complete"  # phases A and B done: the split parts are gone, buckets stay
+    if not complete.is_file():
+        _split_and_merge(plan, pool, parts, src, buckets, bits, jobs, progress)
+        complete.write_text("")
+        shutil.rmtree(parts, ignore_errors=True)  # a full copy of the pool: free it before ingesting
+    bplan = plan_source(src)
+    if bplan.rows != plan.rows or len(bplan.shards) != buckets:
+        raise PoolError(
+            f"bucket staging in {str(stage)!r} holds {bplan.rows:,} rows in {len(bplan.shards)} buckets, "
+            f"expected {plan.rows:,} in {buckets}",
+            hint=f"delete {str(stage)!r} and re-run the same command",
+        )
+    spaces = {k: dict(v) for k, v in plan.spaces.items()}
+    return Plan(
+        src=plan.src,
+        shards=bplan.shards,
+        schema=plan.schema,
+        spaces=spaces,
+        source_fingerprint=plan.fingerprint,
+        buckets={"count": buckets, "bits": bits, "key": "uid", "order": "uid"},
+    )
+
+
+def _split_and_merge(plan, pool: Path, parts: Path, src: Path, buckets: int, bits: int, jobs: int,
+                     progress: bool) -> None:
+    from dcdb.ingest import _read_json, _tasks
+
     # Phase A: split every source shard not split yet (journal = parts/<shard>.json).
     journals: dict[str, dict[str, Any]] = {}
     todo = []
@@ -285,32 +312,3 @@ def repartition(plan, pool: Path, buckets: int, *, jobs: int = 2, progress: bool
                  for s in plan.shards if str(b) in journals[s.name]["batches"]]
         merges.append(_MergeTask(b, where, str(src), plan.schema, plan.spaces))
     _run_all(_merge_bucket, merges, jobs, "buckets", progress)
-    bplan = plan_source(src)
-    if bplan.rows != plan.rows or len(bplan.shards) != buckets:
-        raise PoolError(
-            f"bucket staging in {str(stage)!r} holds {bplan.rows:,} rows in {len(bplan.shards)} buckets, "
-            f"expected {plan.rows:,} in {buckets}",
-            hint=f"delete {str(stage)!r} and re-run the same command",
-        )
-    spaces = {k: dict(v) for k, v in plan.spaces.items()}
-    return Plan(
-        src=plan.src,
-        shards=bplan.shards,
-        schema=plan.schema,
-        spaces=spaces,
-        source_fingerprint=plan.fingerprint,
-        buckets={"count": buckets, "bits": bits, "key": "uid", "order": "uid"},
-    )
-
-
-def bucket_rows(pool: Pool) -> list[int]:
-    return [int(s["rows"]) for s in pool.manifest["shards"]]
-
-
-def describe(pool: Pool) -> str:
-    info = pool_buckets(pool)
-    if not info:
-        return "unbucketed"
-    rows = bucket_rows(pool)
-    return f"{info['count']} uid buckets ({min(rows):,}-{max(rows):,} rows each)"
-

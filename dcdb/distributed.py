@@ -2,20 +2,21 @@
 the tests use to check plans without a cluster).
 
 The driver plans the filter once (dcdb/plan.py), then runs phases of tasks; one task handles a
-*group* of consecutive buckets of a bucketed pool (dcdb/buckets.py) with one DuckDB connection on
-those buckets' files only. Everything a task produces goes to a work folder as Parquet with a
-completion marker written last, so a re-run after a lost worker or a killed driver redoes only the
-groups without a marker (Ray itself retries a task whose worker died):
+*group* of consecutive buckets of a bucketed pool (dcdb/buckets.py, about 4 groups per worker)
+with one DuckDB connection on those buckets' files only. Everything a task produces goes to a
+work folder as one Parquet file per bucket with a completion marker written after it, so a re-run
+after a lost worker or a killed driver -- even on a cluster of another size, with other groups --
+redoes only the buckets without a marker (Ray itself retries a task whose worker died):
 
-1. for each ``clip_cut`` fraction: every group writes its non-NULL scores (``cutI/<group>.parquet``)
-   and row counts; the driver then finds the exact value at descending index ``int(N*f)`` by radix
+1. for each ``clip_cut`` fraction: every bucket's non-NULL scores (``__dcdb_cut_I/<bucket>.parquet``)
+   and row count; the driver then finds the exact value at descending index ``int(N*f)`` by radix
    selection over the float64 sort keys: while more than a million candidates are left, a round
    narrows them by 16 bits (a 65536-bin histogram from each worker's share), then the candidates
-   themselves are fetched and sorted (one round up to ~1M scored rows, two for ~10^10); the value
-   is stored in ``cutI/value.json``;
-2. the per-bucket query with those values (and broadcast constants) bound: every group writes its
-   sorted uid list (``parts/<group>.parquet``: f0, f1) -- or, for a global top-k, its top rows
-   with their sort keys;
+   themselves are fetched and sorted (a single round below ~1M scored rows; two or three rounds
+   at 10^9 rows); the value is stored in ``__dcdb_cut_I/value.json``;
+2. the per-bucket query with those values (and broadcast constants) bound: every task writes, per
+   bucket, its sorted uid list (``parts/<bucket>.parquet``: the 16-byte records as one
+   fixed_size_binary column) -- or, for a global top-k, its top rows with their sort keys;
 3. the driver concatenates the groups' lists in bucket order (a sorted list needs no global sort),
    or merges the top-k candidates, and returns the same FilterResult as the local engine.
 
@@ -199,9 +200,11 @@ def _by_bucket(uid_arr: np.ndarray, todo: list[int], bits: int, name: str) -> di
     from dcdb.buckets import bucket_of
 
     ids = bucket_of(uid_arr, bits)
-    out = {b: np.flatnonzero(ids == b) for b in todo}
-    placed = sum(len(v) for v in out.values())
-    if placed != len(uid_arr):
+    order = np.argsort(ids, kind="stable")  # linear on the usual already-ordered output
+    starts = np.searchsorted(ids[order], todo, side="left")
+    ends = np.searchsorted(ids[order], todo, side="right")
+    out = {b: order[a:e] for b, a, e in zip(todo, starts, ends)}
+    if int((ends - starts).sum()) != len(uid_arr):
         stray = U.to_hex(uid_arr[~np.isin(ids, todo)][:1])[0]
         raise errors.PlanError(
             f"filter {name!r} returned uid {stray}, which is not the uid of a row it read (it lies in "
@@ -218,7 +221,8 @@ def _write_part(path: Path, table, info: dict[str, Any]) -> None:
     import pyarrow.parquet as pq
 
     tmp = tmp_name(path)
-    pq.write_table(table, tmp, compression="zstd", compression_level=1)
+    # uids and scores are hashes and noise: compression and statistics only cost time here
+    pq.write_table(table, tmp, compression="none", use_dictionary=False, write_statistics=False)
     os.replace(tmp, path)
     info = {**info, "bytes": path.stat().st_size}
     tmp = tmp_name(_marker(path))
@@ -335,8 +339,9 @@ def _query_task(pool_path: str, group: list[int], sql: str, params: dict[str, An
         pieces = {}
         for b, idx in _by_bucket(arr, todo, bits, name).items():
             sub = arr[idx] if counts is None else np.repeat(arr[idx], counts[idx])
-            sub = U.sort(sub)
-            pieces[b] = (pa.table({"f0": sub["f0"], "f1": sub["f1"]}), len(idx))
+            if not U.is_sorted(sub):  # a scan keeps the bucket's uid order; joins may not
+                sub = U.sort(sub)
+            pieces[b] = (pa.table({"uid": _uid_column(sub)}), len(idx))
     for b, (table, n) in pieces.items():
         info = {"bucket": b, "result_rows": n, "uids": table.num_rows, "rows": per_bucket[f"bucket-{b:05d}"],
                 "seconds": time.perf_counter() - t0}
@@ -523,19 +528,32 @@ def run_distributed(
                         seconds=time.perf_counter() - t0, result_rows=nrows)
 
 
+def _uid_column(arr: np.ndarray):
+    """A sorted uid list as one fixed_size_binary(16) column: the .npy records byte for byte."""
+    import pyarrow as pa
+
+    arr = np.ascontiguousarray(arr, dtype=U.UID_DTYPE)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(arr), [None, pa.py_buffer(arr.view(np.uint8))])
+
+
 def _concat(paths: list[Path]) -> np.ndarray:
-    """The groups' sorted lists in bucket order; a uid outside its group's bucket range (a filter
-    that makes up uids) only costs a final sort."""
+    """The buckets' sorted lists in bucket order; a uid outside its bucket's range cannot occur
+    (tasks refuse made-up uids), but the result is checked and sorted if it ever is not."""
     import pyarrow.parquet as pq
 
-    parts = []
-    for p in paths:
+    sizes = [json.loads(_marker(p).read_text())["uids"] for p in paths]
+    arr = np.empty(sum(sizes), dtype=U.UID_DTYPE)
+    start = 0
+    for p, n in zip(paths, sizes):
+        if not n:
+            continue
         t = pq.read_table(p)
-        a = np.empty(t.num_rows, dtype=U.UID_DTYPE)
-        a["f0"] = t.column("f0").to_numpy()
-        a["f1"] = t.column("f1").to_numpy()
-        parts.append(a)
-    arr = np.concatenate(parts) if parts else U.empty()
+        if t.num_rows != n:
+            raise PoolError(f"intermediate {str(p)!r} changed while the query ran", hint="re-run it")
+        for chunk in t.column("uid").chunks:  # one copy of the 16-byte records
+            m = len(chunk)
+            arr[start : start + m] = np.frombuffer(chunk.buffers()[1], U.UID_DTYPE, count=m, offset=chunk.offset * 16)
+            start += m
     return arr if U.is_sorted(arr) else U.sort(arr)
 
 
