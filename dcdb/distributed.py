@@ -241,16 +241,18 @@ def _scores_task(pool_path: str, group: list[int], sql: str, params: dict[str, A
     if todo:
         t0 = time.perf_counter()
         view, con = _connect(pool_path, todo)
+        # the bucket of each row from its uid's first 4 hex digits (bits <= 16), in SQL: no decoding
+        keyed = f"SELECT (('0x' || substr(uid, 1, 4))::INTEGER >> {16 - bits}) AS b, score FROM ({sql})"
         try:
-            tbl = con.sql(sql, params=params).to_arrow_table()
+            tbl = con.sql(keyed, params=params).to_arrow_table()
         except duckdb.Error as exc:
             _duck_error(con, exc, "the clip_cut score scan")
         con.close()
-        uid_arr = U.from_arrow(tbl.column(0), source="pool")
+        ids = tbl.column(0).to_numpy()
         scores = tbl.column(1).cast(pa.float64()).to_numpy(zero_copy_only=False)  # NULL -> NaN
         per_bucket = {s["name"]: int(s["rows"]) for s in view.shards}
-        for b, idx in _by_bucket(uid_arr, todo, bits, "clip_cut").items():
-            v = scores[idx]
+        for b in todo:
+            v = scores[ids == b]
             v = v[~np.isnan(v)]
             info = {"bucket": b, "rows": per_bucket[f"bucket-{b:05d}"], "scored": len(v),
                     "seconds": time.perf_counter() - t0}
