@@ -34,8 +34,8 @@ FILTERS = [
     ("clip_score l14 fraction 0.3", "clip_score", {"arch": "l14", "fraction": "0.3"}),
     ("clip_score b32 threshold 0.25", "clip_score", {"arch": "b32", "threshold": "0.25"}),
     ("image size (basic_filter's size part)", None,
-     "SELECT uid FROM pool WHERE original_width >= 200 AND original_height >= 200 AND "
-     "greatest(original_width, original_height) / least(original_width, original_height) <= 3.0"),
+     ("SELECT uid FROM pool WHERE original_width >= 200 AND original_height >= 200 AND "
+      "greatest(original_width, original_height) / least(original_width, original_height) <= 3.0")),
 ]
 
 
