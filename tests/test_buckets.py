@@ -148,6 +148,40 @@ def test_ingest_buckets_checks(world, tmp_path, small_src):
     assert res.exit_code == 2 and "power of two" in res.output
 
 
+def test_interrupted_bucketed_ingest_resumes(small_src, tmp_path, monkeypatch):
+    from dcdb import buckets
+    from dcdb.ingest import ingest
+
+    real_merge, real_split = buckets._merge_bucket, buckets._split_shard
+    calls = {"split": 0}
+
+    def failing_merge(task):
+        if task.bucket == 2:
+            raise KeyboardInterrupt  # the process dies while writing bucket 2
+        return real_merge(task)
+
+    def counting_split(task):
+        calls["split"] += 1
+        return real_split(task)
+
+    monkeypatch.setattr(buckets, "_merge_bucket", failing_merge)
+    monkeypatch.setattr(buckets, "_split_shard", counting_split)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(small_src, tmp_path / "b", jobs=1, buckets=4)
+    with pytest.raises(PoolError, match="incomplete"):
+        open_pool(tmp_path / "b")
+    assert calls["split"] == 3
+    monkeypatch.setattr(buckets, "_merge_bucket", real_merge)
+    rep = ingest(small_src, tmp_path / "b", jobs=1, buckets=4)
+    assert calls["split"] == 3  # the split shards were kept; only the buckets were finished
+    assert rep.rows == 200 and not (tmp_path / "b" / ".ingest").exists()
+    ingest(small_src, tmp_path / "fresh", jobs=1, buckets=4)
+    for name in ("no_filter", "clip_score"):
+        params = {"arch": "l14", "fraction": "0.5"} if name == "clip_score" else {}
+        a = run_filter(open_pool(tmp_path / "b"), load_filter(name), params).uids
+        assert np.array_equal(a, run_filter(open_pool(tmp_path / "fresh"), load_filter(name), params).uids)
+
+
 # --------------------------------------------------------------------- identical everywhere
 
 
