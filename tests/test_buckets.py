@@ -114,6 +114,8 @@ def test_bucketed_layout(world):
                                                                                    columns=["uid"]).column(0))))
     import dcdb
 
+    res = CliRunner().invoke(cli, ["info", "--pool", str(world["bucketed"])])
+    assert res.exit_code == 0 and "800 in 8 uid bucket(s)" in res.output, res.output
     q = "SELECT uid, text, l14_img[1] AS v, b32_txt[7] AS w, lang FROM pool ORDER BY ALL"
     assert dcdb.connect(plain).sql(q).fetchall() == dcdb.connect(pool).sql(q).fetchall()
 
