@@ -255,7 +255,7 @@ def _read_filter(ref: str):
               "(bucketed pools; RAY_ADDRESS or a local cluster). Same output.")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=str), default=None,
               help="--engine ray: folder for intermediates and completion markers, on storage every node "
-              "sees (default: OUTPUT.dcdb-work); a re-run reuses finished tasks.")
+              "sees (default: OUTPUT.dcdb-work); a re-run reuses finished buckets.")
 def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, reshard_out, force, engine, work_dir):
     """Run a filter and write its uid list (DataComp .npy: sorted u8,u8 pairs).
 
