@@ -49,6 +49,7 @@ from dcdb.store import Pool
 
 ENGINES = ("local", "ray")
 TASKS_PER_WORKER = 4  # bucket groups per worker: balance and cheap retries vs. per-task start-up
+MAX_TASK_ROWS = 8_000_000  # pool rows per task at most (~130 MB of uids if every row is kept)
 RADIX_BITS = 16
 COLLECT_LIMIT = 1 << 20  # fetch the remaining candidate scores once at most this many are left
 FAULT_ENV = "DCDB_FAULT_INJECT"  # test hook: "<marker file>": the first query task's worker dies once
@@ -387,6 +388,8 @@ def groups_of(pool: Pool, workers: int, per_task: int | None = None) -> list[lis
     (other groups) still reuses every finished bucket."""
     n = len(pool.manifest["shards"])
     per = per_task or max(1, -(-n // (TASKS_PER_WORKER * max(1, workers))))
+    if per_task is None:  # a task holds its buckets' result in memory: bound its rows
+        per = min(per, max(1, MAX_TASK_ROWS * n // max(1, pool.rows)))
     return [list(range(i, min(i + per, n))) for i in range(0, n, per)]
 
 
