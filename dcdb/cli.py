@@ -301,7 +301,7 @@ def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, reshard_
         from dcdb.reshard import reshard
 
         rep = reshard(res.uids, reshard_out, pool=p, jobs=os.cpu_count() or 1, overwrite=force,
-                      progress=not c.quiet, subset_label=f"dcdb query {filt.name}")
+                      progress=not c.quiet, subset_label=f"dcdb query {filt.name}", engine=engine)
         c.log(rep.summary())
     if not output and not save_name and not reshard_out:
         from dcdb import uids as U
