@@ -86,8 +86,14 @@ class RayBackend:
             raise UsageError("--engine ray needs Ray", hint="pip install 'dcdb[ray]'") from exc
         if not ray.is_initialized():
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
+            address = os.environ.get("RAY_ADDRESS") or None
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            except (ConnectionError, RuntimeError, TimeoutError) as exc:
+                raise UsageError(
+                    f"cannot start or reach a Ray cluster{f' at {address}' if address else ''}: {exc}",
+                    hint="start one with `ray start --head`, point RAY_ADDRESS at it, or use --engine local",
+                ) from None
         self.ray = ray
         self.max_retries = max_retries
         self.workers = int(ray.cluster_resources().get("CPU", 1))
