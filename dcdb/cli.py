@@ -158,7 +158,9 @@ def synth_pool_cmd(c: Ctx, out, rows, shards, seed, dtype, no_embeddings, force)
     metavar="DOWNLOAD/shards",
     help="Also index these img2dataset shards (uid -> tar, byte range) for `dcdb reshard --pool`.",
 )
-def ingest_cmd(c: Ctx, src, pool, jobs, shards_dir):
+@click.option("--buckets", type=int, default=None, metavar="N",
+              help="Lay the pool out in N uid buckets (a power of two), each sorted by uid (for --engine ray).")
+def ingest_cmd(c: Ctx, src, pool, jobs, shards_dir, buckets):
     """Ingest a DataComp metadata folder SRC (parquet + same-stem .npz) into the pool store POOL.
 
     Streams shard by shard; a re-run after an interruption resumes where it stopped.
@@ -170,7 +172,7 @@ def ingest_cmd(c: Ctx, src, pool, jobs, shards_dir):
         from dcdb.shardindex import list_tars
 
         list_tars(shards_dir)  # refuse a folder without tars before ingesting
-    report = ingest(src, pool, jobs=jobs, progress=not c.quiet)
+    report = ingest(src, pool, jobs=jobs, progress=not c.quiet, buckets=buckets)
     c.log(report.summary())
     if shards_dir:
         from dcdb.shardindex import index_shards
@@ -248,7 +250,13 @@ def _read_filter(ref: str):
     help="Also write the selected samples as webdataset shards in this folder (needs the pool's shard index).",
 )
 @click.option("--force", is_flag=True, help="Replace an existing output file or stored subset.")
-def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, reshard_out, force):
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: one DuckDB on this machine; ray: one task per uid-bucket group on a Ray cluster "
+              "(bucketed pools; RAY_ADDRESS or a local cluster). Same output.")
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="--engine ray: folder for intermediates and completion markers, on storage every node "
+              "sees (default: OUTPUT.dcdb-work); a re-run reuses finished buckets.")
+def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, reshard_out, force, engine, work_dir):
     """Run a filter and write its uid list (DataComp .npy: sorted u8,u8 pairs).
 
     FILE is a .sql file, NAME a filter shipped in sql/ (see `dcdb filters`), - reads stdin.
@@ -277,7 +285,13 @@ def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, reshard_
 
         raise OutputError(f"subset {save_name!r} already exists in the pool", hint="pass --force to replace it")
     filt = _read_filter(filter_ref)
-    res = run_filter(p, filt, given)
+    if engine == "local":
+        res = run_filter(p, filt, given)
+    else:
+        from dcdb.distributed import run_distributed
+
+        work_dir = work_dir or (f"{output}.dcdb-work" if output else None)
+        res = run_distributed(p, filt, given, engine=engine, work_dir=work_dir, progress=not c.quiet, log=c.log)
     if output:
         write_uids(output, res.uids, fmt)
         write_manifest(manifest_path(output), res.manifest(output=output, fmt=fmt))
@@ -287,7 +301,7 @@ def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, reshard_
         from dcdb.reshard import reshard
 
         rep = reshard(res.uids, reshard_out, pool=p, jobs=os.cpu_count() or 1, overwrite=force,
-                      progress=not c.quiet, subset_label=f"dcdb query {filt.name}")
+                      progress=not c.quiet, subset_label=f"dcdb query {filt.name}", engine=engine)
         c.log(rep.summary())
     if not output and not save_name and not reshard_out:
         from dcdb import uids as U

@@ -65,8 +65,10 @@ def index_shards_cmd(c: Ctx, shards_dir, pool, jobs):
 @click.option(
     "--strict", is_flag=True, help="Fail on a corrupt input sample instead of skipping and counting it."
 )
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: one Ray task per output tar (RAY_ADDRESS or a local cluster; OUT on shared storage).")
 def reshard_cmd(
-    c: Ctx, pool, shards_dir, subset, out, shard_size, jobs, blur, shuffle_seed, overwrite, strict
+    c: Ctx, pool, shards_dir, subset, out, shard_size, jobs, blur, shuffle_seed, overwrite, strict, engine
 ):
     """Write the samples of a uid list as webdataset shards in DataComp's layout.
 
@@ -96,5 +98,6 @@ def reshard_cmd(
         overwrite=overwrite,
         strict=strict,
         progress=not c.quiet,
+        engine=engine,
     )
     c.log(report.summary())

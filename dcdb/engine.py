@@ -66,17 +66,22 @@ def _embedding_scan_class():
         float32). Rows come in Lance fragment order, which is the pool's row order.
         """
 
-        def __init__(self, lance_dataset, column: str, dim: int, rows: int | None = None):
+        def __init__(self, lance_dataset, column: str, dim: int, rows: int | None = None, fragment_ids=None):
             # ``lance_dataset``: an open Lance dataset, or its path, opened (importing lance, ~0.5 s)
             # only when a scan first reads vectors: metadata queries on a pool never import it.
+            # ``fragment_ids``: a bucket view (dcdb.buckets.bucket_view) scans only these fragments.
             self._lance = None if isinstance(lance_dataset, (str, os.PathLike)) else lance_dataset
             self._path = None if self._lance is not None else str(lance_dataset)
-            self._rows = int(rows) if rows is not None else self._lance.count_rows()
+            self._fragment_ids = None if fragment_ids is None else list(fragment_ids)
+            self._fragments = None
             self._column = column
             self._dim = int(dim)
             self._schema = pa.schema(
                 [(POS_COLUMN, pa.null()), (column, pa.list_(pa.float32(), self._dim))]
             )
+            if rows is None:
+                rows = sum(f.count_rows() for f in self._open_fragments())
+            self._rows = int(rows)
             self.vector_bytes_read = 0  # what scans of this space have read from Lance so far
             self.error = None  # the PoolError a scan raised (DuckDB wraps it; see scan_error)
 
@@ -93,17 +98,39 @@ def _embedding_scan_class():
                 import lance
 
                 try:
-                    lds = lance.dataset(self._path)
-                    n = lds.count_rows()
+                    self._lance = lance.dataset(self._path)
                 except Exception as exc:
                     self.error = PoolError(f"embedding table {self._path!r} cannot be opened: {exc}",
                                            hint="re-ingest the pool")
                     raise self.error from exc
+                n = sum(f.count_rows() for f in self._open_fragments()) if self._fragment_ids is not None \
+                    else self._lance.count_rows()
                 if n != self._rows:
+                    self._lance = None
                     self.error = PoolError(f"embedding table {self._path!r} has {n} rows, the pool {self._rows}",
                                            hint="the pool is damaged or was changed by hand; re-ingest it")
                     raise self.error
-                self._lance = lds
+            return self._lance
+
+        def _open_fragments(self):
+            """The bucket view's Lance fragments (None: the whole table)."""
+            if self._fragment_ids is None:
+                return None
+            if self._fragments is None:
+                by_id = {f.fragment_id: f for f in self.lance_dataset_unchecked().get_fragments()}
+                missing = [i for i in self._fragment_ids if i not in by_id]
+                if missing:
+                    self.error = PoolError(f"embedding table {self._path!r} lacks fragment {missing[0]} of a bucket",
+                                           hint="re-ingest the pool")
+                    raise self.error
+                self._fragments = [by_id[i] for i in self._fragment_ids]
+            return self._fragments
+
+        def lance_dataset_unchecked(self):
+            if self._lance is None:
+                import lance
+
+                self._lance = lance.dataset(self._path)
             return self._lance
 
         def scanner(self, columns=None, filter=None, batch_size=None, use_threads=True, **_kw):
@@ -122,7 +149,12 @@ def _embedding_scan_class():
                     m = min(BATCH_ROWS, self._rows - start)
                     yield pa.RecordBatch.from_arrays([pa.nulls(m)] * len(columns), schema=schema)
                 return
-            for batch in self.lance_dataset().to_batches(columns=[self._column], batch_size=BATCH_ROWS):
+            lds = self.lance_dataset()
+            frags = self._open_fragments()
+            if frags is not None and not frags:
+                return
+            scanner = lds.scanner(columns=[self._column], batch_size=BATCH_ROWS, fragments=frags, scan_in_order=True)
+            for batch in scanner.to_batches():
                 vec = batch.column(0)
                 self.vector_bytes_read += vec.nbytes
                 flat = vec.flatten()
@@ -174,13 +206,13 @@ def scan_error(con) -> Exception | None:
     return None
 
 
-def embedding_scan(lance_dataset, column: str, dim: int, rows: int | None = None):
+def embedding_scan(lance_dataset, column: str, dim: int, rows: int | None = None, fragment_ids=None):
     """An EmbeddingScan over a Lance dataset or (opened lazily) its path; ``rows`` is required
-    with a path."""
+    with a path; ``fragment_ids`` restricts it to a bucket view's fragments."""
     global _SCAN_CLASS
     if _SCAN_CLASS is None:
         _SCAN_CLASS = _embedding_scan_class()
-    return _SCAN_CLASS(lance_dataset, column, dim, rows)
+    return _SCAN_CLASS(lance_dataset, column, dim, rows, fragment_ids)
 
 
 def _projection(con, source: str, alias: str, skip: set[str] = frozenset()) -> list[tuple[str, str]]:
@@ -266,8 +298,10 @@ def connect(pool: Pool | str | Path | None = None, *, threads: int | None = None
         if not path.is_dir():
             raise PoolError(f"pool {str(pool.path)!r} is damaged: embedding table {str(path)!r} is missing",
                             hint="re-ingest the pool")
+        view_of = pool.manifest.get("_view")  # a bucket view: only its buckets' fragments
+        fragment_ids = view_of["fragment_ids"] if view_of else None
         view = f"_dcdb_emb_{space}"
-        scan = embedding_scan(path, space, spec["dim"], pool.rows)
+        scan = embedding_scan(path, space, spec["dim"], pool.rows, fragment_ids)
         _SCANS.setdefault(con, []).append(scan)
         con.register(view, scan)
         alias = f"e{i}"
@@ -284,11 +318,15 @@ def connect(pool: Pool | str | Path | None = None, *, threads: int | None = None
     meta_cols = _projection(con, meta, "m", skip=set(derived_cols) | {n for n, _ in emb_cols})
     select = ", ".join([e for _, e in meta_cols] + list(derived_cols.values()) + [e for _, e in emb_cols])
     con.execute(f"CREATE VIEW pool AS SELECT {select} FROM {meta} AS m {' '.join(joins)}")
+    from dcdb.buckets import uid_range_predicate
+
+    in_view = uid_range_predicate(pool)  # a bucket view sees the subset uids of its buckets only
     for name, path in stored_subsets(pool).items():
         if name in RESERVED_VIEWS:
             continue
         con.execute(
             f"CREATE VIEW {quote_identifier(name)} AS SELECT uid FROM read_parquet({sql_string(str(path.resolve()))})"
+            + (f" WHERE {in_view}" if in_view else "")
         )
     from dcdb.shardindex import view_sql as shard_index_view
 

@@ -89,3 +89,8 @@ class AssetError(UsageError):
     """An external asset a filter needs (centroids, ImageNet embeddings, WordNet ids, WordNet itself,
     a language-id model) is missing, unreadable or of the wrong shape/dtype; the message names the
     parameter that gave it."""
+
+
+class PlanError(QueryError):
+    """A filter cannot be split into uid buckets (``--engine ray``): the message names the construct
+    that needs the whole pool at once."""

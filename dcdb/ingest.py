@@ -143,6 +143,10 @@ class Plan:
     shards: list[ShardSource]
     schema: pa.Schema
     spaces: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Bucketed ingest (dcdb/buckets.py): shards are the uid buckets staged from SRC; the
+    # fingerprint and manifest stay those of SRC, and the manifest records the bucketing.
+    source_fingerprint: str | None = None
+    buckets: dict[str, Any] | None = None
 
     @property
     def rows(self) -> int:
@@ -151,6 +155,8 @@ class Plan:
     @property
     def fingerprint(self) -> str:
         """sha256 of every source file's name, size and mtime: changes when SRC changes."""
+        if self.source_fingerprint is not None:
+            return self.source_fingerprint
         items = [[s.name, s.signature] for s in self.shards]
         return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
 
@@ -847,7 +853,7 @@ def _manifest(pool: Path, plan: Plan, entries: list[dict[str, Any]], duplicates:
         "duplicate_uids": duplicates,
         "metadata_compression": f"{METADATA_COMPRESSION}-{METADATA_COMPRESSION_LEVEL}",
         "bytes": dir_size(pool / METADATA_DIR) + dir_size(pool / EMBEDDINGS_DIR),
-    }
+    } | ({"buckets": plan.buckets} if plan.buckets else {})
 
 
 def _commit(pool: Path, plan: Plan, entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -866,22 +872,35 @@ def _commit(pool: Path, plan: Plan, entries: list[dict[str, Any]]) -> dict[str, 
 
 
 def ingest(
-    src: str | os.PathLike, pool: str | os.PathLike, *, jobs: int = 2, progress: bool = False
+    src: str | os.PathLike,
+    pool: str | os.PathLike,
+    *,
+    jobs: int = 2,
+    progress: bool = False,
+    buckets: int | None = None,
 ) -> IngestReport:
     """Ingest the DataComp metadata folder ``src`` into the pool store ``pool``.
 
     ``jobs`` worker processes handle one shard each at a time (``jobs=1`` runs in this process).
-    Resumable: re-run after an interruption to finish. Raises SourceError for bad input,
+    ``buckets`` (a power of two) lays the pool out by the top bits of the uid, each bucket sorted
+    by uid (see dcdb/buckets.py). Resumable: re-run after an interruption to finish. Raises SourceError for bad input,
     OutputError when POOL is a non-pool folder, PoolError when POOL is a complete pool of
     another source.
     """
     if jobs < 1:
         raise UsageError(f"jobs must be at least 1, got {jobs}")
+    if buckets is not None:
+        from dcdb.buckets import bucket_bits
+
+        bucket_bits(buckets)  # refuse a bad count before reading anything
     t0 = time.perf_counter()
     plan = plan_source(src)
     pool = Path(pool).expanduser().resolve()
     complete = _prepare_pool(pool, plan)
     if complete is not None:
+        from dcdb.buckets import check_same_buckets
+
+        check_same_buckets(pool, complete, buckets)
         shutil.rmtree(_staging(pool), ignore_errors=True)  # left if killed right after the manifest
         return IngestReport(
             pool=str(pool),
@@ -894,6 +913,11 @@ def ingest(
             skipped_shards=len(complete["shards"]),
             already_complete=True,
         )
+    bytes_read = sum(s.source_bytes for s in plan.shards)
+    if buckets is not None:
+        from dcdb.buckets import repartition
+
+        plan = repartition(plan, pool, buckets, jobs=jobs, progress=progress)
     done = _done_entries(pool, plan)
     todo = [s for s in plan.shards if s.name not in done]
     tasks = _tasks(pool, plan, todo)
@@ -915,7 +939,7 @@ def ingest(
         shards=len(plan.shards),
         spaces=list(plan.spaces),
         seconds=time.perf_counter() - t0,
-        bytes_read=sum(s.source_bytes for s in todo),
+        bytes_read=bytes_read if buckets is not None else sum(s.source_bytes for s in todo),
         duplicate_uids=manifest["duplicate_uids"],
         skipped_shards=len(done),
         rows_ingested=rows_todo,

@@ -998,6 +998,7 @@ def reshard(
     overwrite: bool = False,
     strict: bool = False,
     progress: bool = False,
+    engine: str = "local",
     max_shard_bytes: int = MAX_SHARD_BYTES,
     subset_label: str | None = None,
     warn: Log = _stderr,
@@ -1031,7 +1032,7 @@ def reshard(
     if not todo and state.get("complete") and (st.path / "meta.json").is_file():
         return _report_from_state(st.path, plan, state, sel, time.perf_counter() - t0, already=True)
     state["complete"] = False
-    _write_shards(st.path, plan, state, todo, strict, jobs, progress)
+    _write_shards(st.path, plan, state, todo, strict, jobs, progress, engine)
     resumed = len(plan.bounds) - len(todo)
     report = _report_from_state(st.path, plan, state, sel, time.perf_counter() - t0, resumed=resumed)
     args = {
@@ -1127,10 +1128,16 @@ def _todo(out: Path, plan: Plan, state: dict[str, Any]) -> list[int]:
 
 
 def _write_shards(
-    out: Path, plan: Plan, state: dict[str, Any], todo: list[int], strict: bool, jobs: int, progress: bool
+    out: Path, plan: Plan, state: dict[str, Any], todo: list[int], strict: bool, jobs: int, progress: bool,
+    engine: str = "local",
 ) -> None:
-    """Write the output tars in ``todo``; record each in the state file as it finishes."""
+    """Write the output tars in ``todo``; record each in the state file as it finishes. With
+    ``engine="ray"`` each tar is a Ray task (dcdb/distributed.py), same bytes."""
     from tqdm import tqdm
+
+    mapper = _map
+    if engine == "ray":
+        from dcdb.distributed import ray_map as mapper
 
     done = state["done"]
     for k in todo:
@@ -1142,7 +1149,7 @@ def _write_shards(
         total=total, unit="sample", unit_scale=True, desc="reshard", file=sys.stderr, disable=not progress
     ) as bar:
         tasks = (plan.task(k, out, strict) for k in todo)
-        for r in _map(_run_task, _Lazy(tasks, len(todo)), jobs):
+        for r in mapper(_run_task, _Lazy(tasks, len(todo)), jobs):
             if not r["ok"]:
                 _raise_worker_error(r, "re-run the same command: finished shards are kept")
             res = r["result"]

@@ -25,6 +25,7 @@ def pool_info(pool: Pool) -> dict[str, Any]:
         "path": str(pool.path.resolve()),
         "rows": pool.rows,
         "shards": len(pool.shards),
+        "buckets": pool.manifest.get("buckets"),
         "duplicate_uids": pool.manifest.get("duplicate_uids", 0),
         "columns": pool.columns,
         "spaces": spaces,
@@ -50,7 +51,8 @@ def human_bytes(n: float) -> str:
 def format_pool_info(info: dict[str, Any]) -> str:
     lines = [
         f"pool      {info['path']}",
-        f"rows      {info['rows']:,} in {info['shards']} shard(s)"
+        f"rows      {info['rows']:,} in "
+        + (f"{info['shards']} uid bucket(s), each sorted by uid" if info.get("buckets") else f"{info['shards']} shard(s)")
         + (f", {info['duplicate_uids']:,} duplicate uid(s)" if info["duplicate_uids"] else ""),
         (
             f"size      {human_bytes(info['bytes']['total'])} (metadata "
