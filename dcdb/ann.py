@@ -151,9 +151,11 @@ def _progress(enabled: bool):
 
 
 def _lance_index(ds, space: str) -> dict[str, Any] | None:
-    for idx in ds.list_indices():
-        if idx.get("name") == index_name(space):
-            return idx
+    """{"uuid", "rows"} of dcdb's index on ``space`` in the Lance table, or None."""
+    for idx in ds.describe_indices():
+        if idx.name == index_name(space):
+            uuids = sorted(seg.uuid for seg in idx.segments)
+            return {"uuid": ",".join(uuids), "rows": int(idx.num_rows_indexed)}
     return None
 
 
@@ -185,7 +187,7 @@ def check_fresh(pool, space: str, state: dict[str, Any]) -> None:
                         f"({rec.get('rows')} rows; the pool was re-ingested since)", hint=hint)
     ds = lance.dataset(str(pool.lance_path(space)))
     idx = _lance_index(ds, space)
-    if idx is None or (rec.get("uuid") and idx.get("uuid") != rec.get("uuid")):
+    if idx is None or idx["uuid"] != rec.get("uuid") or idx["rows"] != pool.rows:
         raise PoolError(f"the ANN index of {space!r} is stale: the embedding table no longer holds it", hint=hint)
 
 
