@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -182,7 +181,7 @@ def main() -> None:
           f"medians of {a.repeat}", flush=True)
     np_runs = [run_step("numpy", str(pool), str(seeds), a.k, outs["numpy"]) for _ in range(a.repeat)]
     ex_runs = [run_step("exact", str(pool), str(seeds), a.k, outs["exact"]) for _ in range(a.repeat)]
-    med = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
+    med = lambda runs, key: statistics.median(r[key] for r in runs)
     np_total, np_search = med(np_runs, "total_s"), med(np_runs, "search_s")
     ex_total = med(ex_runs, "total_s")
     same = recall(np.load(outs["exact"]), np.load(outs["numpy"]))

@@ -153,9 +153,9 @@ def scan_vectors(ds, space: str, dim: int, rows: np.ndarray | None = None,
         keep = np.zeros(n_total, dtype=bool)
         keep[rows] = True
     start = 0
-    for batch in ds.to_batches(columns=[space], batch_size=batch_rows, scan_in_order=True):
-        n = batch.num_rows
-        mat, valid = _to_matrix(batch.column(0), dim)
+    for col in _gathered(ds.to_batches(columns=[space], batch_size=batch_rows, scan_in_order=True), batch_rows):
+        n = len(col)
+        mat, valid = _to_matrix(col, dim)
         if keep is not None:
             valid &= keep[start : start + n]
         idx = np.arange(start, start + n, dtype=np.int64)
@@ -164,6 +164,22 @@ def scan_vectors(ds, space: str, dim: int, rows: np.ndarray | None = None,
             yield idx, mat
         elif valid.any():
             yield idx[valid], mat[valid]
+
+
+def _gathered(batches, rows: int):
+    """Lance yields small batches (about 1k rows); gather them into arrays of >= ``rows`` rows so
+    each matmul is large enough to run at BLAS speed."""
+    import pyarrow as pa
+
+    parts, n = [], 0
+    for b in batches:
+        parts.append(b.column(0))
+        n += b.num_rows
+        if n >= rows:
+            yield pa.concat_arrays(parts)
+            parts, n = [], 0
+    if parts:
+        yield pa.concat_arrays(parts)
 
 
 def exact_topk(seeds: np.ndarray, blocks, k: int, *, progress: Callable[[int], None] | None = None) -> TopK:

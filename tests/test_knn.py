@@ -13,7 +13,6 @@ from click.testing import CliRunner
 
 from dcdb import uids as U
 from dcdb.cli import cli
-from dcdb.errors import PoolError, SourceError, UsageError
 
 SPACE = "l14_img"
 
@@ -145,7 +144,7 @@ def test_seed_sources(small_pool, tmp_path):
     from dcdb.seeds import load_seeds
     from dcdb.store import open_pool
 
-    vec, uids = pool_vectors(small_pool)
+    _, uids = pool_vectors(small_pool)
     p = open_pool(small_pool)
     # parquet (FLOAT[768] column) == npy
     s = np.random.default_rng(2).standard_normal((3, 768)).astype(np.float32)
@@ -276,7 +275,7 @@ def test_cosine_dot_columns_and_constants(small_pool):
     q = np.random.default_rng(4).standard_normal(768).astype(np.float32)
     got = np.array(sql_rows(small_pool, "SELECT cosine(l14_img, l14_txt), cosine(l14_img, $q), dot(l14_img, $q) "
                             "FROM pool", q=q.tolist()))
-    cos = lambda a, b: (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)  # noqa: E731
+    cos = lambda a, b: (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
     np.testing.assert_allclose(got[:, 0], cos(vec, txt), atol=1e-5)
     np.testing.assert_allclose(got[:, 1], cos(vec, q[None]), atol=1e-5)
     np.testing.assert_allclose(got[:, 2], vec @ q, rtol=1e-4, atol=1e-4)
@@ -343,11 +342,10 @@ def test_contaminated_matches_numpy(small_pool, tmp_path):
 @pytest.fixture(scope="module")
 def l14_checkpoint(tmp_path_factory):
     """A randomly initialised dcdb-teacher-l14 (768-d, as the pool's l14 spaces) saved as a checkpoint."""
+    import open_clip
     import torch
 
     from dcdb.train.models import quiet_random_init, register_models
-
-    import open_clip
 
     register_models()
     torch.manual_seed(0)
@@ -374,7 +372,14 @@ def test_prompts_encoded_by_the_configured_model(small_pool, l14_checkpoint, tmp
     got = np.array(sql_rows(small_pool, "SELECT cosine(l14_img, clip_text('a photo of a dog', 'l14')), "
                             "clip_text('a photo of a dog', 'l14_img') FROM pool"), dtype=object)
     np.testing.assert_allclose(np.array(got[0, 1]), t, atol=1e-5)
-    np.testing.assert_allclose(got[:, 0].astype(float), vec @ t / np.linalg.norm(vec, axis=1), atol=1e-4)
+    cos = vec @ t / np.linalg.norm(vec, axis=1)
+    np.testing.assert_allclose(got[:, 0].astype(float), cos, atol=1e-4)
+    srt = np.sort(cos)
+    i = int(np.argmax(np.diff(srt[150:170]))) + 150  # a threshold between two well-separated scores
+    thr = float((srt[i] + srt[i + 1]) / 2)
+    run("query", "text_prompt", "--pool", small_pool, "-p", "prompt", "a photo of a dog", "-p", "threshold", thr,
+        "-o", tmp_path / "dog.npy")
+    assert set(U.to_hex(U.load(tmp_path / "dog.npy"))) == set(uids[cos >= thr])
     # text and image seeds for dcdb knn == the same vectors given as .npy
     Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.png")
     im = enc.images([Image.open(tmp_path / "red.png").convert("RGB")])[0]
@@ -389,7 +394,7 @@ def test_prompts_encoded_by_the_configured_model(small_pool, l14_checkpoint, tmp
     ims = [Image.new("RGB", (32, 32), (i * 60, 255 - i * 60, 90)) for i in range(4)]
     write_task(tmp_path / "eval" / "colours", [(m, "a colour") for m in ims[:3]], image_format="png")
     write_task(tmp_path / "eval" / "more", [(ims[3], "another")], image_format="png")
-    ev = enc.images([Image.open(p).convert("RGB") for p in [tmp_path / "red.png"]][:0] + ims)
+    ev = enc.images(ims)
     ev = ev / np.linalg.norm(ev, axis=1, keepdims=True)
     best = (vec / np.linalg.norm(vec, axis=1, keepdims=True) @ ev.T).max(axis=1)
     t = float(np.quantile(best, 0.7))
