@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from dcdb import uids as U
 from dcdb.cli import cli
+from dcdb.errors import SourceError, UsageError
 
 SPACE = "l14_img"
 
@@ -400,3 +401,44 @@ def test_prompts_encoded_by_the_configured_model(small_pool, l14_checkpoint, tmp
     t = float(np.quantile(best, 0.7))
     got = [r[0] for r in sql_rows(small_pool, f"SELECT contaminated(l14_img, '{tmp_path / 'eval'}', {t}) FROM pool")]
     assert got == list(best >= np.float32(t)) and 0 < sum(got) < len(got)
+
+
+def test_checkpoint_from_demo_world_or_encoder_command(make_src, tmp_path):
+    """A pool ingested from WORLD/metadata finds the world's teacher; `dcdb encoder` overrides it."""
+    from dcdb.ingest import ingest
+    from dcdb.seeds import checkpoint_for
+    from dcdb.store import open_pool
+
+    world = tmp_path / "world"
+    world.mkdir()
+    shutil.move(str(make_src(rows=20, shards=1, name="metadata")), world / "metadata")
+    ckpt = world / "teacher" / "l14" / "checkpoints" / "epoch_latest.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"weights")
+    (world / "world.json").write_text(json.dumps(
+        {"embeddings": {"l14": {"checkpoint": "teacher/l14/checkpoints/epoch_latest.pt"}}}))
+    ingest(world / "metadata", tmp_path / "pool", jobs=1)
+    p = open_pool(tmp_path / "pool")
+    assert checkpoint_for(p, "l14_img") == ckpt and checkpoint_for(p, "l14_txt") == ckpt
+    with pytest.raises(UsageError, match="dcdb encoder --pool"):
+        checkpoint_for(p, "b32_img")
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"w")
+    res = run("encoder", "--pool", tmp_path / "pool", "--space", "b32", "--checkpoint", other)
+    assert res.stdout.strip() == str(other.resolve())
+    assert checkpoint_for(p, "b32_txt") == other.resolve()
+    res = run("encoder", "--pool", tmp_path / "pool", "--space", "h14", "--checkpoint", other, ok=False)
+    assert res.exit_code == 1 and "no embedding space of model 'h14'" in res.output
+
+
+def test_seed_validation_messages():
+    from dcdb.seeds import check_vectors
+
+    with pytest.raises(SourceError, match="dim 3, the space has dim 4"):
+        check_vectors(np.ones((2, 3)), 4, "x")
+    with pytest.raises(SourceError, match="first row 2"):
+        check_vectors(np.array([[1.0, 0], [0, 1], [np.inf, 0]]), 2, "x")
+    with pytest.raises(SourceError, match="no seed vectors"):
+        check_vectors(np.ones((0, 2)), 2, "x")
+    out = check_vectors(np.array([3.0, 4.0]), 2, "x")
+    np.testing.assert_allclose(out, [[0.6, 0.8]])
