@@ -221,7 +221,7 @@ def _ann_query(ds, space: str, seeds: np.ndarray, k: int, fetch: int, nprobes: i
         tbl = ds.to_table(
             nearest={"column": space, "q": q if len(q) > 1 else q[0], "k": fetch, "nprobes": int(nprobes),
                      "refine_factor": int(refine) if refine else None, "metric": "cosine",
-                     **({"ef": int(max(ef, fetch))} if ef else {})},
+                     **({"ef": int(max(ef, fetch * max(1, refine)))} if ef else {})},
             columns=["_distance"], with_row_id=True,
         )
         qi = (tbl.column("query_index").to_numpy() if "query_index" in tbl.column_names

@@ -214,6 +214,10 @@ def test_ann_index_recall_and_staleness(small_pool, seeds_npy, tmp_path):
         assert man["recall_at_k"] == pytest.approx(true_recall) and man["recall_at_k"] >= 1.0
     else:
         assert "below --min-recall" in man["details"]["why_exact"] and true_recall == 1.0
+    # HNSW's ef is raised to cover refine_factor x k (Lance refuses ef < k)
+    run("knn", "--pool", small_pool, "--space", SPACE, "--seeds", path, "-k", 12, "-o", out, "--force",
+        "--refine-factor", 8)
+    assert json.loads((tmp_path / "near.npy.json").read_text())["mode"] == "ann"
     # a selective --where takes the exact path over the passing rows
     run("knn", "--pool", small_pool, "--space", SPACE, "--seeds", path, "-k", 2, "-o", out, "--force",
         "--where", "original_width < 100")
