@@ -218,6 +218,20 @@ def test_ann_index_recall_and_staleness(small_pool, seeds_npy, tmp_path):
     run("knn", "--pool", small_pool, "--space", SPACE, "--seeds", path, "-k", 12, "-o", out, "--force",
         "--refine-factor", 8)
     assert json.loads((tmp_path / "near.npy.json").read_text())["mode"] == "ann"
+    # a non-selective --where on the ANN path: still a pre-filter (over-fetch, then drop failing rows)
+    widths = np.concatenate([pq.read_table(f).column("original_width").to_numpy()
+                             for f in sorted((small_pool / "metadata").glob("*.parquet"))])
+    passing = set(np.flatnonzero(widths >= 250))
+    assert 0.05 * 200 < len(passing) < 200
+    run("knn", "--pool", small_pool, "--space", SPACE, "--seeds", path, "-k", 3, "-o", out, "--force",
+        "--pairs", tmp_path / "pw.parquet", "--where", "original_width >= 250", "--recall-sample", 7)
+    man = json.loads((tmp_path / "near.npy.json").read_text())
+    got = pq.read_table(tmp_path / "pw.parquet").column("row").to_numpy()
+    assert man["mode"] == "ann" and man["details"]["fetch"] > 3 and set(got) <= passing
+    ref_rows, _ = brute(vec, s, 3, np.array(sorted(passing)))
+    assert len(got) == 21  # every seed found 3 passing rows
+    want = np.mean([len(set(a) & set(b)) / 3 for a, b in zip(got.reshape(7, 3), ref_rows, strict=True)])
+    assert man["recall_at_k"] == pytest.approx(want)  # the 7 sampled seeds are all the seeds
     # a selective --where takes the exact path over the passing rows
     run("knn", "--pool", small_pool, "--space", SPACE, "--seeds", path, "-k", 2, "-o", out, "--force",
         "--where", "original_width < 100")
