@@ -21,6 +21,9 @@ def run_sql(pool, sql: str, given: dict[str, str], *, fmt: str = "table", output
     used = check_statement(con, sql_stripped[7:] if explain else sql_stripped, "sql")
     params = bind_parameters(FilterFile(name="sql", text=sql), used, given)
     try:
+        from dcdb.filters.vectors import rewrite_sql  # knn(space, (SELECT emb ...), k): every seed row
+
+        sql_stripped = rewrite_sql(con, sql_stripped)
         if explain:
             rows = con.execute(sql_stripped, params or None).fetchall()
             return "\n".join(str(r[-1]) for r in rows)

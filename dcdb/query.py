@@ -321,7 +321,9 @@ def run_filter(pool: Pool, filt: FilterFile, given: dict[str, str] | None = None
     used = check_statement(con, filt.text, filt.name)
     params = bind_parameters(filt, used, dict(given or {}))
     try:
-        reader = con.sql(filt.text, params=params or None).to_arrow_reader(1 << 20)
+        from dcdb.filters.vectors import rewrite_sql  # knn(space, (SELECT emb ...), k): every seed row
+
+        reader = con.sql(rewrite_sql(con, filt.text), params=params or None).to_arrow_reader(1 << 20)
         parts, copies_parts, nrows = _collect(reader, filt.name)
     except duckdb.Error as exc:
         _reraise(con, filt, pool, exc)

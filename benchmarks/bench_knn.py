@@ -1,0 +1,207 @@
+"""kNN speed: dcdb's exact path and ANN index against numpy brute force over the same vectors.
+
+    python benchmarks/bench_knn.py --dir /work/bench-knn --rows 1000000 --seeds 10000 -k 10
+
+Makes (once) a synthetic pool of ``--rows`` rows with ``dcdb synth pool`` + ``dcdb ingest`` under
+``--dir`` (768-d float16 ``l14_img`` as in DataComp), then, each step in its own process so that
+its peak RSS is its own:
+
+* ``numpy``: the baseline. Every vector loaded from the Lance table into one float32 matrix (load
+  timed separately), normalised, then per chunk of 256 seeds one matmul + ``argpartition`` +
+  sort of the top k. Needs the whole pool in RAM (rows x 768 x 4 bytes).
+* ``exact``: ``dcdb.knn.exact_search`` (streaming, bounded memory), the same seeds.
+* ``index``: ``dcdb.ann.build_index`` (``--kind``, ``--partitions``) build time.
+* ``ann``: ``dcdb.knn.search`` through the index with recall@k measured on 64 seeds, plus the
+  recall against the full exact result.
+
+Seeds (``--seed-kind``): ``near`` = random pool rows plus Gaussian noise (cosine ~0.8 to their
+row: what kNN subset building looks for), ``random`` = random unit vectors (no structure at all;
+the worst case for an ANN index). Prints times, ratios against numpy, peak RSS. The machine has 2
+shared cores: numbers are noisy, medians of ``--repeat`` runs are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SPACE = "l14_img"
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_pool(d: Path, rows: int) -> Path:
+    pool = d / f"pool-{rows}"
+    if (pool / "dcdb.json").is_file():
+        return pool
+    src = d / f"src-{rows}"
+    shards = max(1, rows // 62_500)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "dcdb", "-q", "synth", "pool", str(src), "--rows", str(rows),
+                    "--shards", str(shards), "--force"], check=True)
+    subprocess.run([sys.executable, "-m", "dcdb", "-q", "ingest", str(src), str(pool)], check=True)
+    print(f"made pool {pool} ({rows:,} rows) in {time.perf_counter() - t0:.0f}s", flush=True)
+    return pool
+
+
+def make_seeds(pool: Path, n: int, kind: str, seed: int = 0) -> Path:
+    from dcdb.seeds import vectors_of_rows
+    from dcdb.store import open_pool
+
+    out = pool.parent / f"seeds-{pool.name}-{kind}-{n}.npy"
+    if out.is_file():
+        return out
+    rng = np.random.default_rng(seed)
+    p = open_pool(pool)
+    dim = int(p.spaces[SPACE]["dim"])
+    if kind == "random":
+        s = rng.standard_normal((n, dim)).astype(np.float32)
+    else:
+        rows = np.sort(rng.choice(p.rows, size=n, replace=False))
+        base = vectors_of_rows(p, SPACE, rows)
+        base /= np.linalg.norm(base, axis=1, keepdims=True)
+        s = base + rng.standard_normal(base.shape).astype(np.float32) * (0.75 / np.sqrt(dim))
+    np.save(out, s / np.linalg.norm(s, axis=1, keepdims=True))
+    return out
+
+
+# ----------------------------------------------------------------------------- the steps
+
+
+def step_numpy(pool: str, seeds: str, k: int, out: str) -> dict:
+    import lance
+
+    t0 = time.perf_counter()
+    ds = lance.dataset(str(Path(pool) / "embeddings" / f"{SPACE}.lance"))
+    parts = []
+    for b in ds.to_batches(columns=[SPACE], batch_size=1 << 16, scan_in_order=True):
+        col = b.column(0)
+        parts.append(col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1).astype(np.float32))
+    p = np.concatenate(parts)
+    del parts
+    p /= np.linalg.norm(p, axis=1, keepdims=True)
+    load = time.perf_counter() - t0
+    s = np.load(seeds).astype(np.float32)
+    t1 = time.perf_counter()
+    rows = np.empty((len(s), k), dtype=np.int64)
+    for i in range(0, len(s), 256):
+        sims = s[i : i + 256] @ p.T
+        idx = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        top = np.take_along_axis(sims, idx, axis=1)
+        order = np.argsort(-top, axis=1, kind="stable")
+        rows[i : i + 256] = np.take_along_axis(idx, order, axis=1)
+    compute = time.perf_counter() - t1
+    np.save(out, rows)
+    return {"load_s": load, "search_s": compute, "total_s": load + compute, "rss_mb": _rss_mb()}
+
+
+def step_exact(pool: str, seeds: str, k: int, out: str) -> dict:
+    from dcdb.knn import exact_search
+    from dcdb.store import open_pool
+
+    s = np.load(seeds).astype(np.float32)
+    t0 = time.perf_counter()
+    res = exact_search(open_pool(pool), SPACE, s, k)
+    total = time.perf_counter() - t0
+    np.save(out, res.rows)
+    return {"total_s": total, "rss_mb": _rss_mb()}
+
+
+def step_index(pool: str, kind: str, partitions: int | None) -> dict:
+    from dcdb.ann import build_index
+    from dcdb.store import open_pool
+
+    t0 = time.perf_counter()
+    rec = build_index(open_pool(pool), SPACE, kind=kind, partitions=partitions, force=True)
+    return {"build_s": time.perf_counter() - t0, "rss_mb": _rss_mb(), "params": rec["params"]}
+
+
+def step_ann(pool: str, seeds: str, k: int, out: str, min_recall: float | None) -> dict:
+    from dcdb.knn import search
+    from dcdb.store import open_pool
+
+    s = np.load(seeds).astype(np.float32)
+    t0 = time.perf_counter()
+    res = search(open_pool(pool), SPACE, s, k, min_recall=min_recall)
+    total = time.perf_counter() - t0
+    np.save(out, res.rows)
+    return {"total_s": total, "ann_s": res.details.get("ann_seconds"), "mode": res.mode, "recall_sample": res.recall,
+            "details": res.details, "rss_mb": _rss_mb()}
+
+
+STEPS = {"numpy": step_numpy, "exact": step_exact, "index": step_index, "ann": step_ann}
+
+
+def run_step(name: str, *args) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--step", name, json.dumps(args)], check=True,
+                          capture_output=True, text=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def recall(a: np.ndarray, b: np.ndarray) -> float:
+    k = b.shape[1]
+    return float(np.mean([len(np.intersect1d(x, y)) / k for x, y in zip(a, b, strict=True)]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dir", default="/work/bench-knn")
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--seeds", type=int, default=10_000)
+    ap.add_argument("-k", type=int, default=10)
+    ap.add_argument("--seed-kind", choices=["near", "random"], default="near")
+    ap.add_argument("--kind", default="ivf_hnsw_sq")
+    ap.add_argument("--partitions", type=int, default=None)
+    ap.add_argument("--min-recall", type=float, default=None)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--skip-ann", action="store_true")
+    ap.add_argument("--step", help=argparse.SUPPRESS)
+    ap.add_argument("step_args", nargs="?", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.step:
+        print(json.dumps(STEPS[a.step](*json.loads(a.step_args)), default=str))
+        return
+    d = Path(a.dir)
+    d.mkdir(parents=True, exist_ok=True)
+    pool = make_pool(d, a.rows)
+    seeds = make_seeds(pool, a.seeds, a.seed_kind)
+    tag = f"{a.rows}-{a.seeds}-{a.k}-{a.seed_kind}"
+    outs = {n: str(d / f"rows-{n}-{tag}.npy") for n in ("numpy", "exact", "ann")}
+    print(f"pool {a.rows:,} x 768 float16, {a.seeds:,} {a.seed_kind} seeds, k={a.k}; 2 shared cores, "
+          f"medians of {a.repeat}", flush=True)
+    np_runs = [run_step("numpy", str(pool), str(seeds), a.k, outs["numpy"]) for _ in range(a.repeat)]
+    ex_runs = [run_step("exact", str(pool), str(seeds), a.k, outs["exact"]) for _ in range(a.repeat)]
+    med = lambda runs, key: statistics.median(r[key] for r in runs)
+    np_total, np_search = med(np_runs, "total_s"), med(np_runs, "search_s")
+    ex_total = med(ex_runs, "total_s")
+    same = recall(np.load(outs["exact"]), np.load(outs["numpy"]))
+    print(f"numpy brute force: {np_total:.1f}s (load {med(np_runs, 'load_s'):.1f}s + search {np_search:.1f}s), "
+          f"peak RSS {max(r['rss_mb'] for r in np_runs):,.0f} MB")
+    print(f"dcdb exact:        {ex_total:.1f}s = {ex_total / np_total:.2f}x numpy total "
+          f"({ex_total / np_search:.2f}x numpy search alone), peak RSS {max(r['rss_mb'] for r in ex_runs):,.0f} MB, "
+          f"agreement with numpy {same:.4f}", flush=True)
+    if a.skip_ann:
+        return
+    ix = run_step("index", str(pool), a.kind, a.partitions)
+    print(f"index {a.kind} {ix['params']}: build {ix['build_s']:.1f}s, peak RSS {ix['rss_mb']:,.0f} MB", flush=True)
+    ann_runs = [run_step("ann", str(pool), str(seeds), a.k, outs["ann"], a.min_recall) for _ in range(a.repeat)]
+    ann_total = med(ann_runs, "total_s")
+    true_recall = recall(np.load(outs["ann"]), np.load(outs["exact"]))
+    r0 = ann_runs[0]
+    print(f"dcdb ANN:          {ann_total:.1f}s incl. recall check (queries alone {r0['ann_s']}s), "
+          f"{ex_total / ann_total:.1f}x faster than exact, mode {r0['mode']}, recall@{a.k} "
+          f"{r0['recall_sample']} on 64 seeds, {true_recall:.4f} on all seeds; {r0['details'].get('tries')}")
+
+
+if __name__ == "__main__":
+    main()

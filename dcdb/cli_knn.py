@@ -1,0 +1,131 @@
+"""``dcdb knn``, ``dcdb index`` and ``dcdb encoder``: nearest-neighbour subsets and their set-up."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from dcdb.cli import Ctx, cli, command, pool_option
+
+space_option = click.option("--space", required=True, help="Embedding space, e.g. l14_img (see `dcdb info`).")
+
+
+@command(cli, "knn")
+@pool_option
+@space_option
+@click.option("--seeds", "seed_file", type=click.Path(dir_okay=False, path_type=str),
+              help="Seed vectors: .npy (n x d) or .parquet (a list column).")
+@click.option("--seed-column", help="Column of --seeds FILE.parquet holding the vectors.")
+@click.option("--subset", "seed_subset", metavar="NAME", help="Use the vectors of a stored subset as seeds.")
+@click.option("--text", "texts", multiple=True, metavar="PROMPT",
+              help="A text prompt, encoded by the space's model (repeatable; see `dcdb encoder`).")
+@click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False, path_type=str),
+              help="An image file, encoded by the space's model (repeatable).")
+@click.option("-k", "k", type=int, required=True, help="Neighbours per seed.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str),
+              help="Output uid file (DataComp .npy): the union of every seed's k neighbours.")
+@click.option("--pairs", type=click.Path(dir_okay=False, path_type=str),
+              help="Also write the per-seed table (seed, uid, rank, similarity, row) as Parquet.")
+@click.option("--exact", is_flag=True, help="Exact search (streaming matmul) even when an ANN index exists.")
+@click.option("--ann", "ann_only", is_flag=True, help="Require the ANN index (error when the space has none).")
+@click.option("--where", help="SQL predicate on pool columns; a PRE-filter: neighbours among the rows that pass.")
+@click.option("--min-recall", type=float, help="ANN: raise nprobes/refine until the measured recall@k reaches "
+              "this, else fall back to exact.")
+@click.option("--recall-sample", type=click.IntRange(min=0), default=64, show_default=True,
+              help="ANN: seeds re-run exactly to measure recall@k.")
+@click.option("--nprobes", type=click.IntRange(min=1), help="ANN: IVF partitions probed (default per index kind).")
+@click.option("--refine-factor", type=click.IntRange(min=0), help="ANN: re-rank refine_factor x k candidates exactly.")
+@click.option("--save", "save_name", metavar="NAME", help="Also store the subset in the pool as NAME.")
+@click.option("--force", is_flag=True, help="Replace existing outputs.")
+def knn_cmd(c: Ctx, pool, space, seed_file, seed_column, seed_subset, texts, images, k, output, pairs, exact,
+            ann_only, where, min_recall, recall_sample, nprobes, refine_factor, save_name, force):
+    """Subset of the k nearest pool rows (cosine) of each seed: the union of their uids.
+
+    Exact unless the space has an ANN index (`dcdb index`); an ANN result reports its recall@k,
+    measured by re-running --recall-sample seeds exactly. Ties: higher similarity first, then the
+    lower pool row. A manifest (mode, recall, seeds, parameters) is written beside -o as OUTPUT.json.
+    """
+    from dcdb import knn as K
+    from dcdb import uids as U
+    from dcdb.engine import check_subset_name
+    from dcdb.io import check_output
+    from dcdb.query import manifest_path, store_subset, write_manifest, write_uids
+    from dcdb.seeds import load_seeds
+    from dcdb.store import open_pool
+
+    for path in (output, pairs):
+        if path:
+            check_output(path, force=force)
+    if output:
+        check_output(manifest_path(output), force=True, what="manifest")
+    if save_name:
+        check_subset_name(save_name)
+    p = open_pool(pool)
+    npy = parquet = None
+    if seed_file:
+        if seed_file.lower().endswith(".npy"):
+            npy = seed_file
+        else:
+            parquet = seed_file
+    seeds = load_seeds(p, space, npy=npy, parquet=parquet, column=seed_column, subset=seed_subset,
+                       texts=tuple(texts), images=tuple(images))
+    res = K.search(p, space, seeds.vectors, k, exact=exact, where=where, min_recall=min_recall,
+                   recall_sample=recall_sample, nprobes=nprobes, refine_factor=refine_factor,
+                   progress=not c.quiet, ann_only=ann_only, log=c.log)
+    ds, _ = K.open_space(p, space)
+    arr = K.result_uids(ds, res)
+    manifest = K.manifest(p, space, seeds, res, arr, where=where, output=output)
+    if output:
+        write_uids(output, arr, "npy")
+        write_manifest(manifest_path(output), manifest)
+    if pairs:
+        K.write_pairs(pairs, ds, res)
+    if save_name:
+        store_subset(p, save_name, arr, manifest, force=force)
+    if not output and not save_name:
+        out = sys.stdout
+        for i in range(0, len(arr), 1 << 16):
+            out.write("".join(u + "\n" for u in U.to_hex(arr[i : i + (1 << 16)])))
+    c.log(K.summary(res, len(seeds), len(arr)))
+    if res.details.get("why_exact"):
+        c.log(f"exact path: {res.details['why_exact']}")
+
+
+@command(cli, "index")
+@pool_option
+@space_option
+@click.option("--kind", type=click.Choice(["ivf_pq", "ivf_hnsw_sq"]), default="ivf_hnsw_sq", show_default=True,
+              help="Lance index type (cosine).")
+@click.option("--partitions", type=click.IntRange(min=1), help="IVF partitions (default: by pool size and kind).")
+@click.option("--sub-vectors", type=click.IntRange(min=1), help="ivf_pq: PQ sub-vectors (default dim/16).")
+@click.option("--force", is_flag=True, help="Rebuild an existing index.")
+def index_cmd(c: Ctx, pool, space, kind, partitions, sub_vectors, force):
+    """Build a Lance ANN index on a space's embedding table, used by `dcdb knn` and knn_ann() in SQL.
+
+    The build is one Lance commit: a killed build leaves the table and any older index as they were.
+    """
+    from dcdb.ann import build_index
+    from dcdb.store import open_pool
+
+    rec = build_index(open_pool(pool), space, kind=kind, partitions=partitions, sub_vectors=sub_vectors,
+                      force=force, progress=not c.quiet)
+    params = ", ".join(f"{k}={v}" for k, v in rec["params"].items())
+    c.log(f"built {rec['kind']} index on {space} ({rec['rows']:,} rows, {params}) in {rec['build_seconds']:.1f}s")
+
+
+@command(cli, "encoder")
+@pool_option
+@click.option("--space", required=True, help="Model of the space (l14, or a space name such as l14_img).")
+@click.option("--checkpoint", type=click.Path(exists=True, path_type=str),
+              help="open_clip checkpoint (.pt) or dcdb training run folder that made the space's embeddings.")
+def encoder_cmd(c: Ctx, pool, space, checkpoint):
+    """Show or set the CLIP checkpoint that encodes text prompts and images for a space's model
+    (used by `dcdb knn --text/--image`, clip_text() and clip_image() in SQL, contaminated())."""
+    from dcdb.seeds import checkpoint_for, set_checkpoint
+    from dcdb.store import open_pool
+
+    p = open_pool(pool)
+    if checkpoint:
+        set_checkpoint(p, space, checkpoint)
+    click.echo(str(checkpoint_for(p, space)))

@@ -1,0 +1,342 @@
+"""Seed vectors for kNN and decontamination, and the CLIP model that encodes prompts for a space.
+
+Seeds come from (any mix of):
+
+* a ``.npy`` file, ``(n, d)`` (or ``(d,)`` for one seed), any float dtype;
+* a Parquet file, column ``--seed-column`` (default: the only list/array column, else one named
+  ``emb``, ``embedding``, ``vector`` or after the space);
+* a stored subset of the pool (its rows' vectors in the space);
+* text prompts and image files, encoded by the space's model (a configured checkpoint).
+
+Every seed is checked (dim equal to the space's, finite, non-zero) and L2-normalised; cosine is
+the metric everywhere.
+
+**Which model encodes a prompt** (:func:`checkpoint_for`): a space ``l14_img``/``l14_txt`` (or
+``l14``) belongs to model ``l14``. Its checkpoint is, in order: the one set with ``dcdb encoder
+--pool P --space l14 --checkpoint CKPT`` (stored in ``POOL/encoders.json``, so the pool's manifest
+and hash are untouched), or, for a pool ingested from a demo world's ``metadata/`` folder, the
+teacher checkpoint named in that world's ``world.json``. Otherwise a ``UsageError`` says how to
+configure one. torch/open_clip are imported only when a prompt or image is encoded.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dcdb.errors import PoolError, SourceError, UsageError
+
+ENCODERS_FILE = "encoders.json"
+SEED_COLUMN_NAMES = ("emb", "embedding", "embeddings", "vector", "seed")
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+def model_key(space: str) -> str:
+    """``l14_img`` -> ``l14`` (the model shared by a pool's image and text spaces)."""
+    return space.split("_", 1)[0]
+
+
+def resolve_space(pool, space: str) -> str:
+    """A pool space name, checked (``PoolError`` naming the pool's spaces)."""
+    pool.lance_path(space)
+    return space
+
+
+def check_vectors(vec: np.ndarray, dim: int, source: str) -> np.ndarray:
+    """(n, d) float32, finite, non-zero, L2-normalised; errors name the source and row."""
+    arr = np.asarray(vec)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2:
+        raise SourceError(f"{source}: seeds must be an (n, d) matrix, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise SourceError(f"{source}: seeds must be numbers, got dtype {arr.dtype}")
+    if arr.shape[0] == 0:
+        raise SourceError(f"{source}: no seed vectors", hint="give at least one seed")
+    if arr.shape[1] != dim:
+        raise SourceError(f"{source}: seeds have dim {arr.shape[1]}, the space has dim {dim}",
+                          hint="use seeds embedded by the same model as the space (e.g. 768-d for l14_img)")
+    arr = arr.astype(np.float32)
+    finite = np.isfinite(arr).all(axis=1)
+    if not finite.all():
+        i = int(np.flatnonzero(~finite)[0])
+        raise SourceError(f"{source}: {int((~finite).sum())} seed(s) contain NaN or infinity, first row {i}",
+                          hint="drop or fix those rows")
+    norms = np.linalg.norm(arr, axis=1)
+    zero = norms == 0
+    if zero.any():
+        i = int(np.flatnonzero(zero)[0])
+        raise SourceError(f"{source}: {int(zero.sum())} seed(s) are zero vectors (no direction), first row {i}",
+                          hint="drop those rows")
+    return arr / norms[:, None]
+
+
+# ---------------------------------------------------------------------------------- sources
+
+
+def load_npy(path: str | os.PathLike) -> np.ndarray:
+    p = Path(path)
+    if not p.is_file():
+        raise SourceError(f"seed file {str(p)!r} does not exist")
+    try:
+        return np.load(p, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"seed file {str(p)!r} is not a readable .npy matrix: {exc}") from None
+
+
+def load_parquet(path: str | os.PathLike, column: str | None = None, space: str | None = None) -> np.ndarray:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    if not p.is_file():
+        raise SourceError(f"seed file {str(p)!r} does not exist")
+    try:
+        schema = pq.read_schema(p)
+    except Exception as exc:  # noqa: BLE001 - any pyarrow failure: not a parquet file
+        raise SourceError(f"seed file {str(p)!r} is not a readable Parquet file: {exc}") from None
+    lists = [f.name for f in schema if pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type)
+             or pa.types.is_large_list(f.type)]
+    if column is None:
+        named = [c for c in (*SEED_COLUMN_NAMES, space) if c and c in lists]
+        if len(lists) == 1:
+            column = lists[0]
+        elif named:
+            column = named[0]
+        else:
+            raise SourceError(f"{str(p)!r}: cannot tell which column holds the seed vectors "
+                              f"(list columns: {', '.join(lists) or 'none'})", hint="name it with --seed-column")
+    if column not in schema.names:
+        raise SourceError(f"{str(p)!r} has no column {column!r} (it has {', '.join(schema.names)})",
+                          hint="name the vector column with --seed-column")
+    if column not in lists:
+        raise SourceError(f"{str(p)!r} column {column!r} is {schema.field(column).type}, not a list of numbers")
+    return list_column_to_matrix(pq.read_table(p, columns=[column]).column(0), f"{p}:{column}")
+
+
+def list_column_to_matrix(col, source: str) -> np.ndarray:
+    """An Arrow (chunked) list/fixed-size-list column of numbers -> (n, d) float32 matrix."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks() if col.num_chunks else pa.array([], col.type)
+    if col.null_count:
+        i = int(np.flatnonzero(pc.is_null(col).to_numpy(zero_copy_only=False))[0])
+        raise SourceError(f"{source}: {col.null_count} seed(s) are NULL, first row {i}", hint="drop those rows")
+    n = len(col)
+    if n == 0:
+        raise SourceError(f"{source}: no seed vectors", hint="give at least one seed")
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+    if (lengths != lengths[0]).any():
+        raise SourceError(f"{source}: seed vectors have different lengths ({lengths.min()}..{lengths.max()})")
+    flat = pc.list_flatten(col)
+    if flat.null_count:
+        raise SourceError(f"{source}: seed vectors contain NULL numbers", hint="drop or fix those rows")
+    if not (pa.types.is_floating(flat.type) or pa.types.is_integer(flat.type)):
+        raise SourceError(f"{source}: seed vectors hold {flat.type}, not numbers")
+    return flat.to_numpy(zero_copy_only=False).astype(np.float32).reshape(n, int(lengths[0]))
+
+
+def subset_rows(pool, name: str) -> np.ndarray:
+    """Pool row indices of the uids of stored subset ``name`` (every row holding one of them)."""
+    import pyarrow.compute as pc
+
+    from dcdb import uids as U
+    from dcdb.engine import check_subset_name
+    from dcdb.knn import open_space
+    from dcdb.subsets import read_manifest
+
+    check_subset_name(name)
+    read_manifest(pool, name)  # SubsetError with the known names when missing
+    wanted = U.to_arrow(U.load(pool.subsets_dir / f"{name}.npy"))
+    space = next(iter(pool.spaces), None)
+    if space is None:
+        raise PoolError("the pool has no embedding space", hint="ingest the .npz files with the metadata")
+    ds, _ = open_space(pool, space)
+    rows, start = [], 0
+    for batch in ds.to_batches(columns=["uid"], batch_size=1 << 16, scan_in_order=True):
+        hit = pc.is_in(batch.column(0), value_set=wanted).to_numpy(zero_copy_only=False)
+        rows.append(np.flatnonzero(hit) + start)
+        start += batch.num_rows
+    return np.concatenate(rows).astype(np.int64) if rows else np.empty(0, np.int64)
+
+
+def vectors_of_rows(pool, space: str, rows: np.ndarray) -> np.ndarray:
+    """Raw float32 vectors of pool rows ``rows`` in ``space``."""
+    from dcdb.knn import open_space
+
+    ds, dim = open_space(pool, space)
+    parts = []
+    for i in range(0, len(rows), 1 << 15):
+        tbl = ds.take(rows[i : i + (1 << 15)].tolist(), columns=[space])
+        parts.append(list_column_to_matrix(tbl.column(0), f"pool space {space}"))
+    return np.concatenate(parts) if parts else np.empty((0, dim), np.float32)
+
+
+# ---------------------------------------------------------------------------------- encoders
+
+
+def _read_encoders(pool) -> dict[str, Any]:
+    import json
+
+    p = pool.path / ENCODERS_FILE
+    if not p.is_file():
+        return {}
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise PoolError(f"{str(p)!r} is unreadable: {exc}", hint="set it again with `dcdb encoder`") from None
+
+
+def set_checkpoint(pool, space: str, checkpoint: str | os.PathLike) -> Path:
+    """Record the checkpoint whose model encodes prompts for ``space``'s model (``POOL/encoders.json``)."""
+    from dcdb.io import write_json
+
+    key = model_key(space)
+    if not any(model_key(s) == key for s in pool.spaces):
+        raise PoolError(f"pool {str(pool.path)!r} has no embedding space of model {key!r}; it has "
+                        f"{', '.join(pool.spaces) or 'none'}", hint="name one of its spaces, e.g. --space l14")
+    ckpt = Path(checkpoint).expanduser().resolve()
+    if not ckpt.exists():
+        raise UsageError(f"checkpoint {str(ckpt)!r} does not exist", hint="give a .pt file or a training run folder")
+    enc = _read_encoders(pool)
+    enc[key] = {"checkpoint": str(ckpt)}
+    return write_json(pool.path / ENCODERS_FILE, enc)
+
+
+def _world_checkpoint(pool, key: str) -> Path | None:
+    """The teacher checkpoint of a demo world the pool was ingested from (``WORLD/metadata``)."""
+    import json
+
+    src = pool.manifest.get("source")
+    if not src:
+        return None
+    world = Path(src).parent
+    wj = world / "world.json"
+    if not wj.is_file():
+        return None
+    try:
+        rel = ((json.loads(wj.read_text()).get("embeddings") or {}).get(key) or {}).get("checkpoint")
+    except (OSError, ValueError):
+        return None
+    return (world / rel) if rel and (world / rel).is_file() else None
+
+
+def checkpoint_for(pool, space: str) -> Path:
+    """The checkpoint that encodes prompts/images for ``space``'s model, or a UsageError saying
+    how to configure one."""
+    key = model_key(space)
+    entry = _read_encoders(pool).get(key)
+    if entry:
+        p = Path(entry["checkpoint"])
+        if not p.exists():
+            raise UsageError(f"the checkpoint configured for model {key!r} ({str(p)!r}) no longer exists",
+                             hint=f"set it again: dcdb encoder --pool {pool.path} --space {key} --checkpoint CKPT")
+        return p
+    p = _world_checkpoint(pool, key)
+    if p is not None:
+        return p
+    raise UsageError(
+        f"no checkpoint is configured to encode prompts for model {key!r} of pool {str(pool.path)!r}",
+        hint=f"set one: dcdb encoder --pool {pool.path} --space {key} --checkpoint CKPT.pt "
+             "(the CLIP model that made the pool's embeddings)",
+    )
+
+
+_encoders: dict[tuple, Any] = {}
+
+
+def encoder_for(pool, space: str):
+    """A cached :class:`dcdb.teacher.Encoder` for ``space``'s model (imports torch)."""
+    ckpt = checkpoint_for(pool, space)
+    st = ckpt.stat()
+    key = (str(ckpt.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _encoders:
+        from dcdb.teacher import Encoder
+
+        _encoders.clear()
+        _encoders[key] = Encoder(ckpt)
+    return _encoders[key]
+
+
+def encode_texts(pool, space: str, texts: list[str]) -> np.ndarray:
+    return encoder_for(pool, space).texts(list(texts))
+
+
+def open_image(path: str | os.PathLike):
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise SourceError(f"image {str(p)!r} does not exist")
+    try:
+        with Image.open(p) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise SourceError(f"image {str(p)!r} cannot be read: {exc}") from None
+
+
+def encode_images(pool, space: str, images: list, batch: int = 64) -> np.ndarray:
+    enc = encoder_for(pool, space)
+    out = [enc.images(images[i : i + batch]) for i in range(0, len(images), batch)]
+    return np.concatenate(out) if out else np.empty((0, 0), np.float32)
+
+
+# ------------------------------------------------------------------------------------- seeds
+
+
+@dataclass
+class Seeds:
+    vectors: np.ndarray  # (n, d) float32, L2-normalised
+    sources: list[str] = field(default_factory=list)  # one description per source, in order
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+
+def load_seeds(pool, space: str, *, npy: str | None = None, parquet: str | None = None,
+               column: str | None = None, subset: str | None = None, texts: tuple[str, ...] = (),
+               images: tuple[str, ...] = ()) -> Seeds:
+    """Seeds from any mix of sources, in the order npy, parquet, subset, texts, images."""
+    resolve_space(pool, space)
+    dim = int(pool.spaces[space]["dim"])
+    parts, sources = [], []
+    if npy:
+        parts.append(check_vectors(load_npy(npy), dim, str(npy)))
+        sources.append(f"{npy} ({len(parts[-1])})")
+    if parquet:
+        parts.append(check_vectors(load_parquet(parquet, column, space), dim, str(parquet)))
+        sources.append(f"{parquet} ({len(parts[-1])})")
+    if subset:
+        rows = subset_rows(pool, subset)
+        if len(rows) == 0:
+            raise SourceError(f"subset {subset!r} has no rows in the pool", hint="choose another subset")
+        parts.append(check_vectors(vectors_of_rows(pool, space, rows), dim, f"subset {subset}"))
+        sources.append(f"subset {subset} ({len(rows)})")
+    if texts:
+        parts.append(check_vectors(encode_texts(pool, space, list(texts)), dim, "text prompts"))
+        sources.append(f"{len(texts)} text prompt(s)")
+    if images:
+        ims = [open_image(p) for p in images]
+        parts.append(check_vectors(encode_images(pool, space, ims), dim, "images"))
+        sources.append(f"{len(images)} image(s)")
+    if not parts:
+        raise UsageError("no seeds given", hint="give --seeds FILE.npy|.parquet, --subset NAME, --text or --image")
+    return Seeds(vectors=np.concatenate(parts), sources=sources)
+
+
+def load_seed_file(path: str, column: str | None = None, space: str | None = None) -> np.ndarray:
+    """A seed file by suffix: .npy or .parquet (raw, unchecked)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".npy":
+        return load_npy(path)
+    if suffix in (".parquet", ".pq"):
+        return load_parquet(path, column, space)
+    raise SourceError(f"seed file {path!r} is neither .npy nor .parquet", hint="save the seeds with np.save")
