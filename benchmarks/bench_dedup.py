@@ -275,7 +275,7 @@ def main(argv=None):
     print(f"pool {pool}: {args.rows:,} rows; 2 shared cores, timings noisy (medians of {args.repeats})")
     results = {"rows": args.rows}
     if not args.skip_exact:
-        print(f"\nexact dedup: rows dropped by exact_duplicates(KEY) vs pandas duplicated() (baseline)")
+        print("\nexact dedup: rows dropped by exact_duplicates(KEY) vs pandas duplicated() (baseline)")
         print(f"{'key':8} {'dropped':>9} {'dcdb s':>8} {'pandas s':>9} {'dcdb/pandas':>12}")
         for key in ("sha256", "url", "text"):
             td, nd = timed(lambda k=key: exact_dcdb(pool, k), args.repeats)

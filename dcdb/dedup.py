@@ -313,17 +313,25 @@ def _pairs(a: np.ndarray, b: np.ndarray | None, cut: float, edges: _Edges, sim: 
         ra = a[r : r + BLOCK]
         for c in range(r if same else 0, len(b), BLOCK):
             s = ra @ b[c : c + BLOCK].T
-            if same and c == r:
+            if not s.size:
+                continue
+            diagonal = same and c == r
+            if diagonal:
                 np.fill_diagonal(s, -np.inf)
-            rows, cols = np.nonzero(s >= cut)
-            if same and c == r:
-                keep = cols > rows
-                rows, cols = rows[keep], cols[keep]
-            edges.add(rows + a0 + r, cols + b0 + c)
-            if s.size:
-                np.maximum(sim[a0 + r : a0 + r + len(ra)], s.max(axis=1), out=sim[a0 + r : a0 + r + len(ra)])
+            row_max = s.max(axis=1)
+            seg = sim[a0 + r : a0 + r + len(ra)]
+            np.maximum(seg, row_max, out=seg)
+            if not diagonal:  # a diagonal block is symmetric: its column maxima are its row maxima
                 seg = sim[b0 + c : b0 + c + s.shape[1]]
                 np.maximum(seg, s.max(axis=0), out=seg)
+            hit = np.flatnonzero(row_max >= cut)  # look for edges only in rows that have one
+            if len(hit):
+                rows, cols = np.nonzero(s[hit] >= cut)
+                rows = hit[rows]
+                if diagonal:
+                    keep = cols > rows
+                    rows, cols = rows[keep], cols[keep]
+                edges.add(rows + a0 + r, cols + b0 + c)
 
 
 # ------------------------------------------------------------------------------ semantic
@@ -393,7 +401,7 @@ def _reusable_clusters(pool: Pool, space: str, params: dict[str, Any]) -> np.nda
             files = group_files(pool, info["name"])
             return np.concatenate([pq.read_table(f, columns=[col]).column(0).to_numpy() for f in files]).astype(
                 np.int32)
-        except Exception:  # a damaged earlier group: compute afresh
+        except (PoolError, OSError, ValueError, KeyError):  # a damaged earlier group: compute afresh
             return None
     return None
 

@@ -55,10 +55,10 @@ def register(con, pool) -> None:
     for sql in (
         "CREATE OR REPLACE MACRO exact_duplicate_groups(key) AS TABLE FROM query(dcdb_exact_dups_sql(key, 'groups'))",
         "CREATE OR REPLACE MACRO exact_duplicates(key) AS TABLE FROM query(dcdb_exact_dups_sql(key, 'drop'))",
-        "CREATE OR REPLACE MACRO near_duplicate_groups(space, threshold) AS TABLE "
-        "FROM query(dcdb_near_dups_sql(space, CAST(threshold AS DOUBLE), 'groups'))",
-        "CREATE OR REPLACE MACRO near_duplicates(space, threshold) AS TABLE "
-        "FROM query(dcdb_near_dups_sql(space, CAST(threshold AS DOUBLE), 'drop'))",
+        ("CREATE OR REPLACE MACRO near_duplicate_groups(space, threshold) AS TABLE "
+         "FROM query(dcdb_near_dups_sql(space, CAST(threshold AS DOUBLE), 'groups'))"),
+        ("CREATE OR REPLACE MACRO near_duplicates(space, threshold) AS TABLE "
+         "FROM query(dcdb_near_dups_sql(space, CAST(threshold AS DOUBLE), 'drop'))"),
     ):
         con.execute(sql)
 

@@ -81,9 +81,9 @@ def brute_force(vectors, uids, clusters, threshold):
         return x
 
     for i, j in itertools.combinations(range(len(v)), 2):
-        if ok[i] and ok[j] and clusters[i] == clusters[j]:
-            if v[i] @ v[j] / (norm[i] * norm[j]) >= threshold - 1e-6:
-                parent[find(i)] = find(j)
+        same = ok[i] and ok[j] and clusters[i] == clusters[j]
+        if same and v[i] @ v[j] / (norm[i] * norm[j]) >= threshold - 1e-6:
+            parent[find(i)] = find(j)
     comps: dict[int, list[int]] = {}
     for i in range(len(v)):
         comps.setdefault(find(i), []).append(i)
@@ -130,21 +130,25 @@ def crafted_vectors():
 # ------------------------------------------------------------------------- components
 
 
+def _union_find_roots(m, i, j):
+    parent = list(range(m))
+
+    def find(x):
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    for a, b in zip(i, j, strict=True):
+        parent[find(a)] = find(b)
+    return [find(x) for x in range(m)]
+
+
 def test_components_match_union_find():
     rng = np.random.default_rng(0)
     for m, e in ((1, 0), (10, 5), (200, 150), (500, 2000)):
         i, j = rng.integers(0, m, e), rng.integers(0, m, e)
         label = D.components(m, i, j)
-        parent = list(range(m))
-
-        def find(x):
-            while parent[x] != x:
-                x = parent[x]
-            return x
-
-        for a, b in zip(i.tolist(), j.tolist(), strict=True):
-            parent[find(a)] = find(b)
-        roots = [find(x) for x in range(m)]
+        roots = _union_find_roots(m, i.tolist(), j.tolist())
         for a, b in itertools.combinations(range(min(m, 60)), 2):
             assert (label[a] == label[b]) == (roots[a] == roots[b])
         assert all(label[x] <= x for x in range(m))
@@ -306,6 +310,14 @@ def test_near_duplicates_from_sql(tmp_path):
                                      "AND uid NOT IN (SELECT uid FROM near_duplicates('emb', $t))")
     res = run_filter(open_pool(pool.path), filt, {"t": "0.95"})
     assert res.rows == len(vec) - len(drop)
+    # another keep rule, in SQL over the groups: the highest score of each group stays
+    other = con.sql("SELECT uid FROM near_duplicate_groups('emb', 0.95) JOIN pool USING (uid) QUALIFY "
+                    "row_number() OVER (PARTITION BY group_uid ORDER BY clip_b32_similarity_score DESC, "
+                    "uid DESC) > 1").fetchall()
+    by_group = {}
+    for u, k in expect.items():
+        by_group.setdefault(k, []).append(u)
+    assert {r[0] for r in other} == {u for g in by_group.values() for u in g if u != max(g)}
     # the shipped filter file
     res = run_filter(open_pool(pool.path), load_filter("semantic_dedup"), {"space": "emb"})
     assert res.rows == len(vec) - len(drop)
