@@ -37,7 +37,8 @@ def rotate(a, b, cos):
     return cos * a + np.sqrt(1 - cos * cos) * b
 
 
-def write_pool(tmp_path, vectors, *, texts=None, sha=None, urls=None, shards=2, dtype=np.float32, name="pool"):
+def write_pool(tmp_path, vectors, *, texts=None, sha=None, urls=None, shards=2, dtype=np.float32, name="pool",
+               more_spaces=()):
     """A pool whose rows are ``vectors`` (space ``emb``) with the given metadata, in ``shards`` shards."""
     from dcdb.ingest import ingest
 
@@ -58,7 +59,7 @@ def write_pool(tmp_path, vectors, *, texts=None, sha=None, urls=None, shards=2, 
     for k in range(shards):
         lo, hi = bounds[k], bounds[k + 1]
         pq.write_table(table.slice(lo, hi - lo), src / f"{k:08d}.parquet")
-        np.savez(src / f"{k:08d}.npz", emb=vec[lo:hi])
+        np.savez(src / f"{k:08d}.npz", emb=vec[lo:hi], **{sp: vec[lo:hi] for sp in more_spaces})
     ingest(src, tmp_path / name, jobs=1)
     return open_pool(tmp_path / name)
 
@@ -282,6 +283,14 @@ def test_semantic_bad_input(tmp_path, small_pool):
     with pytest.raises(UsageError, match="sample"):
         D.semantic_dedup(pool, "l14_img", 0.9, clusters=50, sample=10)
     assert not D.computed(pool)
+
+
+def test_group_name_clash_is_refused(tmp_path):
+    pool = write_pool(tmp_path, crafted_vectors(), more_spaces=("e", "e_0"))
+    D.semantic_dedup(pool, "e_0", 1.0, clusters=1)
+    with pytest.raises(UsageError, match="already holds near duplicates of e_0 at 1") as e:
+        D.semantic_dedup(pool, "e", 0.1, clusters=1, force=True)  # both would be neardup_e_0_1
+    assert "--drop neardup_e_0_1" in e.value.hint
 
 
 def test_group_names():
