@@ -197,10 +197,15 @@ def in_child(fn, *args):
 
 
 def semantic_dcdb(pool: str, threshold: float, clusters: int | None, seed: int):
-    from dcdb.dedup import semantic_dedup
+    from dcdb.dedup import computed, semantic_dedup
+    from dcdb.derived import drop_group
     from dcdb.store import open_pool
 
-    rep = semantic_dedup(open_pool(pool), SPACE, threshold, clusters=clusters, seed=seed, force=True)
+    p = open_pool(pool)
+    for (space, _), info in computed(p).items():  # a fresh run: no clusters to reuse
+        if space == SPACE:
+            drop_group(p, info["name"])
+    rep = semantic_dedup(p, SPACE, threshold, clusters=clusters, seed=seed)
     return {"phases": rep.phases, "dropped": rep.dropped, "groups": rep.groups, "clusters": rep.clusters}
 
 
