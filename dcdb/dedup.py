@@ -223,7 +223,7 @@ def _assign_scores(x: np.ndarray, cents: np.ndarray) -> tuple[np.ndarray, np.nda
     return idx, val
 
 
-def spherical_kmeans(x: np.ndarray, k: int, *, iters: int, seed: int) -> tuple[np.ndarray, int]:
+def spherical_kmeans(x: np.ndarray, k: int, *, iters: int, seed: int, bar=None) -> tuple[np.ndarray, int]:
     """Spherical k-means of unit rows ``x``: (k x d unit centroids, iterations run)."""
     rng = np.random.default_rng([seed, 1])
     n = len(x)
@@ -248,6 +248,8 @@ def spherical_kmeans(x: np.ndarray, k: int, *, iters: int, seed: int) -> tuple[n
         norm = np.linalg.norm(new, axis=1)
         norm[norm == 0] = 1.0
         cents = (new / norm[:, None]).astype(np.float32)
+        if bar is not None:
+            bar.update(1)
     return cents, done
 
 
@@ -499,7 +501,8 @@ def semantic_dedup(pool: Pool, space: str, threshold: float, *, clusters: int | 
             raise UsageError(f"only {len(x):,} usable (non-zero, finite) vectors in the sample for {k:,} clusters",
                              hint="lower --clusters or raise --sample")
         t0 = time.perf_counter()
-        cents, ran = spherical_kmeans(x, k, iters=iters, seed=seed)
+        with _progress(iters, f"k-means {k:,} clusters on {len(x):,} rows", progress, unit="iter") as bar:
+            cents, ran = spherical_kmeans(x, k, iters=iters, seed=seed, bar=bar)
         del x
         phases["kmeans"] = time.perf_counter() - t0
         kinfo = {"iterations_run": ran}
