@@ -16,9 +16,12 @@ from dcdb.cli import Ctx, cli, command, pool_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the k-means sample and start.")
 @click.option("--sample", type=int, default=None, help="Rows k-means trains on (default: 40 per cluster).")
 @click.option("--iters", type=int, default=20, show_default=True, help="Most k-means iterations.")
+@click.option("--probes", type=int, default=1, show_default=True,
+              help="Clusters each row is compared in: 1 (SemDeDup) or more, to find near duplicates that "
+                   "k-means put on either side of a boundary (costs about PROBES x the pair comparisons).")
 @click.option("--force", is_flag=True, help="Recompute a result that is already stored.")
 @click.option("--list", "list_", is_flag=True, help="List the near-duplicate results stored in the pool.")
-def dedup_cmd(c: Ctx, pool, space, threshold, clusters, seed, sample, iters, force, list_):
+def dedup_cmd(c: Ctx, pool, space, threshold, clusters, seed, sample, iters, probes, force, list_):
     """Find near duplicates in an embedding space (SemDeDup-style) and store them in the pool.
 
     \b
@@ -45,5 +48,5 @@ def dedup_cmd(c: Ctx, pool, space, threshold, clusters, seed, sample, iters, for
                        f"{km.get('clusters')} clusters, seed {km.get('seed')}\t{info['name']}{stale}")
         return
     report = semantic_dedup(p, space, threshold, clusters=clusters, seed=seed, sample=sample, iters=iters,
-                            force=force, progress=not c.quiet)
+                            probes=probes, force=force, progress=not c.quiet)
     c.log(report.summary())

@@ -223,6 +223,20 @@ def _assign_scores(x: np.ndarray, cents: np.ndarray) -> tuple[np.ndarray, np.nda
     return idx, val
 
 
+def _assign_top(x: np.ndarray, cents: np.ndarray, p: int) -> np.ndarray:
+    """(n, p) indices of the p max-dot-product centroids of each row, best first (p = 1: argmax,
+    first maximum wins)."""
+    if p == 1:
+        return _assign_scores(x, cents)[0][:, None]
+    out = np.empty((len(x), p), dtype=np.int32)
+    for s in range(0, len(x), ASSIGN_BLOCK):
+        sims = x[s : s + ASSIGN_BLOCK] @ cents.T
+        part = np.argpartition(-sims, p - 1, axis=1)[:, :p]
+        best = np.argsort(-np.take_along_axis(sims, part, axis=1), axis=1, kind="stable")
+        out[s : s + len(sims)] = np.take_along_axis(part, best, axis=1)
+    return out
+
+
 def spherical_kmeans(x: np.ndarray, k: int, *, iters: int, seed: int, bar=None) -> tuple[np.ndarray, int]:
     """Spherical k-means of unit rows ``x``: (k x d unit centroids, iterations run)."""
     rng = np.random.default_rng([seed, 1])
@@ -438,23 +452,27 @@ def _plan(starts: np.ndarray, sizes: np.ndarray, budget: int) -> list[tuple]:
     return tasks
 
 
-def _load(ds, space: str, pos: np.ndarray, ranges: list[tuple[int, int]], dim: int) -> list[np.ndarray]:
-    """One streaming pass: the stored vectors at positions [lo, hi) of each range."""
-    bufs = [None] * len(ranges)
+def _gather(ds, space: str, lists: list[np.ndarray], dim: int) -> list[np.ndarray]:
+    """One streaming pass: the stored vectors of the rows in each list (distinct rows per list),
+    in the list's order."""
+    prepared = []
+    for rows in lists:
+        srt = np.argsort(rows, kind="stable")
+        prepared.append((srt, rows[srt]))
+    bufs = [None] * len(lists)
     for start, v in _scan(ds, space):
-        p = pos[start : start + len(v)]
-        for k, (lo, hi) in enumerate(ranges):
-            sel = np.flatnonzero((p >= lo) & (p < hi))
-            if len(sel):
+        for k, (srt, sorted_rows) in enumerate(prepared):
+            lo, hi = np.searchsorted(sorted_rows, [start, start + len(v)])
+            if hi > lo:
                 if bufs[k] is None:
-                    bufs[k] = np.zeros((hi - lo, dim), dtype=v.dtype)
-                bufs[k][p[sel] - lo] = v[sel]
-    return [b if b is not None else np.zeros((hi - lo, dim), np.float32) for b, (lo, hi) in zip(bufs, ranges, strict=True)]
+                    bufs[k] = np.zeros((len(sorted_rows), dim), dtype=v.dtype)
+                bufs[k][srt[lo:hi]] = v[sorted_rows[lo:hi] - start]
+    return [b if b is not None else np.zeros((len(r), dim), np.float32) for b, r in zip(bufs, lists, strict=True)]
 
 
 def semantic_dedup(pool: Pool, space: str, threshold: float, *, clusters: int | None = None, seed: int = 0,
                    sample: int | None = None, iters: int = DEFAULT_ITERS, force: bool = False,
-                   progress: bool = False, chunk_bytes: int = CHUNK_BYTES) -> DedupReport:
+                   probes: int = 1, progress: bool = False, chunk_bytes: int = CHUNK_BYTES) -> DedupReport:
     """Compute near-duplicate groups of ``space`` at cosine ``threshold`` and store them as the
     derived group ``neardup_<space>_<t>`` (see the module docstring for the exact rule)."""
     import lance
@@ -485,15 +503,20 @@ def semantic_dedup(pool: Pool, space: str, threshold: float, *, clusters: int | 
     size = min(n, sample if sample is not None else max(SAMPLE_PER_CLUSTER * k, 1))
     if size < k:
         raise UsageError(f"--sample {size:,} is smaller than --clusters {k:,}", hint="sample at least one row per cluster")
-    params = {"clusters": k, "seed": seed, "sample": size, "iters": iters}
+    if not (1 <= probes <= k):
+        raise UsageError(f"--probes must be between 1 and the {k:,} clusters, got {probes}",
+                         hint="1 compares rows within their nearest cluster (SemDeDup); 2 also the second nearest")
+    params = {"clusters": k, "seed": seed, "sample": size, "iters": iters, "probes": probes}
     ds = lance.dataset(str(pool.lance_path(space)))
     phases: dict[str, float] = {}
 
     # 1-2. clusters: reuse an earlier run's, or sample + spherical k-means + streaming assignment
-    cluster = _reusable_clusters(pool, space, params) if n else np.zeros(0, np.int32)
+    cluster = _reusable_clusters(pool, space, params) if n and probes == 1 else None
     reused = cluster is not None and len(cluster) == n
     kinfo: dict[str, Any] = {}
-    if not reused:
+    if reused:
+        cluster_p = cluster[:, None]
+    else:
         t0 = time.perf_counter()
         x = _sample(ds, space, n, size, seed)
         phases["sample"] = time.perf_counter() - t0
@@ -507,74 +530,83 @@ def semantic_dedup(pool: Pool, space: str, threshold: float, *, clusters: int | 
         phases["kmeans"] = time.perf_counter() - t0
         kinfo = {"iterations_run": ran}
         t0 = time.perf_counter()
-        cluster = np.full(n, -1, dtype=np.int32)
+        cluster_p = np.full((n, probes), -1, dtype=np.int32)
         with _progress(n, f"assign {space}", progress) as bar:
             for start, v in _scan(ds, space):
                 xb, ok = _unit(v)
-                a, _ = _assign_scores(xb, cents)
-                cluster[start : start + len(v)] = np.where(ok, a, -1)
+                cluster_p[start : start + len(v)] = np.where(ok[:, None], _assign_top(xb, cents, probes), -1)
                 bar.update(len(v))
         phases["assign"] = time.perf_counter() - t0
+        cluster = cluster_p[:, 0]
 
-    # 3. pairs within clusters -> connected components
+    # 3. pairs within clusters (a row is in each of its `probes` nearest) -> connected components
     t0 = time.perf_counter()
     idx_t = np.int32 if n < np.iinfo(np.int32).max else np.int64
     valid = cluster >= 0
-    order = np.flatnonzero(valid)[np.argsort(cluster[valid], kind="stable")].astype(idx_t)
-    pos = np.full(n, np.iinfo(idx_t).max, dtype=idx_t)  # left-out rows: beyond every range
-    pos[order] = np.arange(len(order), dtype=idx_t)
-    sizes = np.bincount(cluster[valid], minlength=k)
+    ent_cluster = cluster_p[valid].ravel()
+    order = np.repeat(np.flatnonzero(valid).astype(idx_t), probes)  # rows, sorted by cluster below
+    o = np.argsort(ent_cluster, kind="stable")
+    order = order[o]
+    sizes = np.bincount(ent_cluster, minlength=k)
+    del cluster_p, ent_cluster, o
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    sim_sorted = np.full(len(order), -np.inf, dtype=np.float32)
-    label = np.full(n, -1, dtype=idx_t)  # global row of the component's smallest position
+    sim_row = np.full(n, -np.inf, dtype=np.float32)
+    forest: list[tuple[np.ndarray, np.ndarray]] = []  # (row, row of its component's root) per cluster
     itemsize = 2 if spec.get("dtype") == "float16" else 4
     budget = max(2, chunk_bytes // (dim * itemsize))
     tasks = _plan(starts, sizes, budget)
     cut = np.float32(t - TOLERANCE)
-    big_edges: dict[int, _Edges] = {}
+    big: dict[int, tuple[_Edges, np.ndarray]] = {}
 
-    def finish(c: int, edges: _Edges) -> None:
+    def finish(c: int, edges: _Edges, local_sim: np.ndarray) -> None:
+        rows = order[int(starts[c]) : int(starts[c] + sizes[c])]
+        sim_row[rows] = np.maximum(sim_row[rows], local_sim)  # a row is at most once in a cluster
         lab = edges.labels()
         nontrivial = np.flatnonzero(np.bincount(lab, minlength=edges.m)[lab] > 1)
-        s = int(starts[c])
-        label[order[s + nontrivial]] = order[s + lab[nontrivial]]
+        if len(nontrivial):
+            forest.append((rows[nontrivial], rows[lab[nontrivial]]))
 
     with _progress(int(sizes[sizes > 1].sum()), f"pairs {space}", progress) as bar:
         for task in tasks:
             if task[0] == "range":
                 _, lo, hi, cs = task
-                (buf,) = _load(ds, space, pos, [(lo, hi)], dim)
+                (buf,) = _gather(ds, space, [order[lo:hi]], dim)
                 for c in cs:
                     s, m = int(starts[c]), int(sizes[c])
                     v, _ = _unit(buf[s - lo : s - lo + m])
                     edges = _Edges(m)
                     local_sim = np.full(m, -np.inf, dtype=np.float32)
                     _pairs(v, None, cut, edges, local_sim, 0, 0)
-                    sim_sorted[s : s + m] = local_sim
-                    finish(c, edges)
+                    finish(c, edges, local_sim)
                     bar.update(m)
+                del buf
             else:
                 _, c, (lo1, hi1), (lo2, hi2) = task
                 s, m = int(starts[c]), int(sizes[c])
-                edges = big_edges.setdefault(c, _Edges(m))
-                local_sim = sim_sorted[s : s + m]
+                edges, local_sim = big.setdefault(c, (_Edges(m), np.full(m, -np.inf, dtype=np.float32)))
                 if (lo1, hi1) == (lo2, hi2):
-                    (b1,) = _load(ds, space, pos, [(lo1, hi1)], dim)
+                    (b1,) = _gather(ds, space, [order[lo1:hi1]], dim)
                     _pairs(_unit(b1)[0], None, cut, edges, local_sim, lo1 - s, 0)
                     bar.update(hi1 - lo1)
                 else:
-                    b1, b2 = _load(ds, space, pos, [(lo1, hi1), (lo2, hi2)], dim)
+                    b1, b2 = _gather(ds, space, [order[lo1:hi1], order[lo2:hi2]], dim)
                     _pairs(_unit(b1)[0], _unit(b2)[0], cut, edges, local_sim, lo1 - s, lo2 - s)
                 if hi2 == s + m and hi1 == s + m:  # the last piece pair of this cluster
-                    finish(c, big_edges.pop(c))
+                    finish(c, *big.pop(c))
     phases["pairs"] = time.perf_counter() - t0
-    del pos, big_edges
 
-    # 4. keep the smallest uid of each group
+    # 4. groups across clusters (a row in two clusters joins their components); keep the smallest uid
     t0 = time.perf_counter()
-    members = np.flatnonzero(label >= 0)
+    if forest:
+        fi = np.concatenate([f[0] for f in forest])
+        fj = np.concatenate([f[1] for f in forest])
+        members = np.unique(np.concatenate([fi, fj]))
+        comp = components(len(members), np.searchsorted(members, fi), np.searchsorted(members, fj))
+    else:
+        members, comp = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    forest.clear()
     member_uids = _uids_at(pool, members)
-    _, inv, cnt = np.unique(label[members], return_inverse=True, return_counts=True)
+    _, inv, cnt = np.unique(comp, return_inverse=True, return_counts=True)
     o = np.lexsort((member_uids["f1"], member_uids["f0"], inv))
     first = np.flatnonzero(np.r_[True, inv[o][1:] != inv[o][:-1]]) if len(o) else np.zeros(0, np.int64)
     reps = U.to_arrow(member_uids[o[first]])  # the kept uid of group g is reps[g]
@@ -582,8 +614,7 @@ def semantic_dedup(pool: Pool, space: str, threshold: float, *, clusters: int | 
     rep_id[members] = inv
     group_size = np.ones(n, dtype=np.int32)
     group_size[members] = cnt[inv]
-    sim = np.full(n, np.nan, dtype=np.float32)
-    sim[order] = np.where(np.isfinite(sim_sorted), sim_sorted, np.nan)
+    sim = np.where(np.isfinite(sim_row), sim_row, np.float32(np.nan))
     n_groups = len(cnt)
 
     cols = group_columns(name)
@@ -614,6 +645,7 @@ def semantic_dedup(pool: Pool, space: str, threshold: float, *, clusters: int | 
                 "smallest uid of each group",
         "groups": n_groups,
         "rows_in_groups": len(members),
+        "probes": probes,
         "dropped": len(members) - n_groups,
         "left_out": int((~valid).sum()),
         "largest_cluster": int(sizes.max()) if len(sizes) else 0,

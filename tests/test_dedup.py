@@ -224,6 +224,30 @@ def test_random_pool_matches_brute_force_over_the_same_clusters(tmp_path, monkey
         assert got[uids[i]][3] == pytest.approx(max(unitv[i] @ unitv[j] for j in same), abs=1e-5)
 
 
+def test_probes_compare_rows_in_more_clusters(tmp_path, monkeypatch):
+    vec = random_vectors(seed=6)
+    pool = write_pool(tmp_path, vec, dtype=np.float16)
+    uids = [hexuid(i + 1) for i in range(len(vec))]
+    everywhere = brute_force(vec.astype(np.float16), uids, [0] * len(vec), THRESHOLD)
+
+    def linked(probes, **kw):
+        D.semantic_dedup(pool, "emb", THRESHOLD, clusters=5, seed=1, probes=probes, force=True, **kw)
+        got = stored(pool)
+        return {u: r[1] for u, r in got.items() if r[1] is not None}
+
+    one, two, every = linked(1), linked(2), linked(5)
+    assert every == everywhere  # each pair shares one of its 5 clusters: the global brute force
+
+    def pairs(g):
+        return {(a, b) for a in g for b in g if a < b and g[a] == g[b]}
+
+    assert pairs(one) < pairs(two) <= pairs(everywhere)  # a boundary split a pair that 2 probes find
+    monkeypatch.setattr(D, "BLOCK", 6)
+    assert linked(2, chunk_bytes=50 * DIM * 2) == two  # pieces and ranges with repeated rows
+    with pytest.raises(UsageError, match="probes"):
+        D.semantic_dedup(pool, "emb", THRESHOLD, clusters=5, probes=6, force=True)
+
+
 def test_chunking_gives_the_same_result(tmp_path, monkeypatch):
     vec = random_vectors(seed=2)
     pool = write_pool(tmp_path, vec, dtype=np.float16)
