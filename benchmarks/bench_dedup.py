@@ -196,7 +196,7 @@ def in_child(fn, *args):
     return res
 
 
-def semantic_dcdb(pool: str, threshold: float, clusters: int | None, seed: int):
+def semantic_dcdb(pool: str, threshold: float, clusters: int | None, seed: int, probes: int = 1):
     from dcdb.dedup import computed, semantic_dedup
     from dcdb.derived import drop_group
     from dcdb.store import open_pool
@@ -205,7 +205,7 @@ def semantic_dcdb(pool: str, threshold: float, clusters: int | None, seed: int):
     for (space, _), info in computed(p).items():  # a fresh run: no clusters to reuse
         if space == SPACE:
             drop_group(p, info["name"])
-    rep = semantic_dedup(p, SPACE, threshold, clusters=clusters, seed=seed)
+    rep = semantic_dedup(p, SPACE, threshold, clusters=clusters, seed=seed, probes=probes)
     return {"phases": rep.phases, "dropped": rep.dropped, "groups": rep.groups, "clusters": rep.clusters}
 
 
@@ -314,6 +314,7 @@ def main(argv=None):
     ap.add_argument("--threshold", type=float, default=0.95)
     ap.add_argument("--clusters", type=int, default=None, help="k-means clusters (default: dcdb's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--probes", type=int, default=1, help="clusters per row (> 1: no naive baseline, recall only)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per exact-dedup measurement (median)")
     ap.add_argument("--skip-exact", action="store_true")
     ap.add_argument("--skip-semantic", action="store_true")
@@ -333,10 +334,14 @@ def main(argv=None):
             results[f"exact_{key}"] = {"dropped": nd, "dcdb_s": td, "pandas_s": tp}
     if not args.skip_semantic:
         print(f"\nsemantic dedup of {SPACE}, threshold {args.threshold} (one run each; fresh process each)")
-        sd, rss_d, rep = in_child(semantic_dcdb, str(pool), args.threshold, args.clusters, args.seed)
+        sd, rss_d, rep = in_child(semantic_dcdb, str(pool), args.threshold, args.clusters, args.seed, args.probes)
         print(f"dcdb dedup: {sd:.1f}s total, peak RSS {rss_d:,.0f} MB; {rep['clusters']:,} clusters, "
-              f"{rep['groups']:,} groups, {rep['dropped']:,} rows dropped")
+              f"{args.probes} probe(s), {rep['groups']:,} groups, {rep['dropped']:,} rows dropped")
         print("  phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in rep["phases"].items()))
+        if args.probes > 1:
+            print("  " + recall(str(pool), args.rows, args.shards, args.threshold, args.seed))
+            print("\n" + json.dumps(results | {"semantic": {"dcdb_s": sd, "dcdb_rss_mb": rss_d, **rep}}))
+            return
         sn, rss_n, naive = in_child(semantic_naive, str(pool), args.threshold)
         pair_d = rep["phases"].get("pairs", float("nan"))
         pair_n = sn - naive["load_s"]

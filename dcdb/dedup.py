@@ -24,11 +24,14 @@ NULL and empty keys are never duplicates. Keys:
    max-dot-product centroid (first maximum wins), streaming.
 3. Within each cluster, every pair of rows with ``cosine >= t - 1e-6`` (float32 dot products of
    the normalised vectors; the tolerance makes ``t = 1`` find identical vectors despite rounding) is
-   an edge; the **groups are the connected components** of that graph (union-find; a chain
+   an edge (with ``probes`` P > 1 a row takes part in its P nearest clusters, so a pair that
+   k-means put on two sides of a boundary can still meet; P = 1 is SemDeDup's scheme); the
+   **groups are the connected components** of that graph, across clusters (union-find; a chain
    a~b, b~c is one group even when a and c are further apart than ``t``). This is stricter than
    SemDeDup's own rule (drop a row when *any* earlier row of its cluster is within the threshold),
    which can keep two rows of one chain. Pairs in different clusters are never compared, as in
-   SemDeDup: a near duplicate across a cluster boundary is missed (more clusters, more misses).
+   SemDeDup: with P = 1 a near duplicate across a cluster boundary is missed (more clusters, more
+   misses; 2.3% of the planted pairs at 1M rows and 707 clusters, see benchmarks/bench_dedup.py).
 4. **Keep rule**: in each group the row with the smallest uid (DataComp's uid order: the 128-bit
    number, i.e. the hex string's order) is kept; every other member is a duplicate to drop.
 
@@ -42,8 +45,8 @@ Memory is bounded whatever the pool: the pool's vectors are never all held. The 
 ``sample x d`` float32; the assignment streams the Lance table; the pairwise phase loads a range of
 clusters at a time (at most ``CHUNK_BYTES`` of vectors as stored) by one streaming pass per range,
 and compares it in ``BLOCK x BLOCK`` similarity blocks; a cluster larger than a range is cut into
-pieces compared two at a time. Per row the run holds about 30 bytes (cluster id, position, label,
-similarity, group), 400 MB for DataComp's 12.8M-row medium pool.
+pieces compared two at a time. Per row the run holds about 20 + 4P bytes (cluster ids, its place
+in the cluster order, similarity, group), 300 MB for DataComp's 12.8M-row medium pool at P = 1.
 """
 
 from __future__ import annotations
@@ -537,7 +540,7 @@ def semantic_dedup(pool: Pool, space: str, threshold: float, *, clusters: int | 
                 cluster_p[start : start + len(v)] = np.where(ok[:, None], _assign_top(xb, cents, probes), -1)
                 bar.update(len(v))
         phases["assign"] = time.perf_counter() - t0
-        cluster = cluster_p[:, 0]
+        cluster = cluster_p[:, 0].copy()
 
     # 3. pairs within clusters (a row is in each of its `probes` nearest) -> connected components
     t0 = time.perf_counter()
