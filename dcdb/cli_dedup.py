@@ -28,7 +28,8 @@ def dedup_cmd(c: Ctx, pool, space, threshold, clusters, seed, sample, iters, pro
     Spherical k-means on the normalised vectors, then within each cluster every pair with
     cosine >= THRESHOLD is linked; linked rows form a group (connected components) and the
     row with the smallest uid of each group is kept. Computed once; --force recomputes.
-    A run with the same space and k-means settings reuses the clusters of an earlier threshold.
+    With --probes 1, a run with the same space and k-means settings reuses the clusters of an
+    earlier threshold.
 
     \b
     Use it from SQL:
@@ -45,7 +46,7 @@ def dedup_cmd(c: Ctx, pool, space, threshold, clusters, seed, sample, iters, pro
             stale = "" if info.get("pool_manifest_sha256") == p.manifest_hash else "  (pool changed since)"
             km = info.get("kmeans", {})
             click.echo(f"{sp}\t{t:g}\t{info.get('groups', 0)} groups\t{info.get('dropped', 0)} to drop\t"
-                       f"{km.get('clusters')} clusters, seed {km.get('seed')}\t{info['name']}{stale}")
+                       f"{km.get('clusters')} clusters, seed {km.get('seed')}, {km.get('probes', 1)} probe(s)\t{info['name']}{stale}")
         return
     report = semantic_dedup(p, space, threshold, clusters=clusters, seed=seed, sample=sample, iters=iters,
                             probes=probes, force=force, progress=not c.quiet)
