@@ -456,8 +456,8 @@ def _plan(starts: np.ndarray, sizes: np.ndarray, budget: int) -> list[tuple]:
 
 
 def _gather(ds, space: str, lists: list[np.ndarray], dim: int) -> list[np.ndarray]:
-    """One streaming pass: the stored vectors of the rows in each list (distinct rows per list),
-    in the list's order."""
+    """One streaming pass: the stored vectors of the rows in each list, in the list's order (a row
+    may be listed more than once: with probes it is in several clusters of a range)."""
     prepared = []
     for rows in lists:
         srt = np.argsort(rows, kind="stable")
