@@ -485,6 +485,7 @@ def demo_cmd(c: Ctx, folder, samples, seeds, samples_seen, force):
 # Commands defined in their own modules register themselves on `cli` when imported.
 from dcdb import (
     cli_annotate,  # noqa: E402,F401  (dcdb annotate)
+    cli_dedup,  # noqa: E402,F401  (dcdb dedup)
     cli_knn,  # noqa: E402,F401  (dcdb knn, dcdb index, dcdb encoder)
     cli_reshard,  # noqa: E402,F401  (dcdb reshard, dcdb index-shards)
     cli_train,  # noqa: E402,F401  (dcdb train, dcdb eval, dcdb leaderboard)

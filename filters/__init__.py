@@ -16,7 +16,7 @@ from typing import Any
 REGISTRARS: list[Callable[[Any, Any], None]] = []
 
 # Modules whose import appends their registrar to REGISTRARS.
-MODULES: tuple[str, ...] = ("dcdb.filters.baselines", "dcdb.filters.vectors")
+MODULES: tuple[str, ...] = ("dcdb.filters.baselines", "dcdb.filters.vectors", "dcdb.filters.dedup")
 
 
 def register(con, pool) -> None:
