@@ -79,11 +79,10 @@ def _embedding_scan_class():
             self._schema = pa.schema(
                 [(POS_COLUMN, pa.null()), (column, pa.list_(pa.float32(), self._dim))]
             )
-            if rows is None:
-                rows = sum(f.count_rows() for f in self._open_fragments())
-            self._rows = int(rows)
             self.vector_bytes_read = 0  # what scans of this space have read from Lance so far
             self.error = None  # the PoolError a scan raised (DuckDB wraps it; see scan_error)
+            self._rows = int(rows) if rows is not None else self._table_rows()
+            self._checked = rows is None  # the table's rows were counted, not taken on trust
 
         @property
         def schema(self):
@@ -94,6 +93,17 @@ def _embedding_scan_class():
 
         def lance_dataset(self):
             """The Lance dataset, opened and checked against the pool's row count on first use."""
+            lds = self._open()
+            if not self._checked:
+                n = self._table_rows()
+                if n != self._rows:
+                    self.error = PoolError(f"embedding table {self._path!r} has {n} rows, the pool {self._rows}",
+                                           hint="the pool is damaged or was changed by hand; re-ingest it")
+                    raise self.error
+                self._checked = True
+            return lds
+
+        def _open(self):
             if self._lance is None:
                 import lance
 
@@ -103,13 +113,6 @@ def _embedding_scan_class():
                     self.error = PoolError(f"embedding table {self._path!r} cannot be opened: {exc}",
                                            hint="re-ingest the pool")
                     raise self.error from exc
-                n = sum(f.count_rows() for f in self._open_fragments()) if self._fragment_ids is not None \
-                    else self._lance.count_rows()
-                if n != self._rows:
-                    self._lance = None
-                    self.error = PoolError(f"embedding table {self._path!r} has {n} rows, the pool {self._rows}",
-                                           hint="the pool is damaged or was changed by hand; re-ingest it")
-                    raise self.error
             return self._lance
 
         def _open_fragments(self):
@@ -117,7 +120,7 @@ def _embedding_scan_class():
             if self._fragment_ids is None:
                 return None
             if self._fragments is None:
-                by_id = {f.fragment_id: f for f in self.lance_dataset_unchecked().get_fragments()}
+                by_id = {f.fragment_id: f for f in self._open().get_fragments()}
                 missing = [i for i in self._fragment_ids if i not in by_id]
                 if missing:
                     self.error = PoolError(f"embedding table {self._path!r} lacks fragment {missing[0]} of a bucket",
@@ -126,12 +129,9 @@ def _embedding_scan_class():
                 self._fragments = [by_id[i] for i in self._fragment_ids]
             return self._fragments
 
-        def lance_dataset_unchecked(self):
-            if self._lance is None:
-                import lance
-
-                self._lance = lance.dataset(self._path)
-            return self._lance
+        def _table_rows(self) -> int:
+            frags = self._open_fragments()
+            return self._open().count_rows() if frags is None else sum(f.count_rows() for f in frags)
 
         def scanner(self, columns=None, filter=None, batch_size=None, use_threads=True, **_kw):
             if filter is not None:  # DuckDB pushes no filter on these columns; refuse silently wrong

@@ -246,6 +246,21 @@ def test_damaged_embedding_table_is_a_pool_error(small_pool):
         connect(pool)
 
 
+def test_embedding_scan_over_an_open_dataset_counts_its_rows(pool, source):
+    import duckdb
+    import lance
+
+    from dcdb.engine import embedding_scan
+
+    _, emb = source
+    scan = embedding_scan(lance.dataset(str(pool.lance_path("b32_img"))), "b32_img", 512)
+    assert scan.count_rows() == pool.rows
+    con = duckdb.connect()
+    con.register("emb", scan)
+    got = con.sql("SELECT b32_img FROM emb").to_arrow_table().column(0).combine_chunks()
+    assert np.array_equal(np.asarray(got.flatten()).reshape(-1, 512), emb["b32_img"])
+
+
 def test_cosine_and_dot_macros_match_numpy(pool, source):
     _, emb = source
     con = connect(pool)
