@@ -342,9 +342,8 @@ def _reraise(con, filt: FilterFile, pool: Pool, exc: Exception):
     (DuckDB wraps it), then by DuckDB's exception class."""
     import duckdb
 
-    from dcdb.filters import take_error
-
     from dcdb.engine import scan_error
+    from dcdb.filters import take_error
 
     err = take_error(con) or scan_error(con)
     if err is not None:

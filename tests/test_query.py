@@ -14,8 +14,8 @@ from dcdb import uids as U
 from dcdb.engine import connect, embedding_scans
 from dcdb.errors import (
     FilterNotFoundError,
-    PoolError,
     ParameterError,
+    PoolError,
     QueryError,
     ReadOnlyError,
     UidError,
@@ -379,7 +379,7 @@ def test_statements_join_only_what_they_read_and_get_the_same_rows(small_pool, t
             narrow = reader.read_all()
         assert narrow.equals(full), sql
     # the full view is back after each statement, also after one that failed half-way
-    with pytest.raises(duckdb.Error):
-        with pool_reader(con, "SELECT uid, 1 / (lang = 'zz')::INT AS x FROM pool WHERE error('boom') IS NULL") as r:
-            r.read_all()
+    failing = "SELECT uid, lang FROM pool WHERE error('boom') IS NULL"
+    with pytest.raises(duckdb.Error), pool_reader(con, failing) as r:
+        r.read_all()
     assert con.sql("SELECT count(lang), count(l14_img) FROM pool").fetchall() == [(len(uids), len(uids))]
