@@ -331,7 +331,7 @@ def run_filter(pool: Pool, filt: FilterFile, given: dict[str, str] | None = None
     if copies_parts is not None:
         copies = np.concatenate(copies_parts) if copies_parts else np.empty(0, np.int64)
         arr = np.repeat(arr, copies)
-    arr = U.sort(arr)
+    arr = U.sort(arr, copy=False)  # arr is ours: a sorted result is not copied again
     return FilterResult(
         uids=arr, filter=filt, params=params, pool=pool, seconds=time.perf_counter() - t0, result_rows=nrows
     )

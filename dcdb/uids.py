@@ -110,18 +110,21 @@ def from_arrow(array, source: str = "uids", out: np.ndarray | None = None) -> np
     n = len(array)
     if n == 0:
         return empty() if out is None else out
-    lengths = pc.utf8_length(array).to_numpy(zero_copy_only=False)
-    if (lengths != UID_HEX_LEN).any():
-        i = int(np.flatnonzero(lengths != UID_HEX_LEN)[0])
-        raise UidError(
-            f"{source}: uid at row {i} is {array[i].as_py()!r} ({int(lengths[i])} characters, "
-            f"expected 32 lowercase hex)",
-            hint="a DataComp uid is a 128-bit number written as 32 lowercase hex digits",
-        )
     offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset : array.offset + n + 1]
     data = np.frombuffer(array.buffers()[2], dtype=np.uint8)
+    bad = np.diff(offsets) != UID_HEX_LEN  # byte lengths, straight from the offsets
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        value = array[i].as_py()
+        if len(value) == UID_HEX_LEN:
+            raise UidError(f"{source}: uid at row {i} is {value!r}: it contains non-ASCII characters",
+                           hint="a DataComp uid is a 128-bit number written as 32 lowercase hex digits")
+        raise UidError(
+            f"{source}: uid at row {i} is {value!r} ({len(value)} characters, expected 32 lowercase hex)",
+            hint="a DataComp uid is a 128-bit number written as 32 lowercase hex digits",
+        )
     start, stop = int(offsets[0]), int(offsets[-1])
-    if stop - start != n * UID_HEX_LEN:  # multi-byte characters somewhere
+    if stop - start != n * UID_HEX_LEN:  # cannot happen after the check above; kept as a guard
         raise UidError(f"{source}: a uid contains non-ASCII characters; uids are 32 lowercase hex digits")
     return _decode_hex_block(data[start:stop], n, source, out)
 
@@ -198,8 +201,9 @@ def _check_dtype(uids: np.ndarray) -> np.ndarray:
     return uids
 
 
-def sort(uids: np.ndarray) -> np.ndarray:
+def sort(uids: np.ndarray, *, copy: bool = True) -> np.ndarray:
     """Sorted copy, ascending by (f0, f1) -- the order of ``np.sort`` on the structured array.
+    With ``copy=False`` an input that is already sorted is returned as it is.
 
     uids are hashes, so the high word's top bits almost order them: the row index is packed into
     the low bits of the high word and the resulting uint64 keys are sorted in place (numpy's SIMD
@@ -209,7 +213,7 @@ def sort(uids: np.ndarray) -> np.ndarray:
     uids = _check_dtype(uids)
     n = len(uids)
     if n < 2 or is_sorted(uids):  # a linear check: pools laid out in uid order come out sorted
-        return uids.copy()
+        return uids.copy() if copy else uids
     bits = int(n - 1).bit_length()
     mask = np.uint64((1 << bits) - 1)
     key = uids["f0"] & ~mask

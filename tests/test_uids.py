@@ -38,6 +38,8 @@ def test_sort_matches_numpy_structured_sort(hexes):
     done = U.sort(U.from_hex(hexes))  # already sorted input takes the linear path: a copy
     again = U.sort(done)
     assert again.tobytes() == done.tobytes() and again is not done
+    assert U.sort(done, copy=False) is done
+    assert U.sort(U.from_hex(hexes), copy=False).tobytes() == done.tobytes()
     almost = done.copy()
     almost[[3, 4]] = almost[[4, 3]]  # one swapped pair is caught by the check
     assert U.sort(almost).tobytes() == done.tobytes()
