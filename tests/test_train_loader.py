@@ -26,12 +26,17 @@ open_clip = pytest.importorskip("open_clip")
 
 
 def _preprocess(model: str = "dcdb-tiny"):
+    """open_clip's (train, eval) transforms for ``model``; for a built-in model, built from its config
+    as ``create_model_and_transforms`` does, without creating the model."""
     from dcdb.train.models import quiet_random_init, register_models
 
     register_models()
-    with quiet_random_init():
-        _, train, val = open_clip.create_model_and_transforms(model)
-    return train, val
+    if model.startswith("dcdb-"):
+        with quiet_random_init():
+            _, train, val = open_clip.create_model_and_transforms(model)
+        return train, val
+    size = open_clip.get_model_config(model)["vision_cfg"]["image_size"]
+    return open_clip.image_transform(size, is_train=True), open_clip.image_transform(size, is_train=False)
 
 
 def _jpeg(rng: np.random.Generator, height: int, width: int, mode: str = "RGB") -> bytes:
@@ -246,3 +251,53 @@ def test_toy_shards_json_untouched(shards):
 def tar_member(path, name):
     with tarfile.open(path) as tar:
         return tar.extractfile(name).read()
+
+
+# ------------------------------------------------------------------------------ CPU split
+
+
+@pytest.mark.parametrize(("cores", "workers", "device", "threads", "expected"), [
+    (2, None, "cpu", None, (1, 1, 10)),  # 1 decoding worker, training on the other core
+    (4, None, "cpu", None, (3, 1, 10)),
+    (4, 2, "cpu", None, (2, 2, 10)),
+    (2, 0, "cpu", None, (0, None, 0)),  # no workers: torch keeps every core
+    (8, None, "cpu", None, (4, None, 0)),  # a larger CPU: torch's default
+    (2, None, "cuda", None, (1, None, 0)),
+    (2, None, "cpu", 2, (1, 2, 10)),  # --threads wins
+    (2, None, "cpu", 0, (1, None, 10)),  # --threads 0: torch's default
+])
+def test_loader_policy(monkeypatch, cores, workers, device, threads, expected):
+    from dcdb.train import trainer
+
+    monkeypatch.setattr(trainer, "cpu_cores", lambda: cores)
+    p = trainer.loader_policy(workers, device, threads)
+    assert (p.workers, p.torch_threads, p.worker_nice) == expected
+
+
+def test_worker_nice_lowers_priority():
+    import subprocess
+    import sys
+
+    code = "import os; from dcdb.train.data import _Nice; a = os.nice(0); _Nice(3)(0); print(os.nice(0) - a)"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "3"
+
+
+def test_train_applies_and_restores_the_cpu_split(shards, tmp_path, monkeypatch):
+    from dcdb.train import train, trainer
+
+    monkeypatch.setattr(trainer, "cpu_cores", lambda: 2)
+    before = torch.get_num_threads()
+    seen = []
+    real_step = trainer.TrainSession.step
+
+    def step(self, images, texts):
+        seen.append(torch.get_num_threads())
+        return real_step(self, images, texts)
+
+    monkeypatch.setattr(trainer.TrainSession, "step", step)
+    res = train(shards.root, tmp_path / "run", "tiny", seed=0, samples_seen=80, batch_size=16, workers=1,
+                progress=False)
+    info = json.loads((res.output / "info.json").read_text())
+    assert (info["workers"], info["torch_threads"], info["worker_nice"]) == (1, 1, 10)
+    assert set(seen) == {1} and torch.get_num_threads() == before
