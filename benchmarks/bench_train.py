@@ -9,7 +9,8 @@ cosine schedule) fed two ways:
 
 - loader: ``dcdb.train.data.stream_batches`` reading, decoding, cropping and tokenizing from the
   shards in dataloader workers, as in training; its start-up (first batch: workers, shuffle buffer)
-  is timed apart, since training pays it once per run;
+  is timed apart, since training pays it once per run; ``dcdb train``'s thread tuning (its trial
+  steps on every candidate thread count) is inside the timed steps, as in a run;
 - memory: the same number of batches taken from that loader beforehand and replayed from a list.
 
 Configurations: the CPU split ``dcdb train`` uses by default (:func:`dcdb.train.loader_policy`:
@@ -38,6 +39,7 @@ import time
 from pathlib import Path
 
 POLICIES = {"default": None, "passive": "PASSIVE"}  # None: OMP_WAIT_POLICY unset
+CHOSEN: list[int | None] = []  # thread counts dcdb train's tuner kept, one per loader run
 
 
 def _cuda() -> bool:
@@ -61,11 +63,11 @@ def time_loader(session, shards, *, batch: int, steps: int, policy, seed: int) -
     """
     import torch
 
+    from dcdb.train import ThreadTuner
     from dcdb.train.data import stream_batches
 
     threads = torch.get_num_threads()
-    if policy.torch_threads is not None:
-        torch.set_num_threads(policy.torch_threads)
+    tuner = ThreadTuner(policy.threads) if policy.threads else None
     try:
         t0 = time.perf_counter()
         stream = stream_batches(shards, preprocess=session.preprocess, tokenizer=session.tokenizer,
@@ -78,9 +80,16 @@ def time_loader(session, shards, *, batch: int, steps: int, policy, seed: int) -
         t1 = time.perf_counter()
         for i, (images, texts) in enumerate(stream):
             session.schedule(i)
+            if tuner is not None:
+                tuner.before_step()
             session.step(images, texts)
+            if tuner is not None:
+                tuner.after_step()
         _sync()
-        return startup, steps * batch / (time.perf_counter() - t1)
+        rate = steps * batch / (time.perf_counter() - t1)
+        if tuner is not None:
+            CHOSEN.append(tuner.chosen)
+        return startup, rate
     finally:
         torch.set_num_threads(threads)
 
@@ -113,7 +122,7 @@ def measure(args: argparse.Namespace) -> dict:
 
     device = "cuda" if _cuda() else "cpu"
     train_default = loader_policy(args.workers, device)
-    plain = LoaderPolicy(workers=train_default.workers, torch_threads=None, worker_nice=0)
+    plain = LoaderPolicy(workers=train_default.workers, threads=(), worker_nice=0)
     loaders = {"dcdb train": train_default}
     if plain != train_default:
         loaders["plain"] = plain
@@ -146,6 +155,7 @@ def measure(args: argparse.Namespace) -> dict:
         "rates": {k: {"best": max(v), "median": statistics.median(v)} for k, v in rates.items()},
         "policies": {k: v.to_dict() for k, v in loaders.items()},
         "startup": min(startups),
+        "chosen": CHOSEN,
         "device": "cuda" if device == "cuda" else f"cpu, {cpu_cores()} cores",
         "run_steps": get_recipe("tiny", batch_size=args.batch).total_steps,
     }
@@ -191,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     split = any_run["policies"]["dcdb train"]
     print(f"tiny model (dcdb-tiny), batch {args.batch}, {args.steps} steps per run, {any_run['device']}; "
           f"best (median) of {args.repeats}; load average {load0[0]:.1f} before, {load1[0]:.1f} after")
-    print(f"dcdb train's CPU split: {split['workers']} worker(s) at nice +{split['worker_nice']}, "
-          f"{split['torch_threads'] or 'default'} torch thread(s)")
+    print(f"dcdb train's CPU split: {split['workers']} worker(s) at nice +{split['worker_nice']}, torch threads "
+          f"{'tuned among ' + str(split['threads']) if len(split['threads']) > 1 else split['threads'] or 'default'}"
+          + "".join(f"; {p} runs kept {r['chosen']}" for p, r in results.items() if r["chosen"]))
     print(f"{'OpenMP wait':12s} {'configuration':28s} {'samples/s':>10s} {'(median)':>9s}")
     for policy, r in results.items():
         for name, v in r["rates"].items():

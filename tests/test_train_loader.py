@@ -257,21 +257,46 @@ def tar_member(path, name):
 
 
 @pytest.mark.parametrize(("cores", "workers", "device", "threads", "expected"), [
-    (2, None, "cpu", None, (1, 1, 10)),  # 1 decoding worker, training on the other core
-    (4, None, "cpu", None, (3, 1, 10)),
-    (4, 2, "cpu", None, (2, 2, 10)),
-    (2, 0, "cpu", None, (0, None, 0)),  # no workers: torch keeps every core
-    (8, None, "cpu", None, (4, None, 0)),  # a larger CPU: torch's default
-    (2, None, "cuda", None, (1, None, 0)),
-    (2, None, "cpu", 2, (1, 2, 10)),  # --threads wins
-    (2, None, "cpu", 0, (1, None, 10)),  # --threads 0: torch's default
+    (2, None, "cpu", None, (1, (2, 1), 10)),  # 1 decoding worker; 2 or 1 torch threads, the faster
+    (4, None, "cpu", None, (3, (4, 1), 10)),
+    (4, 2, "cpu", None, (2, (4, 2), 10)),
+    (1, None, "cpu", None, (1, (1,), 10)),
+    (2, 0, "cpu", None, (0, (), 0)),  # no workers: torch keeps every core
+    (8, None, "cpu", None, (4, (), 0)),  # a larger CPU: torch's default
+    (2, None, "cuda", None, (1, (), 0)),
+    (2, None, "cpu", 2, (1, (2,), 10)),  # --threads wins
+    (2, None, "cpu", 0, (1, (), 10)),  # --threads 0: torch's default
 ])
 def test_loader_policy(monkeypatch, cores, workers, device, threads, expected):
     from dcdb.train import trainer
 
     monkeypatch.setattr(trainer, "cpu_cores", lambda: cores)
     p = trainer.loader_policy(workers, device, threads)
-    assert (p.workers, p.torch_threads, p.worker_nice) == expected
+    assert (p.workers, p.threads, p.worker_nice) == expected
+
+
+def test_thread_tuner_keeps_the_faster_count(monkeypatch):
+    """Warm-up, then alternating trials; the count with the lower median step time is kept."""
+    from dcdb.train import trainer
+
+    clock = [0.0]
+    monkeypatch.setattr(trainer.time, "perf_counter", lambda: clock[0])
+    before = torch.get_num_threads()
+    try:
+        tuner = trainer.ThreadTuner((2, 1), steps_per_trial=2, rounds=2, warmup=1)
+        used = []
+        for _ in range(12):
+            tuner.before_step()
+            used.append(torch.get_num_threads())
+            clock[0] += {2: 0.5, 1: 0.3}[used[-1]] + (5.0 if len(used) == 1 else 0.0)  # a slow first step
+            tuner.after_step()
+        assert used[:9] == [2, 2, 2, 1, 1, 2, 2, 1, 1] and set(used[9:]) == {1}
+        assert tuner.chosen == 1 and tuner.to_dict()["median_step_seconds"] == {"2": 0.5, "1": 0.3}
+        single = trainer.ThreadTuner((2,))
+        single.before_step()
+        assert single.chosen == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_worker_nice_lowers_priority():
@@ -296,8 +321,10 @@ def test_train_applies_and_restores_the_cpu_split(shards, tmp_path, monkeypatch)
         return real_step(self, images, texts)
 
     monkeypatch.setattr(trainer.TrainSession, "step", step)
-    res = train(shards.root, tmp_path / "run", "tiny", seed=0, samples_seen=80, batch_size=16, workers=1,
+    res = train(shards.root, tmp_path / "run", "tiny", seed=0, samples_seen=16 * 15, batch_size=16, workers=1,
                 progress=False)
     info = json.loads((res.output / "info.json").read_text())
-    assert (info["workers"], info["torch_threads"], info["worker_nice"]) == (1, 1, 10)
-    assert set(seen) == {1} and torch.get_num_threads() == before
+    assert (info["workers"], info["worker_nice"]) == (1, 10)
+    assert info["threads"]["chosen"] in (1, 2) and set(info["threads"]["median_step_seconds"]) == {"1", "2"}
+    assert seen[:13] == [2] * 4 + [1] * 3 + [2] * 3 + [1] * 3  # warm-up, 2 rounds of 3-step trials
+    assert set(seen[13:]) == {info["threads"]["chosen"]} and torch.get_num_threads() == before

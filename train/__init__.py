@@ -17,6 +17,7 @@ from .recipe import RECIPES, Recipe, available_scales, get_recipe
 from .trainer import (
     INFO,
     LoaderPolicy,
+    ThreadTuner,
     TrainResult,
     TrainSession,
     cpu_cores,
@@ -34,6 +35,7 @@ __all__ = [
     "LoaderPolicy",
     "Recipe",
     "ShardSet",
+    "ThreadTuner",
     "TrainResult",
     "TrainSession",
     "available_scales",

@@ -21,6 +21,7 @@ import math
 import os
 import pickle
 import random
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -109,36 +110,94 @@ class LoaderPolicy:
     """How the training process and its dataloader workers share the CPU."""
 
     workers: int
-    torch_threads: int | None  # intra-op threads for training; None: torch's default (one per core)
+    threads: tuple[int, ...]  # torch thread counts to try, the fastest kept (ThreadTuner); (): torch's default
     worker_nice: int  # added to the workers' nice value (lower CPU priority than training)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"workers": self.workers, "torch_threads": self.torch_threads, "worker_nice": self.worker_nice}
+        return {"workers": self.workers, "threads": list(self.threads), "worker_nice": self.worker_nice}
 
 
 def loader_policy(workers: int | None = None, device: str = "cpu", threads: int | None = None) -> LoaderPolicy:
     """The CPU split :func:`train` uses: ``workers`` (default :func:`default_workers`) decoding
-    processes, and on a small CPU (at most :data:`SMALL_CPU` cores) training on the cores they leave
-    (``cores - workers`` torch threads, at least 1), with the workers at a lower priority.
+    processes and, on a small CPU (at most :data:`SMALL_CPU` cores), the workers at a lower priority
+    and torch's thread count tuned between every core and the cores the workers leave.
 
-    On 2 busy cores (``benchmarks/bench_train.py``), 1 torch thread + 1 worker trained the tiny
-    model at 0.93x of the best in-memory rate, 2 threads + 1 worker at 0.6-0.65x: the worker takes
-    a core from a torch thread in the middle of a parallel region, and the region waits for it.
-    ``threads`` overrides the torch thread count (0: torch's default). On a GPU, or a larger CPU,
-    torch keeps its default.
+    Neither wins everywhere. On 2 idle cores the tiny model trains about twice as fast on 2 threads
+    as on 1, and the worker needs under a tenth of a core; on 2 cores that other programs keep busy,
+    2 threads stall each other (a parallel region waits for the thread that lost its core) and
+    1 thread + 1 worker was faster (``benchmarks/bench_train.py``). So :class:`ThreadTuner` times
+    both on the run's first steps and keeps the faster. ``threads`` fixes the count instead (0:
+    torch's default); so do a GPU and a larger CPU.
     """
     cores = cpu_cores()
     workers = default_workers() if workers is None else max(0, int(workers))
     small = str(device).startswith("cpu") and cores <= SMALL_CPU and workers > 0
-    if threads is None:
-        threads = max(1, cores - workers) if small else None
-    elif threads <= 0:
-        threads = None
-    return LoaderPolicy(workers=workers, torch_threads=threads, worker_nice=WORKER_NICE if small else 0)
+    if threads is not None:
+        tried: tuple[int, ...] = (int(threads),) if threads > 0 else ()
+    elif small:
+        tried = tuple(dict.fromkeys((cores, max(1, cores - workers))))
+    else:
+        tried = ()
+    return LoaderPolicy(workers=workers, threads=tried, worker_nice=WORKER_NICE if small else 0)
 
 
 #: Niceness the dataloader workers add on a small CPU (see :func:`loader_policy`).
 WORKER_NICE = 10
+
+
+class ThreadTuner:
+    """Chooses torch's intra-op thread count by timing real training steps.
+
+    After ``warmup`` steps, runs ``steps_per_trial`` steps with each candidate count, ``rounds``
+    times over, and keeps the count with the lowest median step time (measured from the end of one
+    step to the end of the next, so waiting for the loader counts). A single candidate is just set.
+    The training arithmetic is the same whatever the count; float sums may round differently
+    (~1e-6 after a few steps), so pass one count (``dcdb train --threads N``) for runs that must
+    repeat bit for bit.
+    """
+
+    def __init__(self, candidates: tuple[int, ...], *, steps_per_trial: int = 3, rounds: int = 2,
+                 warmup: int = 1):
+        if not candidates:
+            raise ValueError("ThreadTuner needs at least one thread count")
+        self.candidates = tuple(candidates)
+        trials = [c for _ in range(rounds) for c in self.candidates for _ in range(steps_per_trial)]
+        self.plan = [self.candidates[0]] * warmup + trials
+        self.warmup = warmup
+        self.times: dict[int, list[float]] = {c: [] for c in self.candidates}
+        self.chosen: int | None = self.candidates[0] if len(self.candidates) == 1 else None
+        self._steps = 0
+        self._last: float | None = None
+        self._current = self.candidates[0]
+
+    def before_step(self) -> None:
+        """Set the thread count for the next step."""
+        import torch
+
+        self._current = self.chosen if self.chosen is not None else self.plan[self._steps]
+        if torch.get_num_threads() != self._current:
+            torch.set_num_threads(self._current)
+        if self._last is None:
+            self._last = time.perf_counter()
+
+    def after_step(self) -> None:
+        """Record the step that just ended."""
+        now = time.perf_counter()
+        if self.chosen is None:
+            if self._steps >= self.warmup:
+                self.times[self._current].append(now - self._last)
+            self._steps += 1
+            if self._steps == len(self.plan):
+                self.chosen = min(self.candidates, key=lambda c: statistics.median(self.times[c]))
+        self._last = now
+
+    def pause(self) -> None:
+        """Time spent until the next step (a checkpoint being written) is not a step's."""
+        self._last = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"chosen": self.chosen,
+                "median_step_seconds": {str(c): round(statistics.median(t), 4) for c, t in self.times.items() if t}}
 
 
 def train(
@@ -196,13 +255,14 @@ def train(
     write_json(output / INFO, {**info, **_progress(recipe, start_epoch, "running")})
 
     torch_threads = torch.get_num_threads()
-    if policy.torch_threads is not None:
-        torch.set_num_threads(policy.torch_threads)
+    tuner = ThreadTuner(policy.threads) if policy.threads else None
     try:
         losses, seconds = _train_epochs(output, session, recipe, shards, seed, start_epoch, identity, info,
-                                        policy, dev, save_every, progress, say)
+                                        policy, tuner, dev, save_every, progress, say)
     finally:
         torch.set_num_threads(torch_threads)
+    if tuner is not None:
+        info["threads"] = tuner.to_dict()
     result = _result(output, recipe, shards, seed, start_epoch, losses, seconds, dev, None)
     write_json(output / INFO, {**info, **_progress(recipe, recipe.num_checkpoints, "complete"),
                                "seconds": round(result.seconds, 3),
@@ -213,7 +273,7 @@ def train(
 
 def _train_epochs(output: Path, session: TrainSession, recipe: Recipe, shards: ShardSet, seed: int,
                   start_epoch: int, identity: dict[str, Any], info: dict[str, Any], policy: LoaderPolicy,
-                  dev: str, save_every: int, progress: bool, say: Callable[[str], None]) -> tuple[list[float], float]:
+                  tuner: ThreadTuner | None, dev: str, save_every: int, progress: bool, say: Callable[[str], None]) -> tuple[list[float], float]:
     """The training loop of :func:`train`: ``(mean loss per epoch trained, seconds)``."""
     t0 = time.perf_counter()
     losses: list[float] = []
@@ -232,7 +292,10 @@ def _train_epochs(output: Path, session: TrainSession, recipe: Recipe, shards: S
     ))
     with stream as batches, _progress_bar(recipe, start_epoch, progress) as bar:
         for epoch in range(start_epoch, recipe.num_checkpoints):
-            losses.append(session.train_epoch(islice(batches, recipe.steps_per_checkpoint), epoch, bar))
+            losses.append(session.train_epoch(islice(batches, recipe.steps_per_checkpoint), epoch, bar, tuner))
+            if tuner is not None:
+                tuner.pause()
+                info["threads"] = tuner.to_dict()
             done = epoch + 1
             keep = done == recipe.num_checkpoints or (save_every > 0 and done % save_every == 0)
             latest = save_checkpoint(output, done, session.checkpoint(done, identity, output.name), keep=keep)
@@ -312,8 +375,9 @@ class TrainSession:
             schedule=cosine_lr(optimizer, recipe.learning_rate, recipe.warmup, recipe.total_steps),
         )
 
-    def train_epoch(self, batches, epoch: int, bar) -> float:
-        """Train on ``batches`` (one 'epoch'); return the mean loss."""
+    def train_epoch(self, batches, epoch: int, bar, tuner: ThreadTuner | None = None) -> float:
+        """Train on ``batches`` (one 'epoch'); return the mean loss. ``tuner`` sets torch's thread
+        count around each step."""
         import torch
 
         self.model.train()
@@ -323,7 +387,11 @@ class TrainSession:
         t_last, n_last = time.perf_counter(), 0
         for i, (images, texts) in enumerate(batches):
             lr = self.schedule(first_step + i)
+            if tuner is not None:
+                tuner.before_step()
             loss = self.step(images, texts)
+            if tuner is not None:
+                tuner.after_step()
             total += loss
             n += 1
             if bar is not None:
@@ -487,8 +555,8 @@ def _initial_info(recipe: Recipe, shards: ShardSet, seed: int, policy: LoaderPol
         "data": shards.to_dict(),
         "seed": seed,
         "workers": policy.workers,
-        "torch_threads": policy.torch_threads,
         "worker_nice": policy.worker_nice,
+        "threads": {"candidates": list(policy.threads)} if policy.threads else None,
         "device": device,
         "precision": precision,
         "versions": {"dcdb": __version__, "torch": torch.__version__,
