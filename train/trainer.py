@@ -122,10 +122,11 @@ def loader_policy(workers: int | None = None, device: str = "cpu", threads: int 
     processes and, on a small CPU (at most :data:`SMALL_CPU` cores), the workers at a lower priority
     and torch's thread count tuned between every core and the cores the workers leave.
 
-    Neither wins everywhere. On 2 idle cores the tiny model trains about twice as fast on 2 threads
-    as on 1, and the worker needs under a tenth of a core; on 2 cores that other programs keep busy,
-    2 threads stall each other (a parallel region waits for the thread that lost its core) and
-    1 thread + 1 worker was faster (``benchmarks/bench_train.py``). So :class:`ThreadTuner` times
+    Neither wins everywhere (``benchmarks/bench_train.py``, 2 cores, tiny model; the worker needs
+    about 40 ms of CPU per 64-sample batch, ~0.1 core): on lightly loaded cores 2 threads were
+    faster (passive OpenMP: 122.8 vs 113.0 samples/s in memory); on cores that other programs keep
+    busy, 2 threads stall each other (a parallel region waits for the thread that lost its core)
+    and 1 thread + 1 worker was faster (86.0 vs 81.4 samples/s). So :class:`ThreadTuner` times
     both on the run's first steps and keeps the faster. ``threads`` fixes the count instead (0:
     torch's default); so do a GPU and a larger CPU.
     """
