@@ -1,21 +1,29 @@
 """Training throughput of the tiny CLIP: the real webdataset loader vs tensors already in memory.
 
-    python benchmarks/bench_train.py [--samples 2048] [--steps 40] [--batch 64] [--workers N] [--repeats 3]
+    python benchmarks/bench_train.py [--samples 2048] [--steps 30] [--batch 64] [--repeats 3]
+                                     [--policies default,passive]
 
 Writes toy shards in the resharder's layout (64-pixel JPEGs + captions) to a temporary folder, then
 times the same training steps (``dcdb.train.TrainSession.step``: open_clip model, ClipLoss, AdamW,
 cosine schedule) fed two ways:
 
-- loader: ``dcdb.train.data.stream_batches`` reading, decoding, transforming and tokenizing from the
+- loader: ``dcdb.train.data.stream_batches`` reading, decoding, cropping and tokenizing from the
   shards in dataloader workers, as in training; its start-up (first batch: workers, shuffle buffer)
-  is timed apart, since training pays it once per run;
+  is timed apart, since training pays it once per run; ``dcdb train``'s thread tuning (its trial
+  steps on every candidate thread count) is inside the timed steps, as in a run;
 - memory: the same number of batches taken from that loader beforehand and replayed from a list.
 
-On a small CPU the result depends on how torch's OpenMP threads wait, which can only be chosen
-before torch loads, so each policy runs in its own process: ``default`` (libgomp spins a while) and
-``passive`` (threads sleep; what ``dcdb train`` sets). The verdict compares the best loader-fed
-rate with the best in-memory rate over both. Runs alternate loader/memory to spread out noise from
-other processes; the best of ``--repeats`` is reported for each.
+Configurations: the CPU split ``dcdb train`` uses by default (:func:`dcdb.train.loader_policy`:
+workers, torch threads, worker priority), and the plain one (torch's default threads, workers at
+normal priority); in-memory with every core as a torch thread and with one fewer. How torch's
+OpenMP threads wait can only be chosen before torch loads, so each policy runs in its own process:
+``default`` (libgomp spins a while) and ``passive`` (threads sleep; what ``dcdb train`` sets).
+
+The verdict compares ``dcdb train``'s default (passive OpenMP, its CPU split) with the best
+in-memory rate over every policy and thread count (best against best). Runs alternate between
+configurations to spread out noise from other processes; the best of ``--repeats`` is reported for
+each (the least disturbed run), with the median beside it. The machine load is printed: on a small
+shared CPU, other programs move these figures a lot.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +39,7 @@ import time
 from pathlib import Path
 
 POLICIES = {"default": None, "passive": "PASSIVE"}  # None: OMP_WAIT_POLICY unset
+CHOSEN: list[int | None] = []  # thread counts dcdb train's tuner kept, one per loader run
 
 
 def _cuda() -> bool:
@@ -45,67 +55,110 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def time_loader(session, shards, *, batch: int, steps: int, workers: int, seed: int) -> tuple[float, float]:
-    """``(start-up seconds, samples/s)`` of training fed by the webdataset loader.
+def time_loader(session, shards, *, batch: int, steps: int, policy, seed: int) -> tuple[float, float]:
+    """``(start-up seconds, samples/s)`` of training fed by the webdataset loader under ``policy``.
 
     Start-up is the first batch (worker start, first shards read, shuffle buffer's initial fill);
     the rate is over the ``steps`` steps after it.
     """
+    import torch
+
+    from dcdb.train import ThreadTuner
     from dcdb.train.data import stream_batches
 
-    t0 = time.perf_counter()
-    stream = stream_batches(shards, preprocess=session.preprocess, tokenizer=session.tokenizer,
-                            batch_size=batch, steps=steps + 1, seed=seed, workers=workers)
-    first = next(stream)
-    startup = time.perf_counter() - t0
-    session.step(*first)
-    _sync()
-    t1 = time.perf_counter()
-    for i, (images, texts) in enumerate(stream):
-        session.schedule(i)
-        session.step(images, texts)
-    _sync()
-    return startup, steps * batch / (time.perf_counter() - t1)
+    threads = torch.get_num_threads()
+    tuner = ThreadTuner(policy.threads) if policy.threads else None
+    try:
+        t0 = time.perf_counter()
+        stream = stream_batches(shards, preprocess=session.preprocess, tokenizer=session.tokenizer,
+                                batch_size=batch, steps=steps + 1, seed=seed, workers=policy.workers,
+                                device=session.device, worker_nice=policy.worker_nice)
+        first = next(stream)
+        startup = time.perf_counter() - t0
+        session.step(*first)
+        _sync()
+        t1 = time.perf_counter()
+        for i, (images, texts) in enumerate(stream):
+            session.schedule(i)
+            if tuner is not None:
+                tuner.before_step()
+            session.step(images, texts)
+            if tuner is not None:
+                tuner.after_step()
+        _sync()
+        rate = steps * batch / (time.perf_counter() - t1)
+        if tuner is not None:
+            CHOSEN.append(tuner.chosen)
+        return startup, rate
+    finally:
+        torch.set_num_threads(threads)
 
 
-def time_memory(session, batches, *, batch: int) -> float:
-    """Samples/s of the same number of steps on batches already in memory."""
-    t0 = time.perf_counter()
-    for i, (images, texts) in enumerate(batches):
-        session.schedule(i)
-        session.step(images, texts)
-    _sync()
-    return len(batches) * batch / (time.perf_counter() - t0)
+def time_memory(session, batches, *, batch: int, threads: int) -> float:
+    """Samples/s of the same number of steps on batches already in memory, with ``threads``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t0 = time.perf_counter()
+        for i, (images, texts) in enumerate(batches):
+            session.schedule(i)
+            session.step(images, texts)
+        _sync()
+        return len(batches) * batch / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
 
 
 def measure(args: argparse.Namespace) -> dict:
-    """One process, the current OpenMP policy: best loader and memory rates over the repeats."""
+    """One process, the current OpenMP policy: loader and memory rates over the repeats."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from dcdb.train import TrainSession, default_workers, find_shards, get_recipe
+    from dcdb.train import LoaderPolicy, TrainSession, cpu_cores, find_shards, get_recipe, loader_policy
     from dcdb.train.data import stream_batches
     from dcdb.train.toy import write_toy_shards
 
-    workers = default_workers() if args.workers is None else args.workers
+    device = "cuda" if _cuda() else "cpu"
+    train_default = loader_policy(args.workers, device)
+    plain = LoaderPolicy(workers=train_default.workers, threads=(), worker_nice=0)
+    loaders = {"dcdb train": train_default}
+    if plain != train_default:
+        loaders["plain"] = plain
+    cores = torch.get_num_threads()
+    threads = sorted({cores, max(1, cores - 1)}, reverse=True) if device == "cpu" else [cores]
     recipe = get_recipe("tiny", batch_size=args.batch, samples_seen=args.batch * args.steps * 5)
-    session = TrainSession.create(recipe, seed=0, device="cuda" if _cuda() else "cpu", ckpt=None)
+    session = TrainSession.create(recipe, seed=0, device=device, ckpt=None)
+    rates: dict[str, list[float]] = {}
+    startups: list[float] = []
     with tempfile.TemporaryDirectory(prefix="dcdb-bench-train-") as tmp:
         shards = find_shards(write_toy_shards(Path(tmp) / "shards", args.samples, seed=0, shard_size=256))
         cached = list(stream_batches(shards, preprocess=session.preprocess, tokenizer=session.tokenizer,
-                                     batch_size=args.batch, steps=args.steps, seed=1, workers=workers))
-        time_memory(session, cached[:3], batch=args.batch)  # warm-up
-        loader, memory, startups = [], [], []
+                                     batch_size=args.batch, steps=args.steps, seed=1, workers=1))
+        time_memory(session, cached[:3], batch=args.batch, threads=cores)  # warm-up
         for r in range(args.repeats):
-            startup, rate = time_loader(session, shards, batch=args.batch, steps=args.steps, workers=workers, seed=r)
-            loader.append(rate)
-            startups.append(startup)
-            memory.append(time_memory(session, cached, batch=args.batch))
-            print(f"  [{os.environ.get('OMP_WAIT_POLICY') or 'default'}] repeat {r + 1}: loader {rate:.1f} "
-                  f"samples/s (start-up {startup:.2f}s), memory {memory[-1]:.1f} samples/s", file=sys.stderr)
-    device = "cuda" if _cuda() else f"cpu, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-    return {"loader": max(loader), "memory": max(memory), "startup": min(startups), "workers": workers,
-            "device": device, "run_steps": get_recipe("tiny", batch_size=args.batch).total_steps}
+            line = []
+            for t in threads:
+                rate = time_memory(session, cached, batch=args.batch, threads=t)
+                rates.setdefault(f"memory, {t} thread(s)", []).append(rate)
+                line.append(f"memory/{t}t {rate:.1f}")
+            for name, policy in loaders.items():
+                startup, rate = time_loader(session, shards, batch=args.batch, steps=args.steps, policy=policy,
+                                            seed=r)
+                rates.setdefault(f"loader, {name}", []).append(rate)
+                startups.append(startup)
+                line.append(f"{name} {rate:.1f}")
+            print(f"  [{os.environ.get('OMP_WAIT_POLICY') or 'default'}] repeat {r + 1}: " + ", ".join(line)
+                  + f" samples/s (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+    return {
+        "rates": {k: {"best": max(v), "median": statistics.median(v)} for k, v in rates.items()},
+        "policies": {k: v.to_dict() for k, v in loaders.items()},
+        "startup": min(startups),
+        "chosen": CHOSEN,
+        "device": "cuda" if device == "cuda" else f"cpu, {cpu_cores()} cores",
+        "run_steps": get_recipe("tiny", batch_size=args.batch).total_steps,
+    }
 
 
 def _child(args: argparse.Namespace, policy: str) -> dict:
@@ -125,31 +178,46 @@ def _child(args: argparse.Namespace, policy: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=2048, help="toy samples in the shards")
-    parser.add_argument("--steps", type=int, default=40, help="training steps per timed run")
+    parser.add_argument("--steps", type=int, default=30, help="training steps per timed run")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None, help="dataloader workers (default: dcdb's)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--policies", default=",".join(POLICIES),
+                        help="OpenMP wait policies to run, comma-separated (default, passive)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(measure(args)))
         return 0
 
-    results = {policy: _child(args, policy) for policy in POLICIES}
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = sorted(set(policies) - set(POLICIES))
+    if unknown or not policies:
+        parser.error(f"unknown policy {unknown}: choose from {', '.join(POLICIES)}")
+    load0 = os.getloadavg()
+    results = {policy: _child(args, policy) for policy in policies}
+    load1 = os.getloadavg()
     any_run = next(iter(results.values()))
-    print(f"tiny model (dcdb-tiny), batch {args.batch}, {args.steps} steps, {any_run['workers']} loader "
-          f"worker(s), {any_run['device']}; best of {args.repeats} per policy")
-    print(f"{'OpenMP wait':12s} {'in-memory':>12s} {'loader':>12s} {'ratio':>7s} {'start-up':>9s}")
+    split = any_run["policies"]["dcdb train"]
+    print(f"tiny model (dcdb-tiny), batch {args.batch}, {args.steps} steps per run, {any_run['device']}; "
+          f"best (median) of {args.repeats}; load average {load0[0]:.1f} before, {load1[0]:.1f} after")
+    print(f"dcdb train's CPU split: {split['workers']} worker(s) at nice +{split['worker_nice']}, torch threads "
+          f"{'tuned among ' + str(split['threads']) if len(split['threads']) > 1 else split['threads'] or 'default'}"
+          + "".join(f"; {p} runs kept {r['chosen']}" for p, r in results.items() if r["chosen"]))
+    print(f"{'OpenMP wait':12s} {'configuration':28s} {'samples/s':>10s} {'(median)':>9s}")
     for policy, r in results.items():
-        print(f"{policy:12s} {r['memory']:8.1f} s/s {r['loader']:8.1f} s/s {r['loader'] / r['memory']:7.3f} "
-              f"{r['startup']:8.2f}s")
-    best_loader = max(r["loader"] for r in results.values())
-    best_memory = max(r["memory"] for r in results.values())
-    startup = min(r["startup"] for r in results.values())
+        for name, v in r["rates"].items():
+            print(f"{policy:12s} {name:28s} {v['best']:10.1f} {v['median']:9.1f}")
+    memory = {(p, k): v["best"] for p, r in results.items() for k, v in r["rates"].items() if k.startswith("memory")}
+    (best_policy, best_memory_name), best_memory = max(memory.items(), key=lambda kv: kv[1])
+    train_policy = "passive" if "passive" in results else policies[0]
+    loader = results[train_policy]["rates"]["loader, dcdb train"]["best"]
+    startup = results[train_policy]["startup"]
     steps = any_run["run_steps"]
-    whole = (steps * args.batch / best_memory) / (startup + steps * args.batch / best_loader)
-    print(f"best loader / best in-memory: {best_loader / best_memory:.3f} (goal >= 0.9); "
-          f"over a whole tiny run ({steps} steps, start-up included): {whole:.3f}")
+    whole = (steps * args.batch / best_memory) / (startup + steps * args.batch / loader)
+    print(f"dcdb train's default ({train_policy}, loader) / best in-memory ({best_policy}, {best_memory_name}): "
+          f"{loader:.1f} / {best_memory:.1f} = {loader / best_memory:.3f} (goal >= 0.9); over a whole tiny run "
+          f"({steps} steps, start-up {startup:.2f}s included): {whole:.3f}")
     return 0
 
 

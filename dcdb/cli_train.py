@@ -29,10 +29,14 @@ from dcdb.cli import Ctx, cli, command
               help="Override the scale's global batch size (recorded in info.json).")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Dataloader processes (default: one per spare core, at most 4).")
+@click.option("--threads", type=click.IntRange(min=0), default=None,
+              help="torch threads for training (default: on up to 4 cores, the faster of all cores and the "
+                   "cores the workers leave, timed on the first steps; 0 = torch's default).")
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option("--save-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also keep checkpoints/epoch_<k>.pt every k checkpoints (the last one is always kept).")
-def train_cmd(c: Ctx, scale, data, output, seed, resume, samples_seen, batch_size, workers, device, save_every):
+def train_cmd(c: Ctx, scale, data, output, seed, resume, samples_seen, batch_size, workers, threads, device,
+              save_every):
     """Train a CLIP on --data with DataComp's fixed recipe for --scale.
 
     Prints the final checkpoint's path on stdout; progress and a summary go to stderr.
@@ -40,7 +44,7 @@ def train_cmd(c: Ctx, scale, data, output, seed, resume, samples_seen, batch_siz
     from dcdb.train import train
 
     result = train(data, output, scale, seed=seed, resume=resume, samples_seen=samples_seen,
-                   batch_size=batch_size, workers=workers, device=device, save_every=save_every,
+                   batch_size=batch_size, workers=workers, threads=threads, device=device, save_every=save_every,
                    progress=not c.quiet, log=c.log)
     c.log(result.summary())
     click.echo(str(result.checkpoint))

@@ -14,23 +14,38 @@ from .checkpoint import LATEST, latest_checkpoint, load_checkpoint, state_dict_o
 from .data import ShardSet, find_shards
 from .models import MODEL_CONFIGS, register_models
 from .recipe import RECIPES, Recipe, available_scales, get_recipe
-from .trainer import INFO, TrainResult, TrainSession, default_workers, prefer_passive_openmp, train
+from .trainer import (
+    INFO,
+    LoaderPolicy,
+    ThreadTuner,
+    TrainResult,
+    TrainSession,
+    cpu_cores,
+    default_workers,
+    loader_policy,
+    prefer_passive_openmp,
+    train,
+)
 
 __all__ = [
     "INFO",
     "LATEST",
     "MODEL_CONFIGS",
     "RECIPES",
+    "LoaderPolicy",
     "Recipe",
     "ShardSet",
+    "ThreadTuner",
     "TrainResult",
     "TrainSession",
     "available_scales",
+    "cpu_cores",
     "default_workers",
     "find_shards",
     "get_recipe",
     "latest_checkpoint",
     "load_checkpoint",
+    "loader_policy",
     "prefer_passive_openmp",
     "register_models",
     "state_dict_of",
