@@ -49,7 +49,7 @@ from dcdb.query import FilterFile, FilterResult, _collect
 from dcdb.store import Pool
 
 ENGINES = ("local", "ray")
-TASKS_PER_WORKER = 4  # bucket groups per worker: balance and cheap retries vs. per-task start-up
+TASKS_PER_WORKER = 2  # bucket groups per worker: balance and cheap retries vs. per-task start-up (connect)
 MAX_TASK_ROWS = 8_000_000  # pool rows per task at most (~130 MB of uids if every row is kept)
 RADIX_BITS = 16
 COLLECT_LIMIT = 1 << 20  # fetch the remaining candidate scores once at most this many are left
@@ -180,15 +180,18 @@ def _duck_error(con, exc: Exception, what: str):
 
 
 def _write_group(out_dir: str, group: list[int], ext: str, data, entries: list[dict[str, Any]]) -> None:
-    """A task's data file (a numpy array as raw bytes, or an Arrow table as Parquet), then its
+    """A task's data file (numpy arrays one after another as raw bytes, or an Arrow table as
+    Parquet), then its
     marker, each written under a temp name and renamed into place (atomic for a killed process).
     The file name is unique per attempt, so a retried task never overwrites a file a marker
     vouches for. No fsync (it dominated small tasks): after a machine crash a marker may survive
     its data, so the marker records the file's size and a file of another size is redone."""
     path = Path(out_dir) / f"{group[0]:05d}-{group[-1]:05d}-{uuid.uuid4().hex[:8]}{ext}"
     tmp = tmp_name(path)
-    if isinstance(data, np.ndarray):
-        np.ascontiguousarray(data).tofile(tmp)
+    if isinstance(data, list):
+        with open(tmp, "wb") as f:
+            for a in data:
+                np.ascontiguousarray(a).tofile(f)
     else:
         import pyarrow.parquet as pq
 
@@ -278,7 +281,8 @@ def _read_scores(pool_path: str, group: list[int], source: tuple, params: dict[s
 
         _, folder, column = source
         files = [view.path / folder / f"{bucket_name(b)}.parquet" for b in group]
-        col = pa.chunked_array([pq.read_table(f, columns=[column]).column(0) for f in files])
+        tables = [pq.read_table(f, columns=[column]) for f in files]
+        col = pa.chunked_array([c for t in tables for c in t.column(0).chunks], type=tables[0].schema.field(0).type)
         connect_s = 0.0
     else:
         import duckdb
@@ -315,7 +319,7 @@ def _scores_task(pool_path: str, group: list[int], source: tuple, params: dict[s
     keys = np.concatenate(parts) if parts else np.empty(0, np.uint64)
     hist = _histogram(keys, 0, 0)
     t1 = time.perf_counter()
-    _write_group(out_dir, group, KEYS, keys, entries)
+    _write_group(out_dir, group, KEYS, [keys], entries)
     times = {"connect": connect_s, "scan": t1 - t0 - connect_s, "write": time.perf_counter() - t1}
     return {"rows": int(scores.size), "scored": len(keys), "buckets": len(group), "hist": hist, "times": times}
 
@@ -406,7 +410,7 @@ def _query_task(pool_path: str, group: list[int], sql: str, params: dict[str, An
             pieces.append(sub)
             entries.append({"bucket": b, "result_rows": n, "uids": len(sub), "offset": offset})
             offset += sub.nbytes
-        data = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        data = pieces
     for e, r in zip(entries, rows):
         e["rows"] = r
     t2 = time.perf_counter()
@@ -581,8 +585,10 @@ def _exact_cut(backend, pool: Pool, cut, work: Path, stats: RunStats, progress: 
     if value_file.is_file():
         return json.loads(value_file.read_text())["value"]
     source = _score_source(pool, cut.arch)
+    t = time.perf_counter()
     done, res = _run_phase(backend, pool, d, KEYS, per_task, f"{cut.param[2:]} scores", progress, stats,
                            lambda g: (str(pool.path), g, source, {"arch": cut.arch}, str(d)), scores_task)
+    stats.wall["scores"] = time.perf_counter() - t
     n_rows = sum(int(e["rows"]) for e in done.values())
     n_scored = sum(int(e["scored"]) for e in done.values())
     n = fraction_index(n_rows, n_scored, cut.fraction)
