@@ -52,7 +52,7 @@ ENGINES = ("local", "ray")
 TASKS_PER_WORKER = 2  # bucket groups per worker: balance and cheap retries vs. per-task start-up (connect)
 MAX_TASK_ROWS = 8_000_000  # pool rows per task at most (~130 MB of uids if every row is kept)
 RADIX_BITS = 16
-COLLECT_LIMIT = 1 << 20  # fetch the remaining candidate scores once at most this many are left
+COLLECT_LIMIT = 1 << 22  # fetch the remaining candidate keys (8 B each) once at most this many are left
 FAULT_ENV = "DCDB_FAULT_INJECT"  # test hook: "<marker file>": the first query task's worker dies once
 MARKER = ".done.json"
 
