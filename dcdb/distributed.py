@@ -88,6 +88,7 @@ class RayBackend:
         if not ray.is_initialized():
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             address = os.environ.get("RAY_ADDRESS") or None
+            check_ray_address(address)
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
             except (ConnectionError, RuntimeError, TimeoutError) as exc:
@@ -116,6 +117,30 @@ class RayBackend:
                 if progress:
                     progress(out[index[r]])
         return out
+
+
+RAY_CONNECT_TIMEOUT = 5.0  # seconds to wait for a TCP answer from RAY_ADDRESS
+
+
+def check_ray_address(address: str | None, timeout: float = RAY_CONNECT_TIMEOUT) -> None:
+    """Fail fast on a RAY_ADDRESS nothing answers at: ``ray.init`` would retry it for minutes.
+    ``None``, ``auto`` and ``local`` (a local cluster, found or started) are left to Ray; anything
+    else must be ``[ray://]HOST:PORT`` with something listening there."""
+    import socket
+
+    if address is None or address.strip().lower() in ("", "auto", "local"):
+        return
+    hint = "start a cluster with `ray start --head` and use the address it prints, unset RAY_ADDRESS " \
+           "for a local one, or use --engine local"
+    rest = address.strip().split("://", 1)[-1].rstrip("/")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"RAY_ADDRESS {address!r} is not HOST:PORT (or ray://HOST:PORT)", hint=hint)
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise UsageError(f"no Ray cluster answers at RAY_ADDRESS {address!r}: {exc.strerror or exc}",
+                         hint=hint) from None
 
 
 def ray_map(fn: Callable, items, jobs: int | None = None, window: int | None = None):

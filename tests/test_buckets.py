@@ -351,6 +351,40 @@ def test_rerun_redoes_only_missing_groups(world, tmp_path):
 # ----------------------------------------------------------------------------------- Ray
 
 
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_bad_ray_address_fails_fast():
+    """RAY_ADDRESS is checked before Ray is asked (ray.init retries a dead address for minutes):
+    only loopback sockets here, no Ray."""
+    import socket
+    import time
+
+    from dcdb.distributed import check_ray_address
+
+    for ok in (None, "", "auto", "local"):
+        check_ray_address(ok)  # left to Ray: a local cluster
+    with pytest.raises(UsageError, match="not HOST:PORT"):
+        check_ray_address("head-node")
+    with pytest.raises(UsageError, match="not HOST:PORT"):
+        check_ray_address("ray://head:port")
+    t = time.perf_counter()
+    with pytest.raises(UsageError, match="no Ray cluster answers at RAY_ADDRESS") as exc:
+        check_ray_address(f"127.0.0.1:{_closed_port()}")
+    assert time.perf_counter() - t < 5 and "ray start --head" in exc.value.hint
+    with socket.socket() as server:  # something listening: let Ray try
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        check_ray_address(f"127.0.0.1:{server.getsockname()[1]}")
+        check_ray_address(f"ray://127.0.0.1:{server.getsockname()[1]}")
+
+
 def _netns_works() -> str | None:
     if shutil.which("unshare") is None or shutil.which("ip") is None:
         return "unshare or ip is not installed"
@@ -396,7 +430,8 @@ def test_ray_engine_identical_to_local(world, tmp_path):
     cases = [c for c in world["cases"] if c[1].get("fraction") != "0.1"]  # every sql/ file; Ray is slow
     want = [w for w, c in zip(want, world["cases"]) if c in cases]
     spec.write_text(json.dumps({"pool": str(world["bucketed"]), "out": str(tmp_path), "cases": cases,
-                                "refuse": "SELECT uid FROM pool LIMIT 5", "reshard": reshard_args}))
+                                "refuse": "SELECT uid FROM pool LIMIT 5", "reshard": reshard_args,
+                                "bad_address": f"127.0.0.1:{_closed_port()}"}))
     driver = Path(__file__).with_name("ray_driver.py")
     child_env = {**os.environ, **env, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     cmd = f"ip link set lo up && exec {sys.executable} {driver} {spec}"
@@ -411,6 +446,9 @@ def test_ray_engine_identical_to_local(world, tmp_path):
     assert "killed" in (tmp_path / "fault.txt").read_text()  # the hook really killed a worker
     assert (tmp_path / "fault.npy").read_bytes() == want[2]
     assert report["refuse_code"] != 0 and "LIMIT without ORDER BY" in report["refuse_output"]
+    assert report["bad_address_code"] == 2, report["bad_address_output"]
+    assert "no Ray cluster answers at RAY_ADDRESS" in report["bad_address_output"]
+    assert report["bad_address_seconds"] < 30  # not Ray's minutes of retries
     assert report["reshard_code"] == 0, report["reshard_output"]
     tars = sorted(p.name for p in (tmp_path / "rl").glob("*.tar"))
     assert len(tars) > 3 and tars == sorted(p.name for p in (tmp_path / "rr").glob("*.tar"))
