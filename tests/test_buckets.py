@@ -348,6 +348,48 @@ def test_rerun_redoes_only_missing_groups(world, tmp_path):
     assert not any(tmp_path.iterdir())  # removed after success without keep_work
 
 
+def _copy_group(marker: Path, tag: str) -> None:
+    """What a task retried after it had finished leaves: its buckets in a second file + marker."""
+    info = json.loads(marker.read_text())
+    data = marker.with_name(info["file"])
+    name = data.name.replace(data.name.split("-")[2].split(".")[0], tag)
+    shutil.copy(data, data.with_name(name))
+    marker.with_name(name + ".done.json").write_text(json.dumps({**info, "file": name}))
+
+
+def test_resume_reuses_buckets_and_ignores_retried_copies(world, tmp_path, monkeypatch):
+    """Buckets finished twice (a retried task) count once; a lost score file is redone and the
+    exact cut recomputed from old and new key files; the score pass through SQL (a pool without
+    the score column in its Parquet files) gives the same cut as the direct column read."""
+    from dcdb import distributed
+    from dcdb.plan import Cut
+
+    pool = open_pool(world["bucketed"])
+    for filt, given in [(load_filter("clip_score"), {"arch": "b32", "fraction": "0.3"}),
+                        (parse_filter("q", SPLIT[0], None), {})]:
+        want = run_filter(open_pool(world["plain"]), filt, given).uids
+        logs: list[str] = []
+        first = distributed.run_distributed(pool, filt, given, engine="serial", work_dir=tmp_path, keep_work=True,
+                                            per_task=4, log=logs.append)
+        assert np.array_equal(first.uids, want)
+        for marker in sorted(tmp_path.glob("*/*/*.done.json")):
+            _copy_group(marker, "00retry0")
+        cut_dirs = list(tmp_path.glob("*/__dcdb_cut_0"))
+        if cut_dirs:  # the score files of the first group lost, with the cut value
+            (cut_dirs[0] / "value.json").unlink()
+            for m in sorted(cut_dirs[0].glob("00000-*.done.json")):
+                m.unlink()
+        again = distributed.run_distributed(pool, filt, given, engine="serial", work_dir=tmp_path, keep_work=True,
+                                            per_task=3, log=logs.append)
+        assert f"{BUCKETS} bucket result(s) reused" in logs[-1]
+        assert np.array_equal(again.uids, want)
+        shutil.rmtree(next(tmp_path.iterdir()))
+    monkeypatch.setattr(distributed, "_score_source", lambda pool, arch: ("sql", Cut.score_sql))
+    filt, given = load_filter("clip_score"), {"arch": "l14", "fraction": "0.2"}
+    assert np.array_equal(distributed.run_distributed(pool, filt, given, engine="serial", per_task=3).uids,
+                          run_filter(open_pool(world["plain"]), filt, given).uids)
+
+
 # ----------------------------------------------------------------------------------- Ray
 
 
