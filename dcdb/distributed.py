@@ -2,23 +2,30 @@
 the tests use to check plans without a cluster).
 
 The driver plans the filter once (dcdb/plan.py), then runs phases of tasks; one task handles a
-*group* of consecutive buckets of a bucketed pool (dcdb/buckets.py, about 4 groups per worker)
-with one DuckDB connection on those buckets' files only. Everything a task produces goes to a
-work folder as one Parquet file per bucket with a completion marker written after it, so a re-run
-after a lost worker or a killed driver -- even on a cluster of another size, with other groups --
-redoes only the buckets without a marker (Ray itself retries a task whose worker died):
+*group* of consecutive buckets of a bucketed pool (dcdb/buckets.py, about 2 groups per worker)
+with one DuckDB connection on those buckets' files only. A task writes its output to the work
+folder as one raw file (its buckets one after another) and then a marker listing every bucket in
+it with its offset and counts; before a phase the driver lists the markers and gives tasks only
+the buckets none of them holds, so a re-run after a lost worker or a killed driver -- even on a
+cluster of another size, with other groups -- redoes only unfinished buckets (Ray itself retries
+a task whose worker died; a retried task writes under a new name, and each bucket is read from
+one file only):
 
-1. for each ``clip_cut`` fraction: every bucket's non-NULL scores (``__dcdb_cut_I/<bucket>.parquet``)
-   and row count; the driver then finds the exact value at descending index ``int(N*f)`` by radix
-   selection over the float64 sort keys: while more than a million candidates are left, a round
-   narrows them by 16 bits (a 65536-bin histogram from each worker's share), then the candidates
-   themselves are fetched and sorted (a single round below ~1M scored rows; two or three rounds
-   at 10^9 rows); the value is stored in ``__dcdb_cut_I/value.json``;
-2. the per-bucket query with those values (and broadcast constants) bound: every task writes, per
-   bucket, its sorted uid list (``parts/<bucket>.parquet``: the 16-byte records as one
-   fixed_size_binary column) -- or, for a global top-k, its top rows with their sort keys;
-3. the driver concatenates the groups' lists in bucket order (a sorted list needs no global sort),
-   or merges the top-k candidates, and returns the same FilterResult as the local engine.
+1. for each ``clip_cut`` fraction: every bucket's row count and the float64 sort keys of its
+   non-NULL scores (``__dcdb_cut_I/*.keys``, 8 bytes per scored row; the score column is read
+   straight from the buckets' Parquet files when the pool has it), and, returned with them, a
+   65536-bin histogram of the keys' top 16 bits. The driver finds the exact value at descending
+   index ``int(N*f)`` by radix selection: while more than 4M candidates are left, a round narrows
+   them by 16 bits (the first round is that histogram; more only at 10^8+ rows), then the
+   candidates themselves are fetched and partitioned; the value is stored in
+   ``__dcdb_cut_I/value.json``;
+2. the per-bucket query with those values (and broadcast constants) bound: every task writes its
+   buckets' sorted uid lists as 16-byte records (``parts/*.uids``, the .npy's records byte for
+   byte; a scan of a bucketed pool comes out in uid order, so a bucket's list is a slice) -- or,
+   for a global top-k, its top rows with their sort keys and bucket (``parts/*.parquet``);
+3. the driver reads the buckets' lists in bucket order straight into the result (buckets are uid
+   ranges: a sorted list needs no global sort), or merges the top-k candidates, and returns the
+   same FilterResult as the local engine.
 
 Ray is imported only here, only for ``engine="ray"``; it connects to ``RAY_ADDRESS`` or a local
 cluster (``ray start --head``), or starts one in this process.
