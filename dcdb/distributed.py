@@ -287,19 +287,87 @@ def _by_bucket(uid_arr: np.ndarray, todo: list[int], bits: int, name: str) -> di
     return out
 
 
+def _bounds(group: list[int], bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each bucket's first possible high word, and the next bucket's (2**64 - 1 for the last)."""
+    shift = 64 - bits
+    los = np.array([b << shift if bits else 0 for b in group], dtype=np.uint64)
+    his = np.array([(b + 1) << shift if bits and b + 1 < (1 << bits) else (1 << 64) - 1 for b in group],
+                   dtype=np.uint64)
+    return los, his
+
+
+def _in_order(parts: list[np.ndarray], copies: list[np.ndarray] | None, group: list[int], bits: int):
+    """When the result batches are already in uid order (a scan of a bucketed pool is) and every
+    uid lies in one of ``group``'s buckets: (the arrays to write, copies expanded, without
+    concatenating them; per-bucket entries). None otherwise (the caller sorts)."""
+    prev = None
+    for a in parts:
+        if len(a):
+            if not U.is_sorted(a) or (prev is not None and (int(a["f0"][0]), int(a["f1"][0])) < prev):
+                return None
+            prev = (int(a["f0"][-1]), int(a["f1"][-1]))
+    group = sorted(group)
+    los, his = _bounds(group, bits)
+    last = (1 << bits) - 1
+    result_rows = np.zeros(len(group), dtype=np.int64)
+    uids = np.zeros(len(group), dtype=np.int64)
+    out = []
+    for i, a in enumerate(parts):
+        f0 = a["f0"]
+        starts = np.searchsorted(f0, los, side="left")
+        ends = np.searchsorted(f0, his, side="left")
+        if bits == 0 or group[-1] == last:  # the last bucket runs to the top of the uid space
+            ends[-1] = len(f0)
+        if int((ends - starts).sum()) != len(a):
+            return None  # a uid outside the group: the caller names it
+        result_rows += ends - starts
+        if copies is None:
+            uids += ends - starts
+            out.append(a)
+        else:
+            c = copies[i]
+            cum = np.concatenate([[0], np.cumsum(c)])
+            uids += cum[ends] - cum[starts]
+            out.append(np.repeat(a, c))
+    offsets = np.concatenate([[0], np.cumsum(uids)[:-1]]) * U.UID_DTYPE.itemsize
+    entries = [{"bucket": b, "result_rows": int(r), "uids": int(n), "offset": int(o)}
+               for b, r, n, o in zip(group, result_rows, uids, offsets)]
+    return out, entries
+
+
+def _sorted_by_bucket(parts, copies_parts, group: list[int], bits: int, name: str):
+    """The general case: each bucket's uids sorted (joins and set operations may reorder rows)."""
+    arr = np.concatenate(parts) if len(parts) > 1 else (parts[0] if parts else U.empty())
+    counts = None
+    if copies_parts is not None:
+        counts = np.concatenate(copies_parts) if copies_parts else np.empty(0, np.int64)
+    pieces, entries, offset = [], [], 0
+    for b, idx in _by_bucket(arr, group, bits, name).items():
+        sub = arr[idx] if counts is None else np.repeat(arr[idx], counts[idx])
+        if not U.is_sorted(sub):
+            sub = U.sort(sub)
+        pieces.append(sub)
+        entries.append({"bucket": b, "result_rows": len(arr[idx]), "uids": len(sub), "offset": offset})
+        offset += sub.nbytes
+    return pieces, entries
+
+
 def _histogram(keys: np.ndarray, prefix: int, known: int) -> np.ndarray:
     """Counts of the next RADIX_BITS bits of the keys whose top ``known`` bits are ``prefix``."""
     if known:
         keys = keys[(keys >> np.uint64(64 - known)) == np.uint64(prefix)]
-    digits = (keys >> np.uint64(64 - known - RADIX_BITS)) & np.uint64((1 << RADIX_BITS) - 1)
-    return np.bincount(digits.astype(np.intp), minlength=1 << RADIX_BITS).astype(np.int64)
+    if known == 0 and RADIX_BITS == 16 and sys.byteorder == "little":
+        digits = keys.view(np.uint16)[3::4]  # the top 16 bits, no arithmetic, no copy
+    else:
+        digits = ((keys >> np.uint64(64 - known - RADIX_BITS)) & np.uint64((1 << RADIX_BITS) - 1)).astype(np.intp)
+    return np.bincount(digits, minlength=1 << RADIX_BITS).astype(np.int64, copy=False)
 
 
-def _read_scores(pool_path: str, group: list[int], source: tuple, params: dict[str, Any]):
-    """(the group's scores as float64 with NaN for NULL, in row order; its buckets' row counts;
-    connect seconds). ``source`` is ``("file", dir, column)`` -- the column read straight from
-    the buckets' Parquet files (metadata or a derived group), no DuckDB session -- or
-    ``("sql", sql)``, the score query on a bucket view."""
+def _bucket_scores(pool_path: str, group: list[int], source: tuple, params: dict[str, Any], times: dict[str, float]):
+    """Yield (bucket, its row count, its scores as float64 with NaN for NULL) bucket by bucket.
+    ``source`` is ``("file", dir, column)`` -- the column read straight from each bucket's Parquet
+    file (metadata or a derived group), no DuckDB session -- or ``("sql", sql)``, the score query
+    on a bucket view of the group, split by the buckets' row counts."""
     import pyarrow as pa
 
     from dcdb.buckets import bucket_name, bucket_view
@@ -307,53 +375,62 @@ def _read_scores(pool_path: str, group: list[int], source: tuple, params: dict[s
 
     view = bucket_view(open_pool(pool_path), group)
     counts = [int(s["rows"]) for s in view.shards]
-    t0 = time.perf_counter()
+
+    def numbers(col) -> np.ndarray:
+        return col.cast(pa.float64()).to_numpy(zero_copy_only=False)  # NULL -> NaN
+
     if source[0] == "file":
         import pyarrow.parquet as pq
 
         _, folder, column = source
-        files = [view.path / folder / f"{bucket_name(b)}.parquet" for b in group]
-        tables = [pq.read_table(f, columns=[column]) for f in files]
-        col = pa.chunked_array([c for t in tables for c in t.column(0).chunks], type=tables[0].schema.field(0).type)
-        connect_s = 0.0
-    else:
-        import duckdb
+        for b, n in zip(group, counts):
+            with pq.ParquetFile(view.path / folder / f"{bucket_name(b)}.parquet") as f:
+                col = f.read(columns=[column], use_threads=False).column(0)
+            if len(col) != n:
+                raise errors.PoolError(f"bucket {b} has {len(col)} rows in {folder}, the manifest says {n}",
+                                       hint="the pool may be damaged; re-ingest it")
+            yield b, n, numbers(col.combine_chunks() if col.num_chunks != 1 else col.chunk(0))
+        return
+    import duckdb
 
-        from dcdb.engine import connect
+    from dcdb.engine import connect
 
-        con = connect(view, threads=1)
-        connect_s = time.perf_counter() - t0
-        try:  # a plain scan keeps the pool's row order, which is the buckets' order
-            col = con.sql(f"SELECT score FROM ({source[1]})", params=params).to_arrow_table().column(0)
-        except duckdb.Error as exc:
-            _duck_error(con, exc, "the clip_cut score scan")
-        con.close()
-    scores = col.cast(pa.float64()).to_numpy()  # NULL -> NaN
-    if len(scores) != sum(counts):
-        raise errors.PoolError(f"the clip_cut score scan read {len(scores)} rows for {sum(counts)} pool rows",
+    t0 = time.perf_counter()
+    con = connect(view, threads=1)
+    times["connect"] = time.perf_counter() - t0
+    try:  # a plain scan keeps the pool's row order, which is the buckets' order
+        col = con.sql(f"SELECT score FROM ({source[1]})", params=params).to_arrow_table().column(0)
+    except duckdb.Error as exc:
+        _duck_error(con, exc, "the clip_cut score scan")
+    con.close()
+    if len(col) != sum(counts):
+        raise errors.PoolError(f"the clip_cut score scan read {len(col)} rows for {sum(counts)} pool rows",
                                hint="the pool may be damaged; re-ingest it")
-    return scores, counts, connect_s
+    scores = numbers(col)
+    yield from zip(group, counts, np.split(scores, np.cumsum(counts)[:-1]))
 
 
 def _scores_task(pool_path: str, group: list[int], source: tuple, params: dict[str, Any],
                  out_dir: str) -> dict[str, Any]:
     """Phase 1 of a clip_cut fraction: the sort keys of the group's non-NULL scores (raw uint64,
     bucket after bucket) and each bucket's row count; returns the counts and the first radix
-    round (the histogram of the keys' top 16 bits), so no round has to re-read them."""
+    round (the histogram of the keys' top 16 bits), so no round has to re-read them. Works a
+    bucket at a time: small arrays only (fresh memory is slow to touch)."""
     t0 = time.perf_counter()
-    scores, counts, connect_s = _read_scores(pool_path, group, source, params)
-    entries, parts, offset = [], [], 0
-    for b, v in zip(group, np.split(scores, np.cumsum(counts)[:-1])):
+    times = {"connect": 0.0}
+    entries, parts, offset, rows = [], [], 0, 0
+    hist = np.zeros(1 << RADIX_BITS, dtype=np.int64)
+    for b, n, v in _bucket_scores(pool_path, group, source, params, times):
         keys = _sort_keys(v[~np.isnan(v)])
+        hist += _histogram(keys, 0, 0)
         parts.append(keys)
-        entries.append({"bucket": b, "rows": len(v), "scored": len(keys), "offset": offset})
+        entries.append({"bucket": b, "rows": n, "scored": len(keys), "offset": offset})
         offset += keys.nbytes
-    keys = np.concatenate(parts) if parts else np.empty(0, np.uint64)
-    hist = _histogram(keys, 0, 0)
+        rows += n
     t1 = time.perf_counter()
-    _write_group(out_dir, group, KEYS, [keys], entries)
-    times = {"connect": connect_s, "scan": t1 - t0 - connect_s, "write": time.perf_counter() - t1}
-    return {"rows": int(scores.size), "scored": len(keys), "buckets": len(group), "hist": hist, "times": times}
+    _write_group(out_dir, group, KEYS, parts, entries)
+    times.update(scan=t1 - t0 - times["connect"], write=time.perf_counter() - t1)
+    return {"rows": rows, "scored": offset // 8, "buckets": len(group), "hist": hist, "times": times}
 
 
 def _sort_keys(values: np.ndarray) -> np.ndarray:
@@ -429,20 +506,8 @@ def _query_task(pool_path: str, group: list[int], sql: str, params: dict[str, An
         cols[BUCKET_COLUMN] = pa.array(bucket)
         data = pa.table(cols)
     else:
-        arr = np.concatenate(parts) if len(parts) > 1 else (parts[0] if parts else U.empty())
-        counts = None
-        if copies_parts is not None:
-            counts = np.concatenate(copies_parts) if copies_parts else np.empty(0, np.int64)
-        pieces, offset = [], 0
-        for b, idx in _by_bucket(arr, group, bits, name).items():
-            sub = arr[idx] if counts is None else np.repeat(arr[idx], counts[idx])
-            n = len(arr[idx])
-            if not isinstance(idx, slice) and not U.is_sorted(sub):  # a scan keeps the uid order; joins may not
-                sub = U.sort(sub)
-            pieces.append(sub)
-            entries.append({"bucket": b, "result_rows": n, "uids": len(sub), "offset": offset})
-            offset += sub.nbytes
-        data = pieces
+        data, entries = _in_order(parts, copies_parts, group, bits) or _sorted_by_bucket(
+            parts, copies_parts, group, bits, name)
     for e, r in zip(entries, rows):
         e["rows"] = r
     t2 = time.perf_counter()
