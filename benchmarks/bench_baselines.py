@@ -200,16 +200,17 @@ def datacomp_way(name, paths, assets, workers, init_args):
 # ----------------------------------------------------------------------------------- setup
 
 
-def build_pool(work: Path, rows: int, shards: int, embeddings: bool, name: str):
+def build_pool(work: Path, rows: int, shards: int, embeddings: bool, name: str, buckets: int | None = None):
     from dcdb.ingest import ingest
     from dcdb.store import open_pool
     from dcdb.synth import synth_pool
 
-    src, pool = work / f"{name}_src", work / name
+    src, pool = work / f"{name}_src", work / (f"{name}_b{buckets}" if buckets else name)
     if not (pool / "dcdb.json").is_file():
-        t, _ = timed(lambda: synth_pool(src, rows=rows, shards=shards, seed=1, embeddings=embeddings, force=True))
-        log(f"synth {name}: {rows:,} rows in {t:.0f}s")
-        t, _ = timed(lambda: ingest(src, pool, jobs=os.cpu_count() or 1))
+        if not any(src.glob("*.parquet")):
+            t, _ = timed(lambda: synth_pool(src, rows=rows, shards=shards, seed=1, embeddings=embeddings, force=True))
+            log(f"synth {name}: {rows:,} rows in {t:.0f}s")
+        t, _ = timed(lambda: ingest(src, pool, jobs=os.cpu_count() or 1, buckets=buckets))
         log(f"ingest {name}: {t:.0f}s")
     return open_pool(pool), src
 
@@ -339,6 +340,10 @@ def main() -> None:
     ap.add_argument("--in1k", type=int, default=20000, help="ImageNet embedding count (DataComp: 1.28M)")
     ap.add_argument("--dc-workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--only", nargs="*", default=None, help="baselines to run")
+    ap.add_argument("--meta-buckets", type=int, default=None,
+                    help="lay the metadata-only pool out in N uid buckets (dcdb ingest --buckets N): outputs "
+                         "come out in uid order, so no sort")
+    ap.add_argument("--meta-only", action="store_true", help="only the metadata-only pool's comparison")
     ap.add_argument("--reuse", action="store_true", help="keep derived columns already annotated (no one-off cost)")
     args = ap.parse_args()
     work = Path(args.workdir)
@@ -349,18 +354,21 @@ def main() -> None:
     assets = make_assets(work, pool, src, wn_root, args.centroids, args.in1k)
     log(f"assets: {len(assets['entity']):,} WordNet ids, {args.centroids:,} centroids, {args.in1k:,} ImageNet "
         f"vectors; WordNet {wn_root}; DataComp way looks words up with {'NLTK' if nltk_data else 'dcdb reader'}")
-    costs = annotate_all(pool, assets, wn_root, ["lang", "lang_cld3", "wordnet", "centroids"], args.reuse)
     init_args = (str(wn_root), nltk_data)
     names = args.only or BASELINES
-    compare(pool, src, names, assets, args.dc_workers, init_args,
-            f"{pool.rows:,}-row pool with embeddings, {shards} shards, {os.cpu_count()} cores, "
-            f"DataComp way on {args.dc_workers} processes")
-    print("\nderived columns, one-off (dcdb annotate): " + ", ".join(f"{k} {v:.1f}s" for k, v in costs.items()))
+    if not args.meta_only:
+        costs = annotate_all(pool, assets, wn_root, ["lang", "lang_cld3", "wordnet", "centroids"], args.reuse)
+        compare(pool, src, names, assets, args.dc_workers, init_args,
+                f"{pool.rows:,}-row pool with embeddings, {shards} shards, {os.cpu_count()} cores, "
+                f"DataComp way on {args.dc_workers} processes")
+        print("\nderived columns, one-off (dcdb annotate): " + ", ".join(f"{k} {v:.1f}s" for k, v in costs.items()))
     if args.meta_rows:
-        mpool, msrc = build_pool(work, args.meta_rows, max(1, args.meta_rows // 10_000), False, "meta")
+        mpool, msrc = build_pool(work, args.meta_rows, max(1, args.meta_rows // 10_000), False, "meta",
+                                 args.meta_buckets)
         mcosts = annotate_all(mpool, assets, wn_root, ["lang", "lang_cld3"], args.reuse)
         compare(mpool, msrc, [n for n in names if n in META_BASELINES], assets, args.dc_workers, init_args,
-                f"{mpool.rows:,}-row metadata-only pool")
+                f"{mpool.rows:,}-row metadata-only pool"
+                + (f" in {args.meta_buckets} uid buckets" if args.meta_buckets else ""))
         print("\nderived columns, one-off: " + ", ".join(f"{k} {v:.1f}s" for k, v in mcosts.items()))
 
 

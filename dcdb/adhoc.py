@@ -12,7 +12,7 @@ def run_sql(pool, sql: str, given: dict[str, str], *, fmt: str = "table", output
     result went to ``output``)."""
     import duckdb
 
-    from dcdb.engine import connect
+    from dcdb.engine import connect, pool_reader
     from dcdb.query import bind_parameters
 
     con = connect(pool)
@@ -27,10 +27,10 @@ def run_sql(pool, sql: str, given: dict[str, str], *, fmt: str = "table", output
         if explain:
             rows = con.execute(sql_stripped, params or None).fetchall()
             return "\n".join(str(r[-1]) for r in rows)
-        reader = con.sql(sql_stripped, params=params or None).to_arrow_reader(1 << 16)
-        if fmt == "table":
-            return _table(reader, max_rows)
-        return _write(reader, fmt, output)
+        with pool_reader(con, sql_stripped, params, 1 << 16) as reader:
+            if fmt == "table":
+                return _table(reader, max_rows)
+            return _write(reader, fmt, output)
     except duckdb.Error as exc:
         from dcdb.engine import scan_error
         from dcdb.filters import take_error

@@ -29,6 +29,7 @@ import os
 import re
 import weakref
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +216,99 @@ def embedding_scan(lance_dataset, column: str, dim: int, rows: int | None = None
     return _SCAN_CLASS(lance_dataset, column, dim, rows, fragment_ids)
 
 
+class _PoolView:
+    """How ``pool`` is built: the metadata scan ``m`` positionally joined with ``joins`` (one per
+    embedding space, ``e<i>``, then one per derived group, ``d<j>``), selecting ``columns``."""
+
+    def __init__(self, meta: str, joins: list[str], join_columns: list[set[str]], columns: list[tuple[str, str]]):
+        self.meta, self.joins, self.join_columns, self.columns = meta, joins, join_columns, columns
+        self.types: dict[str, str] = {}
+
+    def sql(self, keep: set[int] | None = None) -> str:
+        """The view; with ``keep``, only the joins whose index is in it: the other joins' columns
+        become typed NULLs, so every statement binds exactly as on the full view."""
+        joins = self.joins if keep is None else [j for i, j in enumerate(self.joins) if i in keep]
+        aliases = {_join_alias(j) for j in joins} | {"m"}
+        select = ", ".join(
+            expr if expr.split(".", 1)[0] in aliases
+            else f"CAST(NULL AS {self.types[name]}) AS {quote_identifier(name)}"
+            for name, expr in self.columns
+        )
+        return f"CREATE OR REPLACE VIEW pool AS SELECT {select} FROM {self.meta} AS m {' '.join(joins)}"
+
+
+def _join_alias(join: str) -> str:
+    return join.rsplit(" AS ", 1)[1]
+
+
+_VIEWS: weakref.WeakKeyDictionary[Any, _PoolView] = weakref.WeakKeyDictionary()
+_SCAN_KEYS = {"Function", "Estimated Cardinality", "Projections"}
+
+
+@contextmanager
+def pool_reader(con, sql: str, params: dict[str, Any] | None = None, batch_rows: int = 1 << 20):
+    """A ``pyarrow.RecordBatchReader`` over one statement run on ``con`` with a ``pool`` view that
+    joins only the embedding spaces and derived groups the statement reads; consume it inside
+    the block (on exit it is closed and the full view is put back).
+
+    A ``POSITIONAL JOIN`` costs even when none of its columns is read: DuckDB scans every joined
+    source in step and cannot push the statement's filters into the metadata scan (a uid query
+    on a 12.8M-row pool with two derived groups took 3.5 s against 0.8 s on the metadata alone).
+    Which sources a statement reads is DuckDB's own answer: its optimised plan (``EXPLAIN``) lists
+    the columns each child of a positional scan projects, after macros, ``*`` and constant
+    parameters are resolved. The other joins are dropped and their columns become typed NULLs
+    that nothing reads. A plan of an unexpected shape keeps the full view."""
+    view = _VIEWS.get(con)
+    keep = _read_joins(con, sql, params, view.join_columns) if view is not None else None
+    narrow = keep is not None and len(keep) < len(view.joins)
+    if narrow:
+        con.execute(view.sql(keep))
+    reader = None
+    try:
+        reader = con.sql(sql, params=params or None).to_arrow_reader(batch_rows)
+        yield reader
+    finally:
+        if reader is not None:
+            reader.close()  # releases the connection for the next statement
+        if narrow:
+            con.execute(view.sql())
+
+
+def _read_joins(con, sql: str, params, join_columns: list[set[str]]) -> set[int] | None:
+    """Indexes of the joins a statement reads; None when its plan cannot be had.
+
+    Every name in the optimised plan (projections, filters, expressions of every operator) is
+    collected, and a join is kept when any of its source columns is among them: a superset of
+    what the statement reads, whatever the plan's shape (positional scans of parquet files, nested
+    positional joins around Arrow scans). An unread embedding scan projects only its row-count
+    column, which belongs to no join."""
+    import json
+
+    import duckdb
+
+    try:
+        rows = con.execute("EXPLAIN (FORMAT JSON) " + sql, params or None).fetchall()
+        plan = json.loads(rows[0][1])
+    except (duckdb.Error, ValueError, IndexError):
+        return None
+    names: set[str] = set()
+    stack = list(plan) if isinstance(plan, list) else [plan]
+    if not stack:
+        return None
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            return None
+        for key, value in (node.get("extra_info") or {}).items():
+            if key not in ("Function", "Estimated Cardinality"):
+                names.update(_NAME_RE.findall(json.dumps(value)))
+        stack.extend(node.get("children", []))
+    return {i for i, cols in enumerate(join_columns) if cols & names}
+
+
+_NAME_RE = re.compile(r"[^\W\d]\w*")
+
+
 def _projection(con, source: str, alias: str, skip: set[str] = frozenset()) -> list[tuple[str, str]]:
     """(name, select expression) for each column of ``source`` read as ``alias``."""
     out = []
@@ -292,7 +386,7 @@ def connect(pool: Pool | str | Path | None = None, *, threads: int | None = None
         )
     meta = f"read_parquet({_parquet_list(files)})"
     con.execute(f"CREATE VIEW pool_metadata AS SELECT * FROM {meta}")
-    joins, emb_cols = [], []
+    joins, emb_cols, join_columns = [], [], []
     for i, (space, spec) in enumerate(pool.spaces.items()):
         path = pool.lance_path(space)
         if not path.is_dir():
@@ -307,17 +401,25 @@ def connect(pool: Pool | str | Path | None = None, *, threads: int | None = None
         alias = f"e{i}"
         joins.append(f"POSITIONAL JOIN {quote_identifier(view)} AS {alias}")
         emb_cols.append((space, f"{alias}.{quote_identifier(space)}"))
+        join_columns.append({space})
     # Derived columns (dcdb annotate): row-aligned parquet per group; later groups win on a name.
     derived_cols: dict[str, str] = {}
     for j, group in enumerate(derived_groups(pool)):
         src = f"read_parquet({_parquet_list(derived_files(pool, group))})"
         alias = f"d{j}"
         joins.append(f"POSITIONAL JOIN {src} AS {alias}")
-        for name, expr in _projection(con, src, alias):
+        read = _projection(con, src, alias)
+        join_columns.append({name for name, _ in read})
+        for name, expr in read:
             derived_cols[name] = expr
     meta_cols = _projection(con, meta, "m", skip=set(derived_cols) | {n for n, _ in emb_cols})
-    select = ", ".join([e for _, e in meta_cols] + list(derived_cols.values()) + [e for _, e in emb_cols])
-    con.execute(f"CREATE VIEW pool AS SELECT {select} FROM {meta} AS m {' '.join(joins)}")
+    columns = meta_cols + list(derived_cols.items()) + emb_cols
+    view = _PoolView(meta, joins, join_columns, columns)
+    con.execute(view.sql())
+    if joins:
+        view.types = dict(con.execute("SELECT column_name, data_type FROM duckdb_columns() "
+                                      "WHERE table_name = 'pool'").fetchall())
+        _VIEWS[con] = view
     from dcdb.buckets import uid_range_predicate
 
     in_view = uid_range_predicate(pool)  # a bucket view sees the subset uids of its buckets only

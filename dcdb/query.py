@@ -314,7 +314,7 @@ def run_filter(pool: Pool, filt: FilterFile, given: dict[str, str] | None = None
     """Run a filter on a pool and return its sorted uid list (copies expanded)."""
     import duckdb
 
-    from dcdb.engine import connect
+    from dcdb.engine import connect, pool_reader
 
     t0 = time.perf_counter()
     con = con or connect(pool)
@@ -323,15 +323,15 @@ def run_filter(pool: Pool, filt: FilterFile, given: dict[str, str] | None = None
     try:
         from dcdb.filters.vectors import rewrite_sql  # knn(space, (SELECT emb ...), k): every seed row
 
-        reader = con.sql(rewrite_sql(con, filt.text), params=params or None).to_arrow_reader(1 << 20)
-        parts, copies_parts, nrows = _collect(reader, filt.name)
+        sql = rewrite_sql(con, filt.text)
+        with pool_reader(con, sql, params, 1 << 20) as reader:
+            arr, copies_parts, nrows = _collect_into(reader, filt.name, pool.rows)
     except duckdb.Error as exc:
         _reraise(con, filt, pool, exc)
-    arr = np.concatenate(parts) if parts else U.empty()
     if copies_parts is not None:
         copies = np.concatenate(copies_parts) if copies_parts else np.empty(0, np.int64)
         arr = np.repeat(arr, copies)
-    arr = U.sort(arr)
+    arr = U.sort(arr, copy=False)  # arr is ours: a sorted result is not copied again
     return FilterResult(
         uids=arr, filter=filt, params=params, pool=pool, seconds=time.perf_counter() - t0, result_rows=nrows
     )
@@ -342,9 +342,8 @@ def _reraise(con, filt: FilterFile, pool: Pool, exc: Exception):
     (DuckDB wraps it), then by DuckDB's exception class."""
     import duckdb
 
-    from dcdb.filters import take_error
-
     from dcdb.engine import scan_error
+    from dcdb.filters import take_error
 
     err = take_error(con) or scan_error(con)
     if err is not None:
@@ -359,6 +358,14 @@ def _reraise(con, filt: FilterFile, pool: Pool, exc: Exception):
 
 
 def _collect(reader, name: str):
+    """(uid parts, copies parts or None, rows) of a filter's result."""
+    arr, cparts, n = _collect_into(reader, name, 0)
+    return [arr], cparts, n
+
+
+def _collect_into(reader, name: str, capacity: int):
+    """(uid array, copies parts or None, rows) of a filter's result, decoded into one buffer of
+    ``capacity`` rows while it lasts."""
     import pyarrow as pa
 
     schema = reader.schema
@@ -375,9 +382,19 @@ def _collect(reader, name: str):
             f"the copies column of filter {name!r} has type {schema.field(copies_col).type}, not integer",
             hint="cast it: CAST(... AS INTEGER) AS copies",
         )
+    # uids are decoded into one buffer of the pool's size (np.empty: pages are touched only as
+    # rows arrive), so a large result is not copied again to join its batches; a result with more
+    # rows than the pool (joins, unions) goes on in parts
+    buf = np.empty(capacity, dtype=U.UID_DTYPE)
     parts, cparts, n = [], ([] if copies_col else None), 0
     for batch in reader:
-        parts.append(U.from_arrow(batch.column(uid_col), source=f"result of filter {name!r}"))
+        col = batch.column(uid_col)
+        if not parts and n + len(col) <= capacity:
+            U.from_arrow(col, f"result of filter {name!r}", buf[n : n + len(col)])
+        else:
+            if not parts:
+                parts.append(buf[:n])
+            parts.append(U.from_arrow(col, source=f"result of filter {name!r}"))
         if copies_col is not None:
             c = batch.column(copies_col)
             if c.null_count:
@@ -387,7 +404,7 @@ def _collect(reader, name: str):
                 raise QueryError(f"filter {name!r} returned negative copies ({int(c.min())})")
             cparts.append(c)
         n += batch.num_rows
-    return parts, cparts, n
+    return (np.concatenate(parts) if parts else buf[:n]), cparts, n
 
 
 _EMB_COLS = re.compile(r"\b(b32_img|b32_txt|l14_img|l14_txt)\b")

@@ -78,8 +78,9 @@ def from_hex(values: Iterable[str] | np.ndarray, source: str = "uids") -> np.nda
     return _bytes_matrix_to_uids(mat, source)
 
 
-def from_arrow(array, source: str = "uids") -> np.ndarray:
-    """A pyarrow string array/ChunkedArray of hex uids -> uid array (same order).
+def from_arrow(array, source: str = "uids", out: np.ndarray | None = None) -> np.ndarray:
+    """A pyarrow string array/ChunkedArray of hex uids -> uid array (same order); with ``out``
+    (a uid array of the same length) the uids are decoded into it and it is returned.
 
     Works on the Arrow buffers directly: no Python string per row.
     """
@@ -87,8 +88,15 @@ def from_arrow(array, source: str = "uids") -> np.ndarray:
     import pyarrow.compute as pc
 
     if isinstance(array, pa.ChunkedArray):
-        parts = [from_arrow(c, source) for c in array.chunks]
-        return np.concatenate(parts) if parts else empty()
+        if out is None:
+            out = np.empty(len(array), dtype=UID_DTYPE)
+        at = 0
+        for c in array.chunks:
+            from_arrow(c, source, out[at : at + len(c)])
+            at += len(c)
+        return out
+    if out is not None and len(out) != len(array):
+        raise ValueError(f"out has {len(out)} rows, the array {len(array)}")
     if array.null_count:
         i = int(np.flatnonzero(pc.is_null(array).to_numpy(zero_copy_only=False))[0])
         raise UidError(f"{source}: uid at row {i} is NULL", hint="every row needs a uid")
@@ -101,24 +109,27 @@ def from_arrow(array, source: str = "uids") -> np.ndarray:
             raise UidError(f"{source}: the uid column has type {array.type}, expected strings")
     n = len(array)
     if n == 0:
-        return empty()
-    lengths = pc.utf8_length(array).to_numpy(zero_copy_only=False)
-    if (lengths != UID_HEX_LEN).any():
-        i = int(np.flatnonzero(lengths != UID_HEX_LEN)[0])
-        raise UidError(
-            f"{source}: uid at row {i} is {array[i].as_py()!r} ({int(lengths[i])} characters, "
-            f"expected 32 lowercase hex)",
-            hint="a DataComp uid is a 128-bit number written as 32 lowercase hex digits",
-        )
+        return empty() if out is None else out
     offsets = np.frombuffer(array.buffers()[1], dtype=np.int32)[array.offset : array.offset + n + 1]
     data = np.frombuffer(array.buffers()[2], dtype=np.uint8)
+    bad = np.diff(offsets) != UID_HEX_LEN  # byte lengths, straight from the offsets
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        value = array[i].as_py()
+        if len(value) == UID_HEX_LEN:
+            raise UidError(f"{source}: uid at row {i} is {value!r}: it contains non-ASCII characters",
+                           hint="a DataComp uid is a 128-bit number written as 32 lowercase hex digits")
+        raise UidError(
+            f"{source}: uid at row {i} is {value!r} ({len(value)} characters, expected 32 lowercase hex)",
+            hint="a DataComp uid is a 128-bit number written as 32 lowercase hex digits",
+        )
     start, stop = int(offsets[0]), int(offsets[-1])
-    if stop - start != n * UID_HEX_LEN:  # multi-byte characters somewhere
+    if stop - start != n * UID_HEX_LEN:  # cannot happen after the check above; kept as a guard
         raise UidError(f"{source}: a uid contains non-ASCII characters; uids are 32 lowercase hex digits")
-    return _decode_hex_block(data[start:stop], n, source)
+    return _decode_hex_block(data[start:stop], n, source, out)
 
 
-def _decode_hex_block(block: np.ndarray, n: int, source: str) -> np.ndarray:
+def _decode_hex_block(block: np.ndarray, n: int, source: str, out: np.ndarray | None = None) -> np.ndarray:
     """n concatenated 32-char uids (uint8 ASCII) -> uid array. binascii does the hex decoding in C
     (~15x faster than a numpy nibble table) straight from the buffer. It accepts upper case too;
     among hex digits exactly the upper-case letters lack bit 0x20, so one AND-reduction over
@@ -130,11 +141,15 @@ def _decode_hex_block(block: np.ndarray, n: int, source: str) -> np.ndarray:
     except (binascii.Error, ValueError):
         raw = None
     if raw is None or not _all_have_bit_0x20(block):
-        return _bytes_matrix_to_uids(block.reshape(n, UID_HEX_LEN), source)
-    be = np.frombuffer(raw, dtype=">u8").reshape(n, 2)
-    out = np.empty(n, dtype=UID_DTYPE)
-    out["f0"] = be[:, 0]
-    out["f1"] = be[:, 1]
+        arr = _bytes_matrix_to_uids(block.reshape(n, UID_HEX_LEN), source)
+        if out is None:
+            return arr
+        out[:] = arr
+        return out
+    if out is None:
+        out = np.empty(n, dtype=UID_DTYPE)
+    # one byte-swapping copy of the big-endian words (f0, f1 of each uid are adjacent words)
+    np.copyto(out.view(np.uint64), np.frombuffer(raw, dtype=">u8"), casting="unsafe")
     return out
 
 
@@ -186,8 +201,9 @@ def _check_dtype(uids: np.ndarray) -> np.ndarray:
     return uids
 
 
-def sort(uids: np.ndarray) -> np.ndarray:
+def sort(uids: np.ndarray, *, copy: bool = True) -> np.ndarray:
     """Sorted copy, ascending by (f0, f1) -- the order of ``np.sort`` on the structured array.
+    With ``copy=False`` an input that is already sorted is returned as it is.
 
     uids are hashes, so the high word's top bits almost order them: the row index is packed into
     the low bits of the high word and the resulting uint64 keys are sorted in place (numpy's SIMD
@@ -197,14 +213,15 @@ def sort(uids: np.ndarray) -> np.ndarray:
     uids = _check_dtype(uids)
     n = len(uids)
     if n < 2 or is_sorted(uids):  # a linear check: pools laid out in uid order come out sorted
-        return uids.copy()
+        return uids.copy() if copy else uids
     bits = int(n - 1).bit_length()
     mask = np.uint64((1 << bits) - 1)
-    key = (uids["f0"] & ~mask) | np.arange(n, dtype=np.uint64)
+    key = uids["f0"] & ~mask
+    key |= np.arange(n, dtype=np.uint64)
     key.sort()
-    out = uids[(key & mask).astype(np.intp)]
-    top = key & ~mask
-    tie = top[1:] == top[:-1]
+    out = uids[(key & mask).view(np.intp)]  # row indexes < 2**63: the same bits as intp
+    key &= ~mask
+    tie = key[1:] == key[:-1]
     if tie.any():
         in_run = np.zeros(n, dtype=bool)
         in_run[1:] |= tie

@@ -14,8 +14,8 @@ from dcdb import uids as U
 from dcdb.engine import connect, embedding_scans
 from dcdb.errors import (
     FilterNotFoundError,
-    PoolError,
     ParameterError,
+    PoolError,
     QueryError,
     ReadOnlyError,
     UidError,
@@ -331,3 +331,55 @@ def test_derived_columns_join_and_override(tmp_path):
     with pytest.raises(PoolError, match="expected 30"):
         write_group(pool, "broken", wrong_rows)
     assert "broken" not in groups(pool) and not list((pool.path / "derived").glob(".broken*"))
+
+
+# ------------------------------------------------------- the pool view a statement needs
+
+
+def test_statements_join_only_what_they_read_and_get_the_same_rows(small_pool, tmp_path):
+    """``pool_reader`` drops the positional joins of derived groups and embedding spaces a statement
+    does not read; every statement must return exactly what the full view returns."""
+    import duckdb
+
+    from dcdb.annotate import import_columns
+    from dcdb.engine import _VIEWS, _read_joins, pool_reader
+
+    pool = open_pool(small_pool)
+    uids = duckdb.sql(f"SELECT uid FROM read_parquet('{small_pool}/metadata/*.parquet')").fetchall()
+    uids = [u for (u,) in uids]
+    rng = np.random.default_rng(5)
+    pq.write_table(pa.table({"uid": uids, "lang": rng.choice(["en", "de"], len(uids))}), tmp_path / "l.parquet")
+    import_columns(pool, tmp_path / "l.parquet")
+    # a group that replaces a metadata column: pool's text is the imported one
+    pq.write_table(pa.table({"uid": uids, "text": [f"t{i}" for i in range(len(uids))],
+                             "score2": rng.random(len(uids))}), tmp_path / "t.parquet")
+    import_columns(pool, tmp_path / "t.parquet", group="retext")
+    pool = open_pool(small_pool)
+    con = connect(pool)
+    view = _VIEWS[con]
+    cases = {
+        "SELECT uid FROM pool WHERE clip_l14_similarity_score > 0.2": set(),
+        "SELECT uid, lang FROM pool WHERE lang = 'en'": {"lang"},
+        "SELECT uid FROM pool WHERE text LIKE 't1%'": {"text", "score2"},
+        "SELECT uid FROM pool WHERE score2 > (SELECT avg(score2) FROM pool)": {"text", "score2"},
+        "SELECT uid FROM baseline_pool(lang_column := 'lang') WHERE caption_lang = 'de'": {"lang"},
+        "SELECT uid FROM pool WHERE cosine(l14_img, l14_txt) > 0.1": {"l14_img", "l14_txt"},
+        "SELECT uid FROM pool ORDER BY b32_img[1] LIMIT 7": {"b32_img"},
+        "SELECT * FROM pool": {c for cols in view.join_columns for c in cols},
+        "SELECT count(*) FROM pool": set(),
+        # names decide, so a metadata column read keeps the group that shadows it in pool (a superset)
+        "SELECT uid FROM pool_metadata WHERE text LIKE 'a%'": {"text", "score2"},
+        "SELECT uid FROM pool_metadata WHERE original_width > 300": set(),
+    }
+    for sql, reads in cases.items():
+        keep = _read_joins(con, sql, None, view.join_columns)
+        assert {c for i in keep for c in view.join_columns[i]} == reads, sql
+        full = con.sql(sql).to_arrow_table()
+        with pool_reader(con, sql) as reader:
+            narrow = reader.read_all()
+        assert narrow.equals(full), sql
+    # the full view is back after each statement, also after one that failed half-way
+    failing = "SELECT uid, lang FROM pool WHERE error('boom') IS NULL"
+    with pytest.raises(duckdb.Error), pool_reader(con, failing) as r:
+        r.read_all()
+    assert con.sql("SELECT count(lang), count(l14_img) FROM pool").fetchall() == [(len(uids), len(uids))]

@@ -451,7 +451,6 @@ def test_task_folder_missing_file_is_named(world, tmp_path):
 
 
 def test_tasklist_yaml_and_datacomp_folder_names(world, tmp_path):
-    pytest.importorskip("yaml")
     from dcdb.eval import load_tasks
 
     _, tasks = world

@@ -38,6 +38,8 @@ def test_sort_matches_numpy_structured_sort(hexes):
     done = U.sort(U.from_hex(hexes))  # already sorted input takes the linear path: a copy
     again = U.sort(done)
     assert again.tobytes() == done.tobytes() and again is not done
+    assert U.sort(done, copy=False) is done
+    assert U.sort(U.from_hex(hexes), copy=False).tobytes() == done.tobytes()
     almost = done.copy()
     almost[[3, 4]] = almost[[4, 3]]  # one swapped pair is caught by the check
     assert U.sort(almost).tobytes() == done.tobytes()
@@ -60,6 +62,10 @@ def test_arrow_and_hex_round_trip(hexes):
     chunked = pa.chunked_array([pa.array(hexes[:10]), pa.array(hexes[10:])])
     assert U.from_arrow(chunked).tobytes() == arr.tobytes()
     assert U.from_arrow(pa.array(hexes).slice(3, 7)).tobytes() == arr[3:10].tobytes()
+    # decoded in place into a slice of a larger buffer (how query results avoid a copy)
+    buf = np.zeros(len(hexes) + 4, U.UID_DTYPE)
+    got = U.from_arrow(chunked, out=buf[2 : 2 + len(hexes)])
+    assert got.tobytes() == arr.tobytes() and buf[:2].tobytes() == buf[-2:].tobytes() == bytes(32)
 
 
 @pytest.mark.parametrize(
