@@ -203,9 +203,10 @@ def _connect(pool_path: str, group: list[int]):
 
 
 def _duck_error(con, exc: Exception, what: str):
+    from dcdb.engine import scan_error
     from dcdb.filters import take_error
 
-    err = take_error(con)
+    err = take_error(con) or scan_error(con)  # the dcdb error a Python function or an embedding scan raised
     if err is not None:
         raise err from None
     raise errors.QueryError(f"{what} failed on a bucket: {str(exc).strip()}") from None
@@ -393,13 +394,14 @@ def _bucket_scores(pool_path: str, group: list[int], source: tuple, params: dict
         return
     import duckdb
 
-    from dcdb.engine import connect
+    from dcdb.engine import connect, pool_reader
 
     t0 = time.perf_counter()
     con = connect(view, threads=1)
     times["connect"] = time.perf_counter() - t0
     try:  # a plain scan keeps the pool's row order, which is the buckets' order
-        col = con.sql(f"SELECT score FROM ({source[1]})", params=params).to_arrow_table().column(0)
+        with pool_reader(con, f"SELECT score FROM ({source[1]})", params) as reader:
+            col = reader.read_all().column(0)
     except duckdb.Error as exc:
         _duck_error(con, exc, "the clip_cut score scan")
     con.close()
@@ -474,15 +476,17 @@ def _query_task(pool_path: str, group: list[int], sql: str, params: dict[str, An
     if fault and not os.path.exists(fault):  # test hook: this worker dies once, mid-run
         Path(fault).write_text(f"worker {os.getpid()} killed on buckets {group}\n")
         os._exit(137)
+    from dcdb.engine import pool_reader
+
     t0 = time.perf_counter()
     view, con = _connect(pool_path, group)
     t1 = time.perf_counter()
-    try:
-        reader = con.sql(sql, params=params or None).to_arrow_reader(1 << 20)
-        if topk_keys is not None:
-            tbl = reader.read_all()
-        else:
-            parts, copies_parts, _nrows = _collect(reader, name)
+    try:  # the pool view narrowed to the sources the statement reads, as the local engine runs it
+        with pool_reader(con, sql, params, 1 << 20) as reader:
+            if topk_keys is not None:
+                tbl = reader.read_all()
+            else:
+                parts, copies_parts, _nrows = _collect(reader, name)
     except duckdb.Error as exc:
         _duck_error(con, exc, f"filter {name!r}")
     con.close()
