@@ -52,7 +52,7 @@ from dcdb import errors
 from dcdb import uids as U
 from dcdb.errors import DcdbError, PoolError, UsageError
 from dcdb.io import tmp_name, write_json
-from dcdb.query import FilterFile, FilterResult, _collect
+from dcdb.query import FilterFile, FilterResult, _collect, _collect_into
 from dcdb.store import Pool
 
 ENGINES = ("local", "ray")
@@ -485,8 +485,8 @@ def _query_task(pool_path: str, group: list[int], sql: str, params: dict[str, An
         with pool_reader(con, sql, params, 1 << 20) as reader:
             if topk_keys is not None:
                 tbl = reader.read_all()
-            else:
-                parts, copies_parts, _nrows = _collect(reader, name)
+            else:  # decoded into one buffer of the group's size: no copy to join the batches
+                arr, copies_parts, _nrows = _collect_into(reader, name, view.rows)
     except duckdb.Error as exc:
         _duck_error(con, exc, f"filter {name!r}")
     con.close()
@@ -510,8 +510,10 @@ def _query_task(pool_path: str, group: list[int], sql: str, params: dict[str, An
         cols[BUCKET_COLUMN] = pa.array(bucket)
         data = pa.table(cols)
     else:
-        data, entries = _in_order(parts, copies_parts, group, bits) or _sorted_by_bucket(
-            parts, copies_parts, group, bits, name)
+        copies = None if copies_parts is None else [np.concatenate(copies_parts) if copies_parts
+                                                    else np.empty(0, np.int64)]
+        data, entries = _in_order([arr], copies, group, bits) or _sorted_by_bucket(
+            [arr], copies, group, bits, name)
     for e, r in zip(entries, rows):
         e["rows"] = r
     t2 = time.perf_counter()
