@@ -783,12 +783,14 @@ def run_distributed(
             arr = _concat(done)
             nrows = sum(int(e["result_rows"]) for e in done.values())
         stats.wall["assemble"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if not keep_work:  # done: the intermediates are only worth keeping for a re-run
+            shutil.rmtree(work, ignore_errors=True)
+        stats.wall["cleanup"] = time.perf_counter() - t
         if log:
             log(stats.describe())
             log(f"{backend.name}: {len(res)} task(s) on {backend.workers} worker(s), "
                 f"{stats.skipped - skipped_before} bucket result(s) reused from {work}")
-        if not keep_work:  # done: the intermediates are only worth keeping for a re-run
-            shutil.rmtree(work, ignore_errors=True)
     finally:
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)
