@@ -231,21 +231,59 @@ def _write_group(out_dir: str, group: list[int], ext: str, data, entries: list[d
         # uids and sort keys are hashes and noise: compression and statistics only cost time here
         pq.write_table(data, tmp, compression="none", use_dictionary=False, write_statistics=False)
     os.replace(tmp, path)
-    marker = path.with_name(path.name + MARKER)
+    _write_marker(path.with_name(path.name + MARKER), {"file": path.name, "bytes": path.stat().st_size,
+                                                       "buckets": entries})
+
+
+def _write_marker(marker: Path, info: dict[str, Any]) -> None:
     tmp = tmp_name(marker)
-    tmp.write_text(json.dumps({"file": path.name, "bytes": path.stat().st_size, "buckets": entries}))
+    tmp.write_text(json.dumps(info))
     os.replace(tmp, marker)
+
+
+RESULT = "result" + ".uids"  # the shared result file of a query's uid lists
+
+
+def _write_shared(out_dir: str, group: list[int], data: list[np.ndarray], entries: list[dict[str, Any]],
+                  starts: list[int]) -> bool:
+    """Write each bucket's records into the shared result file at the bucket's first row times 16
+    bytes (its place if every row were kept), then the group's marker; False (nothing written)
+    when a bucket has more records than rows (copies, joins), which only fits a file of its own.
+    A killed task leaves no marker, and a re-run writes the same bytes to the same place."""
+    if any(e["uids"] > e["rows"] for e in entries):
+        return False
+    flat = data[0] if len(data) == 1 else np.concatenate(data) if data else U.empty()
+    raw = memoryview(np.ascontiguousarray(flat).view(np.uint8))
+    path = Path(out_dir) / RESULT
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        end = 0
+        for e, start in zip(entries, starts):
+            a, n = int(e["offset"]), int(e["uids"]) * U.UID_DTYPE.itemsize
+            e["offset"] = start * U.UID_DTYPE.itemsize
+            done = 0
+            while done < n:
+                done += os.pwrite(fd, raw[a + done : a + n], e["offset"] + done)
+            if n:
+                end = max(end, e["offset"] + n)
+    finally:
+        os.close(fd)
+    marker = Path(out_dir) / f"{group[0]:05d}-{group[-1]:05d}-{uuid.uuid4().hex[:8]}{UIDS}{MARKER}"
+    _write_marker(marker, {"file": RESULT, "min_bytes": end, "buckets": entries})
+    return True
 
 
 def finished(out_dir: str | Path, ext: str) -> dict[int, dict[str, Any]]:
     """Bucket -> its entry (with ``path``) in an intact marker of ``out_dir``: the buckets a
-    re-run need not redo. A marker whose data file is missing or of another size is ignored."""
+    re-run need not redo. A marker whose data file is missing or of another size (shorter than
+    its buckets' end, for the shared result file) is ignored."""
     out: dict[int, dict[str, Any]] = {}
     for m in sorted(Path(out_dir).glob(f"*{ext}{MARKER}")):
         try:
             info = json.loads(m.read_text())
             path = m.with_name(info["file"])
-            if path.stat().st_size != info["bytes"]:
+            size = path.stat().st_size
+            if size != info["bytes"] if "bytes" in info else size < info["min_bytes"]:
                 continue
             for e in info["buckets"]:
                 out.setdefault(int(e["bucket"]), {**e, "path": str(path)})
@@ -466,7 +504,8 @@ def _radix_task(segments: list[tuple[str, int, int]], prefix: int, known: int, c
 
 
 def _query_task(pool_path: str, group: list[int], sql: str, params: dict[str, Any], out_dir: str,
-                topk_keys: list[str] | None, fault: str | None, name: str, bits: int) -> dict[str, Any]:
+                topk_keys: list[str] | None, fault: str | None, name: str, bits: int,
+                starts: list[int] | None = None) -> dict[str, Any]:
     """Phase 2: the filter on this group of buckets -> their sorted uid lists, bucket after
     bucket, as raw 16-byte records (the .npy's records byte for byte), or, for a global top-k,
     the group's top rows with their sort keys and bucket (Parquet)."""
@@ -517,7 +556,8 @@ def _query_task(pool_path: str, group: list[int], sql: str, params: dict[str, An
     for e, r in zip(entries, rows):
         e["rows"] = r
     t2 = time.perf_counter()
-    _write_group(out_dir, group, TOPK if topk_keys is not None else UIDS, data, entries)
+    if topk_keys is not None or starts is None or not _write_shared(out_dir, group, data, entries, starts):
+        _write_group(out_dir, group, TOPK if topk_keys is not None else UIDS, data, entries)
     times = {"connect": t1 - t0, "scan": t2 - t1, "write": time.perf_counter() - t2}
     return {"result_rows": sum(e["result_rows"] for e in entries), "rows": sum(rows), "buckets": len(group),
             "times": times}
@@ -771,16 +811,19 @@ def run_distributed(
         parts = work / "parts"
         skipped_before = stats.skipped
         t = time.perf_counter()
+        first_row = np.concatenate([[0], np.cumsum([int(x["rows"]) for x in pool.manifest["shards"]])]).tolist()
         done, res = _run_phase(
             backend, pool, parts, TOPK if plan.topk else UIDS, per_task, filt.name, progress, stats,
-            lambda g: (str(pool.path), g, plan.bucket_sql, params, str(parts), keys, fault, filt.name, bits),
+            lambda g: (str(pool.path), g, plan.bucket_sql, params, str(parts), keys, fault, filt.name, bits,
+                       [first_row[b] for b in g]),
             query_task)
         stats.wall["query"] = time.perf_counter() - t
         t = time.perf_counter()
         if plan.topk:
             arr, nrows = _merge_topk(done, plan.topk)
         else:
-            arr = _concat(done)
+            shared = not keep_work and all(Path(e["path"]).name == RESULT for e in done.values())
+            arr = _compact(Path(next(iter(done.values()))["path"]), done) if shared else _concat(done)
             nrows = sum(int(e["result_rows"]) for e in done.values())
         stats.wall["assemble"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -823,6 +866,28 @@ def _concat(done: dict[int, dict[str, Any]]) -> np.ndarray:
         if f is not None:
             f.close()
     return arr
+
+
+def _compact(path: Path, done: dict[int, dict[str, Any]]) -> np.ndarray:
+    """The result in place: the shared result file mapped into memory and each bucket's records
+    moved down to follow the previous bucket's (nothing moves when every row was kept), so the
+    driver neither copies the uid list nor touches fresh memory for it. The file is unlinked with
+    the work folder afterwards; the mapping stays valid until the array is dropped."""
+    import mmap
+
+    with open(path, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return U.empty()
+        mm = mmap.mmap(f.fileno(), size)  # shared, read-write
+    full = np.frombuffer(mm, dtype=U.UID_DTYPE, count=size // U.UID_DTYPE.itemsize)
+    dst = 0
+    for b in sorted(done):
+        src, n = int(done[b]["offset"]) // U.UID_DTYPE.itemsize, int(done[b]["uids"])
+        if n and src != dst:
+            full[dst : dst + n] = full[src : src + n]  # dst < src: numpy copes with the overlap
+        dst += n
+    return full[:dst]
 
 
 def _merge_topk(done: dict[int, dict[str, Any]], topk) -> tuple[np.ndarray, int]:
