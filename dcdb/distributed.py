@@ -20,12 +20,17 @@ one file only):
    candidates themselves are fetched and partitioned; the value is stored in
    ``__dcdb_cut_I/value.json``;
 2. the per-bucket query with those values (and broadcast constants) bound: every task writes its
-   buckets' sorted uid lists as 16-byte records (``parts/*.uids``, the .npy's records byte for
-   byte; a scan of a bucketed pool comes out in uid order, so a bucket's list is a slice) -- or,
-   for a global top-k, its top rows with their sort keys and bucket (``parts/*.parquet``);
-3. the driver reads the buckets' lists in bucket order straight into the result (buckets are uid
-   ranges: a sorted list needs no global sort), or merges the top-k candidates, and returns the
-   same FilterResult as the local engine.
+   buckets' sorted uid lists as 16-byte records (the .npy's records byte for byte; a scan of a
+   bucketed pool comes out in uid order, so a bucket's list is a slice) into one shared file,
+   ``parts/result.uids``, each bucket at its first row's place (row index x 16 bytes: room for
+   every row), so no task waits for another's counts; a bucket with more records than rows
+   (``copies``, joins) goes to a file of the task's own (``parts/*.uids``); for a global top-k,
+   the group's top rows with their sort keys and bucket (``parts/*.parquet``);
+3. the driver maps the shared file and moves each bucket's records down behind the previous
+   bucket's (nothing moves when every row is kept): the sorted uid list of the pool, without a
+   copy or fresh memory (buckets are uid ranges: no global sort); otherwise it reads the buckets'
+   lists in bucket order into the result, or merges the top-k candidates. It returns the same
+   FilterResult as the local engine.
 
 Ray is imported only here, only for ``engine="ray"``; it connects to ``RAY_ADDRESS`` or a local
 cluster (``ray start --head``), or starts one in this process.
@@ -249,7 +254,9 @@ def _write_shared(out_dir: str, group: list[int], data: list[np.ndarray], entrie
     """Write each bucket's records into the shared result file at the bucket's first row times 16
     bytes (its place if every row were kept), then the group's marker; False (nothing written)
     when a bucket has more records than rows (copies, joins), which only fits a file of its own.
-    A killed task leaves no marker, and a re-run writes the same bytes to the same place."""
+    A killed task leaves no marker, and a re-run writes the same bytes to the same place. The
+    marker records how long the file must be; unlike a task's own file, a region the OS lost in a
+    machine crash (no fsync) reads as zeros rather than a wrong size."""
     if any(e["uids"] > e["rows"] for e in entries):
         return False
     flat = data[0] if len(data) == 1 else np.concatenate(data) if data else U.empty()
@@ -872,14 +879,16 @@ def _compact(path: Path, done: dict[int, dict[str, Any]]) -> np.ndarray:
     """The result in place: the shared result file mapped into memory and each bucket's records
     moved down to follow the previous bucket's (nothing moves when every row was kept), so the
     driver neither copies the uid list nor touches fresh memory for it. The file is unlinked with
-    the work folder afterwards; the mapping stays valid until the array is dropped."""
+    the work folder afterwards; the mapping stays valid until the array is dropped (the file's
+    blocks, 16 bytes per pool row, stay allocated until then)."""
     import mmap
 
     with open(path, "r+b") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             return U.empty()
-        mm = mmap.mmap(f.fileno(), size)  # shared, read-write
+        # shared, read-write; its pages are in the page cache already: map them in one go
+        mm = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
     full = np.frombuffer(mm, dtype=U.UID_DTYPE, count=size // U.UID_DTYPE.itemsize)
     dst = 0
     for b in sorted(done):
