@@ -9,7 +9,9 @@ Builds (once, reused) a metadata-only synthetic DataComp pool ingested with ``--
    scheduling + per-group DuckDB + the driver's concatenation), after one warm-up run; the ratio
    ray / local (the issue's goal: <= 1.3 on one machine). Both outputs are checked byte-identical.
    "1-proc": the same bucket tasks run one after another in this process (no Ray): the work one
-   core does, for projections (docs/scaling.md).
+   core does, for projections (docs/scaling.md). "load": the 1-minute load average after the
+   filter's runs (the machine is shared); the last column is the Ray run's own account of where its
+   time went (driver steps wall, task steps summed over tasks).
 2. per-bucket scaling: one task's time (connect on the bucket view + the query) for groups of
    1, 2, 4, ... buckets, in this process: fixed cost per task and rows/s.
 
@@ -100,7 +102,8 @@ def main() -> None:
     print(f"pool: {pool.rows:,} rows in {a.buckets} buckets; ray.init({a.workers} CPUs) {ray_start:.1f}s "
           f"(not counted below); {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}", flush=True)
     results = {"rows": pool.rows, "buckets": a.buckets, "workers": a.workers, "filters": [], "scaling": []}
-    print(f"\n{'filter':40s} {'local s':>9s} {'ray s':>9s} {'ray/local':>9s} {'1-proc s':>9s} {'uids':>12s}")
+    print(f"\n{'filter':40s} {'local s':>9s} {'ray s':>9s} {'ray/local':>9s} {'1-proc s':>9s} {'uids':>12s} "
+          f"{'load':>5s}  where the ray time went (last run)")
     for label, ref, given in FILTERS:
         filt = load_filter(ref) if ref else parse_filter("size", given, None)
         params = given if ref else {}
@@ -112,16 +115,21 @@ def main() -> None:
             run_filter(pool, filt, params)
             local.append(time.perf_counter() - t)
             t = time.perf_counter()
-            got = run_distributed(pool, filt, params, engine="ray").uids
+            logs: list[str] = []
+            got = run_distributed(pool, filt, params, engine="ray", log=logs.append).uids
             dist.append(time.perf_counter() - t)
             assert np.array_equal(got, want), label
             t = time.perf_counter()
             run_distributed(pool, filt, params, engine="serial", per_task=max(1, a.buckets // 8))
             serial.append(time.perf_counter() - t)
         lm, dm, sm = statistics.median(local), statistics.median(dist), statistics.median(serial)
-        print(f"{label:40s} {lm:9.2f} {dm:9.2f} {dm / lm:9.2f} {sm:9.2f} {len(want):12,}", flush=True)
+        load = os.getloadavg()[0]
+        where = next((x for x in logs if x.startswith("time:")), "")
+        print(f"{label:40s} {lm:9.2f} {dm:9.2f} {dm / lm:9.2f} {sm:9.2f} {len(want):12,} {load:5.1f}  {where}",
+              flush=True)
         results["filters"].append({"filter": label, "local_s": lm, "ray_s": dm, "ratio": dm / lm,
-                                   "one_process_s": sm, "uids": len(want)})
+                                   "one_process_s": sm, "uids": len(want), "load": load,
+                                   "local_runs": local, "ray_runs": dist, "ray_time": where})
     ray.shutdown()
     # per-bucket scaling: one task (connect + query) on groups of growing size, in this process
     filt = load_filter("clip_score")

@@ -2,23 +2,35 @@
 the tests use to check plans without a cluster).
 
 The driver plans the filter once (dcdb/plan.py), then runs phases of tasks; one task handles a
-*group* of consecutive buckets of a bucketed pool (dcdb/buckets.py, about 4 groups per worker)
-with one DuckDB connection on those buckets' files only. Everything a task produces goes to a
-work folder as one Parquet file per bucket with a completion marker written after it, so a re-run
-after a lost worker or a killed driver -- even on a cluster of another size, with other groups --
-redoes only the buckets without a marker (Ray itself retries a task whose worker died):
+*group* of consecutive buckets of a bucketed pool (dcdb/buckets.py, about 2 groups per worker)
+with one DuckDB connection on those buckets' files only. A task writes its output to the work
+folder as one raw file (its buckets one after another) and then a marker listing every bucket in
+it with its offset and counts; before a phase the driver lists the markers and gives tasks only
+the buckets none of them holds, so a re-run after a lost worker or a killed driver -- even on a
+cluster of another size, with other groups -- redoes only unfinished buckets (Ray itself retries
+a task whose worker died; a retried task writes under a new name, and each bucket is read from
+one file only):
 
-1. for each ``clip_cut`` fraction: every bucket's non-NULL scores (``__dcdb_cut_I/<bucket>.parquet``)
-   and row count; the driver then finds the exact value at descending index ``int(N*f)`` by radix
-   selection over the float64 sort keys: while more than a million candidates are left, a round
-   narrows them by 16 bits (a 65536-bin histogram from each worker's share), then the candidates
-   themselves are fetched and sorted (a single round below ~1M scored rows; two or three rounds
-   at 10^9 rows); the value is stored in ``__dcdb_cut_I/value.json``;
-2. the per-bucket query with those values (and broadcast constants) bound: every task writes, per
-   bucket, its sorted uid list (``parts/<bucket>.parquet``: the 16-byte records as one
-   fixed_size_binary column) -- or, for a global top-k, its top rows with their sort keys;
-3. the driver concatenates the groups' lists in bucket order (a sorted list needs no global sort),
-   or merges the top-k candidates, and returns the same FilterResult as the local engine.
+1. for each ``clip_cut`` fraction: every bucket's row count and the float64 sort keys of its
+   non-NULL scores (``__dcdb_cut_I/*.keys``, 8 bytes per scored row; the score column is read
+   straight from the buckets' Parquet files when the pool has it), and, returned with them, a
+   65536-bin histogram of the keys' top 16 bits. The driver finds the exact value at descending
+   index ``int(N*f)`` by radix selection: while more than 4M candidates are left, a round narrows
+   them by 16 bits (the first round is that histogram; more only at 10^8+ rows), then the
+   candidates themselves are fetched and partitioned; the value is stored in
+   ``__dcdb_cut_I/value.json``;
+2. the per-bucket query with those values (and broadcast constants) bound: every task writes its
+   buckets' sorted uid lists as 16-byte records (the .npy's records byte for byte; a scan of a
+   bucketed pool comes out in uid order, so a bucket's list is a slice) into one shared file,
+   ``parts/result.uids``, each bucket at its first row's place (row index x 16 bytes: room for
+   every row), so no task waits for another's counts; a bucket with more records than rows
+   (``copies``, joins) goes to a file of the task's own (``parts/*.uids``); for a global top-k,
+   the group's top rows with their sort keys and bucket (``parts/*.parquet``);
+3. the driver maps the shared file and moves each bucket's records down behind the previous
+   bucket's (nothing moves when every row is kept): the sorted uid list of the pool, without a
+   copy or fresh memory (buckets are uid ranges: no global sort); otherwise it reads the buckets'
+   lists in bucket order into the result, or merges the top-k candidates. It returns the same
+   FilterResult as the local engine.
 
 Ray is imported only here, only for ``engine="ray"``; it connects to ``RAY_ADDRESS`` or a local
 cluster (``ray start --head``), or starts one in this process.
@@ -33,8 +45,9 @@ import shutil
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +57,14 @@ from dcdb import errors
 from dcdb import uids as U
 from dcdb.errors import DcdbError, PoolError, UsageError
 from dcdb.io import tmp_name, write_json
-from dcdb.query import FilterFile, FilterResult, _collect
+from dcdb.query import FilterFile, FilterResult, _collect, _collect_into
 from dcdb.store import Pool
 
 ENGINES = ("local", "ray")
-TASKS_PER_WORKER = 4  # bucket groups per worker: balance and cheap retries vs. per-task start-up
+TASKS_PER_WORKER = 2  # bucket groups per worker: balance and cheap retries vs. per-task start-up (connect)
 MAX_TASK_ROWS = 8_000_000  # pool rows per task at most (~130 MB of uids if every row is kept)
 RADIX_BITS = 16
-COLLECT_LIMIT = 1 << 20  # fetch the remaining candidate scores once at most this many are left
+COLLECT_LIMIT = 1 << 22  # fetch the remaining candidate keys (8 B each) once at most this many are left
 FAULT_ENV = "DCDB_FAULT_INJECT"  # test hook: "<marker file>": the first query task's worker dies once
 MARKER = ".done.json"
 
@@ -87,6 +100,7 @@ class RayBackend:
         if not ray.is_initialized():
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             address = os.environ.get("RAY_ADDRESS") or None
+            check_ray_address(address)
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
             except (ConnectionError, RuntimeError, TimeoutError) as exc:
@@ -117,6 +131,30 @@ class RayBackend:
         return out
 
 
+RAY_CONNECT_TIMEOUT = 5.0  # seconds to wait for a TCP answer from RAY_ADDRESS
+
+
+def check_ray_address(address: str | None, timeout: float = RAY_CONNECT_TIMEOUT) -> None:
+    """Fail fast on a RAY_ADDRESS nothing answers at: ``ray.init`` would retry it for minutes.
+    ``None``, ``auto`` and ``local`` (a local cluster, found or started) are left to Ray; anything
+    else must be ``[ray://]HOST:PORT`` with something listening there."""
+    import socket
+
+    if address is None or address.strip().lower() in ("", "auto", "local"):
+        return
+    hint = "start a cluster with `ray start --head` and use the address it prints, unset RAY_ADDRESS " \
+           "for a local one, or use --engine local"
+    rest = address.strip().split("://", 1)[-1].rstrip("/")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"RAY_ADDRESS {address!r} is not HOST:PORT (or ray://HOST:PORT)", hint=hint)
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise UsageError(f"no Ray cluster answers at RAY_ADDRESS {address!r}: {exc.strerror or exc}",
+                         hint=hint) from None
+
+
 def ray_map(fn: Callable, items, jobs: int | None = None, window: int | None = None):
     """``fn`` over ``items`` as Ray tasks, results in input order, at most ``window`` in flight
     (default: twice the cluster's CPUs) -- the resharder's per-shard tasks on ``--engine ray``."""
@@ -142,20 +180,13 @@ def backend_for(engine: str):
 
 
 # ------------------------------------------------------------------------------------- tasks
+#
+# Intermediates: one data file per task (its buckets one after another) and, renamed into place
+# after it, one marker that lists every bucket the file holds with its offset and counts -- so
+# completion is recorded per bucket, and a re-run, on any grouping, reuses each finished bucket.
 
 
-def _marker(path: Path) -> Path:
-    return path.with_name(path.name + MARKER)
-
-
-def _done(path: Path) -> dict[str, Any] | None:
-    """The marker of a finished intermediate, if it and the part it vouches for are intact."""
-    m = _marker(path)
-    try:
-        info = json.loads(m.read_text())
-        return info if path.stat().st_size == info.get("bytes") else None
-    except (OSError, ValueError, AttributeError):
-        return None
+UIDS, KEYS, TOPK = ".uids", ".keys", ".parquet"  # raw 16-byte uid records, raw uint64 keys, top-k rows
 
 
 def _guarded(fn, *args) -> dict[str, Any]:
@@ -177,41 +208,123 @@ def _connect(pool_path: str, group: list[int]):
 
 
 def _duck_error(con, exc: Exception, what: str):
+    from dcdb.engine import scan_error
     from dcdb.filters import take_error
 
-    err = take_error(con)
+    err = take_error(con) or scan_error(con)  # the dcdb error a Python function or an embedding scan raised
     if err is not None:
         raise err from None
     raise errors.QueryError(f"{what} failed on a bucket: {str(exc).strip()}") from None
 
 
-def _bucket_path(out_dir: str, b: int) -> Path:
-    return Path(out_dir) / f"{b:05d}.parquet"
+def _write_group(out_dir: str, group: list[int], ext: str, data, entries: list[dict[str, Any]]) -> None:
+    """A task's data file (numpy arrays one after another as raw bytes, or an Arrow table as
+    Parquet), then its
+    marker, each written under a temp name and renamed into place (atomic for a killed process).
+    The file name is unique per attempt, so a retried task never overwrites a file a marker
+    vouches for. No fsync (it dominated small tasks): after a machine crash a marker may survive
+    its data, so the marker records the file's size and a file of another size is redone."""
+    path = Path(out_dir) / f"{group[0]:05d}-{group[-1]:05d}-{uuid.uuid4().hex[:8]}{ext}"
+    tmp = tmp_name(path)
+    if isinstance(data, list):
+        with open(tmp, "wb") as f:
+            for a in data:
+                np.ascontiguousarray(a).tofile(f)
+    else:
+        import pyarrow.parquet as pq
+
+        # uids and sort keys are hashes and noise: compression and statistics only cost time here
+        pq.write_table(data, tmp, compression="none", use_dictionary=False, write_statistics=False)
+    os.replace(tmp, path)
+    _write_marker(path.with_name(path.name + MARKER), {"file": path.name, "bytes": path.stat().st_size,
+                                                       "buckets": entries})
 
 
-def _pending(out_dir: str, group: list[int]) -> tuple[list[int], list[dict[str, Any]]]:
-    """Buckets of ``group`` without a completion marker, and the markers of the others."""
-    todo, done = [], []
-    for b in group:
-        info = _done(_bucket_path(out_dir, b))
-        if info is None:
-            todo.append(b)
-        else:
-            done.append(info)
-    return todo, done
+def _write_marker(marker: Path, info: dict[str, Any]) -> None:
+    tmp = tmp_name(marker)
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, marker)
 
 
-def _by_bucket(uid_arr: np.ndarray, todo: list[int], bits: int, name: str) -> dict[int, np.ndarray]:
-    """Row indices of each bucket in ``todo``; a uid outside them (made up by the filter, not a
-    row's own uid) cannot be placed, so it is refused rather than put in the wrong bucket."""
+RESULT = "result" + ".uids"  # the shared result file of a query's uid lists
+
+
+def _write_shared(out_dir: str, group: list[int], data: list[np.ndarray], entries: list[dict[str, Any]],
+                  starts: list[int]) -> bool:
+    """Write each bucket's records into the shared result file at the bucket's first row times 16
+    bytes (its place if every row were kept), then the group's marker; False (nothing written)
+    when a bucket has more records than rows (copies, joins), which only fits a file of its own.
+    A killed task leaves no marker, and a re-run writes the same bytes to the same place. The
+    marker records how long the file must be; unlike a task's own file, a region the OS lost in a
+    machine crash (no fsync) reads as zeros rather than a wrong size."""
+    if any(e["uids"] > e["rows"] for e in entries):
+        return False
+    flat = data[0] if len(data) == 1 else np.concatenate(data) if data else U.empty()
+    raw = memoryview(np.ascontiguousarray(flat).view(np.uint8))
+    path = Path(out_dir) / RESULT
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        end = 0
+        for e, start in zip(entries, starts):
+            a, n = int(e["offset"]), int(e["uids"]) * U.UID_DTYPE.itemsize
+            e["offset"] = start * U.UID_DTYPE.itemsize
+            done = 0
+            while done < n:
+                done += os.pwrite(fd, raw[a + done : a + n], e["offset"] + done)
+            if n:
+                end = max(end, e["offset"] + n)
+    finally:
+        os.close(fd)
+    marker = Path(out_dir) / f"{group[0]:05d}-{group[-1]:05d}-{uuid.uuid4().hex[:8]}{UIDS}{MARKER}"
+    _write_marker(marker, {"file": RESULT, "min_bytes": end, "buckets": entries})
+    return True
+
+
+def finished(out_dir: str | Path, ext: str) -> dict[int, dict[str, Any]]:
+    """Bucket -> its entry (with ``path``) in an intact marker of ``out_dir``: the buckets a
+    re-run need not redo. A marker whose data file is missing or of another size (shorter than
+    its buckets' end, for the shared result file) is ignored."""
+    out: dict[int, dict[str, Any]] = {}
+    for m in sorted(Path(out_dir).glob(f"*{ext}{MARKER}")):
+        try:
+            info = json.loads(m.read_text())
+            path = m.with_name(info["file"])
+            size = path.stat().st_size
+            if size != info["bytes"] if "bytes" in info else size < info["min_bytes"]:
+                continue
+            for e in info["buckets"]:
+                out.setdefault(int(e["bucket"]), {**e, "path": str(path)})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return out
+
+
+def _by_bucket(uid_arr: np.ndarray, todo: list[int], bits: int, name: str) -> dict[int, np.ndarray | slice]:
+    """Rows of each bucket in ``todo``: a slice when ``uid_arr`` is sorted (a scan of a bucketed
+    pool keeps its uid order: no copy), else an index array. A uid outside them (made up by the
+    filter, not a row's own uid) cannot be placed, so it is refused rather than put in the wrong
+    bucket."""
     from dcdb.buckets import bucket_of
 
-    ids = bucket_of(uid_arr, bits)
-    order = np.argsort(ids, kind="stable")  # linear on the usual already-ordered output
-    starts = np.searchsorted(ids[order], todo, side="left")
-    ends = np.searchsorted(ids[order], todo, side="right")
-    out = {b: order[a:e] for b, a, e in zip(todo, starts, ends)}
-    if int((ends - starts).sum()) != len(uid_arr):
+    todo = sorted(todo)
+    if U.is_sorted(uid_arr):
+        f0 = uid_arr["f0"]
+        shift = 64 - bits
+        los = np.array([b << shift if bits else 0 for b in todo], dtype=np.uint64)
+        his = [(b + 1) << shift if bits and b + 1 < (1 << bits) else None for b in todo]
+        starts = np.searchsorted(f0, los, side="left")
+        ends = [len(f0) if h is None else int(np.searchsorted(f0, np.uint64(h), side="left")) for h in his]
+        out: dict[int, np.ndarray | slice] = {b: slice(int(a), e) for b, a, e in zip(todo, starts, ends)}
+        placed = sum(e - int(a) for a, e in zip(starts, ends))
+    else:
+        ids = bucket_of(uid_arr, bits)
+        order = np.argsort(ids, kind="stable")
+        starts = np.searchsorted(ids[order], todo, side="left")
+        ends = np.searchsorted(ids[order], todo, side="right")
+        out = {b: order[a:e] for b, a, e in zip(todo, starts, ends)}
+        placed = int((ends - starts).sum())
+    if placed != len(uid_arr):
+        ids = bucket_of(uid_arr, bits)
         stray = U.to_hex(uid_arr[~np.isin(ids, todo)][:1])[0]
         raise errors.PlanError(
             f"filter {name!r} returned uid {stray}, which is not the uid of a row it read (it lies in "
@@ -220,52 +333,151 @@ def _by_bucket(uid_arr: np.ndarray, todo: list[int], bits: int, name: str) -> di
     return out
 
 
-def _write_part(path: Path, table, info: dict[str, Any]) -> None:
-    """An intermediate, then its marker, each written under a temp name and renamed into place
-    (atomic for a killed process). No fsync (it dominated small tasks): after a machine crash a
-    marker may survive its part's data, so the marker records the part's size and a part of
-    another size is redone."""
-    import pyarrow.parquet as pq
-
-    tmp = tmp_name(path)
-    # uids and scores are hashes and noise: compression and statistics only cost time here
-    pq.write_table(table, tmp, compression="none", use_dictionary=False, write_statistics=False)
-    os.replace(tmp, path)
-    info = {**info, "bytes": path.stat().st_size}
-    tmp = tmp_name(_marker(path))
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, _marker(path))
+def _bounds(group: list[int], bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each bucket's first possible high word, and the next bucket's (2**64 - 1 for the last)."""
+    shift = 64 - bits
+    los = np.array([b << shift if bits else 0 for b in group], dtype=np.uint64)
+    his = np.array([(b + 1) << shift if bits and b + 1 < (1 << bits) else (1 << 64) - 1 for b in group],
+                   dtype=np.uint64)
+    return los, his
 
 
-def _scores_task(pool_path: str, group: list[int], sql: str, params: dict[str, Any], out_dir: str,
-                 bits: int) -> dict[str, Any]:
-    """Phase 1 of a clip_cut fraction: per bucket its non-NULL scores (float64) and row count."""
-    import duckdb
+def _in_order(parts: list[np.ndarray], copies: list[np.ndarray] | None, group: list[int], bits: int):
+    """When the result batches are already in uid order (a scan of a bucketed pool is) and every
+    uid lies in one of ``group``'s buckets: (the arrays to write, copies expanded, without
+    concatenating them; per-bucket entries). None otherwise (the caller sorts)."""
+    prev = None
+    for a in parts:
+        if len(a):
+            if not U.is_sorted(a) or (prev is not None and (int(a["f0"][0]), int(a["f1"][0])) < prev):
+                return None
+            prev = (int(a["f0"][-1]), int(a["f1"][-1]))
+    group = sorted(group)
+    los, his = _bounds(group, bits)
+    last = (1 << bits) - 1
+    result_rows = np.zeros(len(group), dtype=np.int64)
+    uids = np.zeros(len(group), dtype=np.int64)
+    out = []
+    for i, a in enumerate(parts):
+        f0 = a["f0"]
+        starts = np.searchsorted(f0, los, side="left")
+        ends = np.searchsorted(f0, his, side="left")
+        if bits == 0 or group[-1] == last:  # the last bucket runs to the top of the uid space
+            ends[-1] = len(f0)
+        if int((ends - starts).sum()) != len(a):
+            return None  # a uid outside the group: the caller names it
+        result_rows += ends - starts
+        if copies is None:
+            uids += ends - starts
+            out.append(a)
+        else:
+            c = copies[i]
+            cum = np.concatenate([[0], np.cumsum(c)])
+            uids += cum[ends] - cum[starts]
+            out.append(np.repeat(a, c))
+    offsets = np.concatenate([[0], np.cumsum(uids)[:-1]]) * U.UID_DTYPE.itemsize
+    entries = [{"bucket": b, "result_rows": int(r), "uids": int(n), "offset": int(o)}
+               for b, r, n, o in zip(group, result_rows, uids, offsets)]
+    return out, entries
+
+
+def _sorted_by_bucket(parts, copies_parts, group: list[int], bits: int, name: str):
+    """The general case: each bucket's uids sorted (joins and set operations may reorder rows)."""
+    arr = np.concatenate(parts) if len(parts) > 1 else (parts[0] if parts else U.empty())
+    counts = None
+    if copies_parts is not None:
+        counts = np.concatenate(copies_parts) if copies_parts else np.empty(0, np.int64)
+    pieces, entries, offset = [], [], 0
+    for b, idx in _by_bucket(arr, group, bits, name).items():
+        sub = arr[idx] if counts is None else np.repeat(arr[idx], counts[idx])
+        if not U.is_sorted(sub):
+            sub = U.sort(sub)
+        pieces.append(sub)
+        entries.append({"bucket": b, "result_rows": len(arr[idx]), "uids": len(sub), "offset": offset})
+        offset += sub.nbytes
+    return pieces, entries
+
+
+def _histogram(keys: np.ndarray, prefix: int, known: int) -> np.ndarray:
+    """Counts of the next RADIX_BITS bits of the keys whose top ``known`` bits are ``prefix``."""
+    if known:
+        keys = keys[(keys >> np.uint64(64 - known)) == np.uint64(prefix)]
+    if known == 0 and RADIX_BITS == 16 and sys.byteorder == "little":
+        digits = keys.view(np.uint16)[3::4]  # the top 16 bits, no arithmetic, no copy
+    else:
+        digits = ((keys >> np.uint64(64 - known - RADIX_BITS)) & np.uint64((1 << RADIX_BITS) - 1)).astype(np.intp)
+    return np.bincount(digits, minlength=1 << RADIX_BITS).astype(np.int64, copy=False)
+
+
+def _bucket_scores(pool_path: str, group: list[int], source: tuple, params: dict[str, Any], times: dict[str, float]):
+    """Yield (bucket, its row count, its scores as float64 with NaN for NULL) bucket by bucket.
+    ``source`` is ``("file", dir, column)`` -- the column read straight from each bucket's Parquet
+    file (metadata or a derived group), no DuckDB session -- or ``("sql", sql)``, the score query
+    on a bucket view of the group, split by the buckets' row counts."""
     import pyarrow as pa
 
-    todo, done = _pending(out_dir, group)
-    rows, scored = sum(d["rows"] for d in done), sum(d["scored"] for d in done)
-    if todo:
-        t0 = time.perf_counter()
-        view, con = _connect(pool_path, todo)
-        # the bucket of each row from its uid's first 4 hex digits (bits <= 16), in SQL: no decoding
-        keyed = f"SELECT (('0x' || substr(uid, 1, 4))::INTEGER >> {16 - bits}) AS b, score FROM ({sql})"
-        try:
-            tbl = con.sql(keyed, params=params).to_arrow_table()
-        except duckdb.Error as exc:
-            _duck_error(con, exc, "the clip_cut score scan")
-        con.close()
-        ids = tbl.column(0).to_numpy()
-        scores = tbl.column(1).cast(pa.float64()).to_numpy(zero_copy_only=False)  # NULL -> NaN
-        per_bucket = {s["name"]: int(s["rows"]) for s in view.shards}
-        for b in todo:
-            v = scores[ids == b]
-            v = v[~np.isnan(v)]
-            info = {"bucket": b, "rows": per_bucket[f"bucket-{b:05d}"], "scored": len(v),
-                    "seconds": time.perf_counter() - t0}
-            _write_part(_bucket_path(out_dir, b), pa.table({"score": v}), info)
-            rows, scored = rows + info["rows"], scored + len(v)
-    return {"rows": rows, "scored": scored, "skipped": len(done), "buckets": len(group)}
+    from dcdb.buckets import bucket_name, bucket_view
+    from dcdb.store import open_pool
+
+    view = bucket_view(open_pool(pool_path), group)
+    counts = [int(s["rows"]) for s in view.shards]
+
+    def numbers(col) -> np.ndarray:
+        return col.cast(pa.float64()).to_numpy(zero_copy_only=False)  # NULL -> NaN
+
+    if source[0] == "file":
+        import pyarrow.parquet as pq
+
+        _, folder, column = source
+        for b, n in zip(group, counts):
+            with pq.ParquetFile(view.path / folder / f"{bucket_name(b)}.parquet") as f:
+                col = f.read(columns=[column], use_threads=False).column(0)
+            if len(col) != n:
+                raise errors.PoolError(f"bucket {b} has {len(col)} rows in {folder}, the manifest says {n}",
+                                       hint="the pool may be damaged; re-ingest it")
+            yield b, n, numbers(col.combine_chunks() if col.num_chunks != 1 else col.chunk(0))
+        return
+    import duckdb
+
+    from dcdb.engine import connect, pool_reader
+
+    t0 = time.perf_counter()
+    con = connect(view, threads=1)
+    times["connect"] = time.perf_counter() - t0
+    try:  # a plain scan keeps the pool's row order, which is the buckets' order
+        with pool_reader(con, f"SELECT score FROM ({source[1]})", params) as reader:
+            col = reader.read_all().column(0)
+    except duckdb.Error as exc:
+        _duck_error(con, exc, "the clip_cut score scan")
+    con.close()
+    if len(col) != sum(counts):
+        raise errors.PoolError(f"the clip_cut score scan read {len(col)} rows for {sum(counts)} pool rows",
+                               hint="the pool may be damaged; re-ingest it")
+    scores = numbers(col)
+    yield from zip(group, counts, np.split(scores, np.cumsum(counts)[:-1]))
+
+
+def _scores_task(pool_path: str, group: list[int], source: tuple, params: dict[str, Any],
+                 out_dir: str) -> dict[str, Any]:
+    """Phase 1 of a clip_cut fraction: the sort keys of the group's non-NULL scores (raw uint64,
+    bucket after bucket) and each bucket's row count; returns the counts and the first radix
+    round (the histogram of the keys' top 16 bits), so no round has to re-read them. Works a
+    bucket at a time: small arrays only (fresh memory is slow to touch)."""
+    t0 = time.perf_counter()
+    times = {"connect": 0.0}
+    entries, parts, offset, rows = [], [], 0, 0
+    hist = np.zeros(1 << RADIX_BITS, dtype=np.int64)
+    for b, n, v in _bucket_scores(pool_path, group, source, params, times):
+        keys = _sort_keys(v[~np.isnan(v)])
+        hist += _histogram(keys, 0, 0)
+        parts.append(keys)
+        entries.append({"bucket": b, "rows": n, "scored": len(keys), "offset": offset})
+        offset += keys.nbytes
+        rows += n
+    t1 = time.perf_counter()
+    _write_group(out_dir, group, KEYS, parts, entries)
+    times.update(scan=t1 - t0 - times["connect"], write=time.perf_counter() - t1)
+    return {"rows": rows, "scored": offset // 8, "buckets": len(group), "hist": hist, "times": times}
 
 
 def _sort_keys(values: np.ndarray) -> np.ndarray:
@@ -281,53 +493,51 @@ def _from_key(key: int) -> float:
     return float(np.array([bits], dtype=np.uint64).view(np.float64)[0])
 
 
-def _radix_task(paths: list[str], prefix: int, known: int, collect: bool) -> dict[str, Any]:
-    """One radix round over the score files in ``paths``, among the sort keys whose top ``known``
-    bits are ``prefix``: a histogram of their next 16 bits, or (``collect``) the keys themselves."""
-    import pyarrow.parquet as pq
-
+def _radix_task(segments: list[tuple[str, int, int]], prefix: int, known: int, collect: bool) -> dict[str, Any]:
+    """One radix round over key file ``segments`` (path, byte offset, count), among the sort keys
+    whose top ``known`` bits are ``prefix``: a histogram of their next 16 bits, or (``collect``)
+    the keys themselves."""
     hist = np.zeros(1 << RADIX_BITS, dtype=np.int64)
     found = []
-    for p in paths:
-        keys = _sort_keys(pq.read_table(p).column(0).to_numpy())
-        if known:
-            keys = keys[(keys >> np.uint64(64 - known)) == np.uint64(prefix)]
+    for path, offset, count in segments:
+        keys = np.fromfile(path, dtype=np.uint64, count=count, offset=offset)
         if collect:
-            found.append(keys)
-            continue
-        digits = ((keys >> np.uint64(64 - known - RADIX_BITS)) & np.uint64((1 << RADIX_BITS) - 1)).astype(np.int64)
-        hist += np.bincount(digits, minlength=1 << RADIX_BITS)
+            found.append(keys[(keys >> np.uint64(64 - known)) == np.uint64(prefix)] if known else keys)
+        else:
+            hist += _histogram(keys, prefix, known)
     if collect:
         return {"keys": np.concatenate(found) if found else np.empty(0, np.uint64)}
     return {"hist": hist}
 
 
 def _query_task(pool_path: str, group: list[int], sql: str, params: dict[str, Any], out_dir: str,
-                topk_keys: list[str] | None, fault: str | None, name: str, bits: int) -> dict[str, Any]:
-    """Phase 2: the filter on this group's unfinished buckets -> per bucket its sorted uid list
-    (or, for a global top-k, its rows among the group's top-k, with their sort keys)."""
+                topk_keys: list[str] | None, fault: str | None, name: str, bits: int,
+                starts: list[int] | None = None) -> dict[str, Any]:
+    """Phase 2: the filter on this group of buckets -> their sorted uid lists, bucket after
+    bucket, as raw 16-byte records (the .npy's records byte for byte), or, for a global top-k,
+    the group's top rows with their sort keys and bucket (Parquet)."""
     import duckdb
     import pyarrow as pa
 
-    todo, done = _pending(out_dir, group)
-    result_rows, rows = sum(d["result_rows"] for d in done), sum(d["rows"] for d in done)
-    if not todo:
-        return {"result_rows": result_rows, "rows": rows, "skipped": len(done), "buckets": len(group)}
     if fault and not os.path.exists(fault):  # test hook: this worker dies once, mid-run
-        Path(fault).write_text(f"worker {os.getpid()} killed on buckets {todo}\n")
+        Path(fault).write_text(f"worker {os.getpid()} killed on buckets {group}\n")
         os._exit(137)
+    from dcdb.engine import pool_reader
+
     t0 = time.perf_counter()
-    view, con = _connect(pool_path, todo)
-    try:
-        reader = con.sql(sql, params=params or None).to_arrow_reader(1 << 20)
-        if topk_keys is not None:
-            tbl = reader.read_all()
-        else:
-            parts, copies_parts, _nrows = _collect(reader, name)
+    view, con = _connect(pool_path, group)
+    t1 = time.perf_counter()
+    try:  # the pool view narrowed to the sources the statement reads, as the local engine runs it
+        with pool_reader(con, sql, params, 1 << 20) as reader:
+            if topk_keys is not None:
+                tbl = reader.read_all()
+            else:  # decoded into one buffer of the group's size: no copy to join the batches
+                arr, copies_parts, _nrows = _collect_into(reader, name, view.rows)
     except duckdb.Error as exc:
         _duck_error(con, exc, f"filter {name!r}")
     con.close()
-    per_bucket = {s["name"]: int(s["rows"]) for s in view.shards}
+    rows = [int(s["rows"]) for s in view.shards]
+    entries = []
     if topk_keys is not None:
         names = {n.lower(): n for n in tbl.column_names}
         if "uid" not in names:
@@ -337,26 +547,30 @@ def _query_task(pool_path: str, group: list[int], sql: str, params: dict[str, An
             cols["copies"] = tbl.column(names["copies"])
         for k in topk_keys:
             cols[k] = tbl.column(k)
-        table = pa.table(cols)
-        uid_arr = U.from_arrow(table.column("uid"), source=f"result of filter {name!r}")
-        pieces = {b: (table.take(pa.array(idx)), len(idx)) for b, idx in _by_bucket(uid_arr, todo, bits, name).items()}
+        uid_arr = U.from_arrow(cols["uid"], source=f"result of filter {name!r}")
+        bucket = np.empty(len(uid_arr), dtype=np.int32)
+        for b, idx in _by_bucket(uid_arr, group, bits, name).items():
+            bucket[idx] = b
+            entries.append({"bucket": b, "result_rows": len(range(len(uid_arr))[idx]) if isinstance(idx, slice)
+                            else len(idx)})
+        cols[BUCKET_COLUMN] = pa.array(bucket)
+        data = pa.table(cols)
     else:
-        arr = np.concatenate(parts) if parts else U.empty()
-        counts = None
-        if copies_parts is not None:
-            counts = np.concatenate(copies_parts) if copies_parts else np.empty(0, np.int64)
-        pieces = {}
-        for b, idx in _by_bucket(arr, todo, bits, name).items():
-            sub = arr[idx] if counts is None else np.repeat(arr[idx], counts[idx])
-            if not U.is_sorted(sub):  # a scan keeps the bucket's uid order; joins may not
-                sub = U.sort(sub)
-            pieces[b] = (pa.table({"uid": _uid_column(sub)}), len(idx))
-    for b, (table, n) in pieces.items():
-        info = {"bucket": b, "result_rows": n, "uids": table.num_rows, "rows": per_bucket[f"bucket-{b:05d}"],
-                "seconds": time.perf_counter() - t0}
-        _write_part(_bucket_path(out_dir, b), table, info)
-        result_rows, rows = result_rows + n, rows + info["rows"]
-    return {"result_rows": result_rows, "rows": rows, "skipped": len(done), "buckets": len(group)}
+        copies = None if copies_parts is None else [np.concatenate(copies_parts) if copies_parts
+                                                    else np.empty(0, np.int64)]
+        data, entries = _in_order([arr], copies, group, bits) or _sorted_by_bucket(
+            [arr], copies, group, bits, name)
+    for e, r in zip(entries, rows):
+        e["rows"] = r
+    t2 = time.perf_counter()
+    if topk_keys is not None or starts is None or not _write_shared(out_dir, group, data, entries, starts):
+        _write_group(out_dir, group, TOPK if topk_keys is not None else UIDS, data, entries)
+    times = {"connect": t1 - t0, "scan": t2 - t1, "write": time.perf_counter() - t2}
+    return {"result_rows": sum(e["result_rows"] for e in entries), "rows": sum(rows), "buckets": len(group),
+            "times": times}
+
+
+BUCKET_COLUMN = "__dcdb_bucket"
 
 
 def scores_task(*args) -> dict[str, Any]:
@@ -387,16 +601,32 @@ class RunStats:
     groups: int = 0
     skipped: int = 0
     rows: int = 0
+    wall: dict[str, float] = field(default_factory=dict)  # driver steps, wall seconds
+    task: dict[str, float] = field(default_factory=dict)  # task steps, seconds summed over tasks
+
+    def add(self, results: list[dict[str, Any]]) -> None:
+        for r in results:
+            for k, v in (r.get("times") or {}).items():
+                self.task[k] = self.task.get(k, 0.0) + v
+
+    def describe(self) -> str:
+        wall = ", ".join(f"{k} {v:.2f}s" for k, v in self.wall.items())
+        task = ", ".join(f"{k} {v:.2f}s" for k, v in self.task.items())
+        return f"time: {wall}" + (f" (summed over tasks: {task})" if task else "")
 
 
-def groups_of(pool: Pool, workers: int, per_task: int | None = None) -> list[list[int]]:
-    """Consecutive buckets per task. Markers are per bucket, so a re-run on another cluster size
-    (other groups) still reuses every finished bucket."""
+def groups_of(pool: Pool, workers: int, per_task: int | None = None,
+              buckets: list[int] | None = None) -> list[list[int]]:
+    """``buckets`` (default: all) in groups of consecutive buckets, one group per task: about
+    TASKS_PER_WORKER per worker, each of at most MAX_TASK_ROWS pool rows. Completion is recorded
+    per bucket, so a re-run on another cluster size (other groups) still reuses every finished
+    bucket."""
     n = len(pool.manifest["shards"])
-    per = per_task or max(1, -(-n // (TASKS_PER_WORKER * max(1, workers))))
+    todo = list(range(n)) if buckets is None else sorted(buckets)
+    per = per_task or max(1, -(-len(todo) // (TASKS_PER_WORKER * max(1, workers))))
     if per_task is None:  # a task holds its buckets' result in memory: bound its rows
         per = min(per, max(1, MAX_TASK_ROWS * n // max(1, pool.rows)))
-    return [list(range(i, min(i + per, n))) for i in range(0, n, per)]
+    return [todo[i : i + per] for i in range(0, len(todo), per)]
 
 
 def _work_key(pool: Pool, plan) -> str:
@@ -409,12 +639,12 @@ def _work_key(pool: Pool, plan) -> str:
 
 
 class _Bar:
-    def __init__(self, total_rows: int, label: str, enabled: bool):
+    def __init__(self, total_rows: int, label: str, enabled: bool, done_rows: int = 0, done_buckets: int = 0):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total_rows, unit="rows", unit_scale=True, desc=label, file=sys.stderr,
-                        disable=not enabled)
-        self.buckets = 0
+        self.bar = tqdm(total=total_rows, initial=done_rows, unit="rows", unit_scale=True, desc=label,
+                        file=sys.stderr, disable=not enabled)
+        self.buckets = done_buckets
 
     def __call__(self, r: dict[str, Any]) -> None:
         if r.get("ok"):
@@ -426,8 +656,76 @@ class _Bar:
         self.bar.close()
 
 
-def _exact_cut(backend, pool: Pool, cut, groups, work: Path, stats: RunStats, progress: bool,
-               bits: int) -> float | None:
+def _run_phase(backend, pool: Pool, out_dir: Path, ext: str, per_task: int | None, label: str, progress: bool,
+               stats: RunStats, make_task: Callable[[list[int]], tuple], fn: Callable):
+    """Run ``fn`` on every bucket of ``pool`` without a completion marker in ``out_dir``;
+    returns (bucket -> marker entry for every bucket, the task results)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = finished(out_dir, ext)
+    todo = [b for b in range(len(pool.manifest["shards"])) if b not in done]
+    groups = groups_of(pool, backend.workers, per_task, todo) if todo else []
+    stats.groups += len(groups)
+    stats.skipped += len(done)
+    res: list[dict[str, Any]] = []
+    if groups:
+        bar = _Bar(pool.rows, label, progress, sum(int(e["rows"]) for e in done.values()), len(done))
+        try:
+            res = _check(backend.map(fn, [make_task(g) for g in groups], bar))
+        finally:
+            bar.close()
+        stats.add(res)
+        done = finished(out_dir, ext)
+    missing = [b for b in range(len(pool.manifest["shards"])) if b not in done]
+    if missing:
+        raise PoolError(f"bucket {missing[0]}'s result is missing from {str(out_dir)!r} after its task finished",
+                        hint="the work folder must be on storage every node sees; re-run to redo it")
+    return done, res
+
+
+def _score_source(pool: Pool, arch: str) -> tuple:
+    """Where phase 1 reads a clip_cut's scores: straight from the Parquet column when the pool
+    has it (the same column ``baseline_pool`` picks: a derived group's wins over the metadata's),
+    else through the score query (which also raises the right error for a bad arch or pool)."""
+    from dcdb.derived import groups as derived_groups
+    from dcdb.filters.baselines import ARCH_COLUMNS
+    from dcdb.plan import Cut
+    from dcdb.store import DERIVED_DIR
+
+    column = ARCH_COLUMNS.get(arch)
+    if column is not None:
+        def has(cols) -> bool | None:  # None: not there; False: there but not a float column
+            for c in cols:
+                if c.get("name") == column:
+                    return c.get("type") in ("float", "double")
+            return None
+
+        for name, info in reversed(list(derived_groups(pool).items())):
+            found = has(info.get("columns", []))
+            if found is not None:
+                return ("file", f"{DERIVED_DIR}/{name}", column) if found else ("sql", Cut.score_sql)
+        if has(pool.manifest.get("columns", [])) and all(
+            s["metadata"] == f"metadata/{s['name']}.parquet" for s in pool.manifest["shards"]
+        ):
+            return ("file", "metadata", column)
+    return ("sql", Cut.score_sql)
+
+
+def _segments(done: dict[int, dict[str, Any]], workers: int) -> list[list[tuple[str, int, int]]]:
+    """The key file segments of every bucket, runs in one file merged, split into ~``workers`` chunks."""
+    segs: list[list] = []
+    for b in sorted(done):
+        e = done[b]
+        if segs and segs[-1][0] == e["path"] and segs[-1][1] + 8 * segs[-1][2] == e["offset"]:
+            segs[-1][2] += e["scored"]
+        else:
+            segs.append([e["path"], e["offset"], e["scored"]])
+    segs = [tuple(s) for s in segs if s[2]]
+    k = max(1, min(workers, len(segs)))
+    return [segs[i::k] for i in range(k)]
+
+
+def _exact_cut(backend, pool: Pool, cut, work: Path, stats: RunStats, progress: bool,
+               per_task: int | None) -> float | None:
     """The value at index int(N*f) of the pool's scores sorted descending, NaN/NULL last."""
     from dcdb.filters.baselines import fraction_index
 
@@ -436,34 +734,35 @@ def _exact_cut(backend, pool: Pool, cut, groups, work: Path, stats: RunStats, pr
     value_file = d / "value.json"
     if value_file.is_file():
         return json.loads(value_file.read_text())["value"]
-    bar = _Bar(pool.rows, f"{cut.param[2:]} scores", progress)
-    try:
-        tasks = [(str(pool.path), g, cut.score_sql, {"arch": cut.arch}, str(d), bits) for g in groups]
-        res = _check(backend.map(scores_task, tasks, bar))
-    finally:
-        bar.close()
-    stats.skipped += sum(r["skipped"] for r in res)
-    n_rows = sum(r["rows"] for r in res)
-    n_scored = sum(r["scored"] for r in res)
+    source = _score_source(pool, cut.arch)
+    t = time.perf_counter()
+    done, res = _run_phase(backend, pool, d, KEYS, per_task, f"{cut.param[2:]} scores", progress, stats,
+                           lambda g: (str(pool.path), g, source, {"arch": cut.arch}, str(d)), scores_task)
+    stats.wall["scores"] = time.perf_counter() - t
+    n_rows = sum(int(e["rows"]) for e in done.values())
+    n_scored = sum(int(e["scored"]) for e in done.values())
     n = fraction_index(n_rows, n_scored, cut.fraction)
     if n >= n_scored:
         value = None  # the index falls in the NULL (NaN) tail: nothing passes, as in DataComp
     else:
         m = n_scored - 1 - n  # ascending rank of the value
-        paths = [str(_bucket_path(str(d), b)) for g in groups for b in g]
-        chunks = [paths[i::backend.workers] for i in range(min(backend.workers, len(paths)))]
+        chunks = _segments(done, backend.workers)
         prefix, known, count = 0, 0, n_scored
+        # round 1 came back with the scores when every bucket was scanned by this run
+        fresh = sum(r["rows"] for r in res) == n_rows
+        hist = np.sum([r["hist"] for r in res], axis=0) if res and fresh else None
         while count > COLLECT_LIMIT and known < 64:  # narrow by 16 bits per round
-            hists = _check(backend.map(radix_task, [(c, prefix, known, False) for c in chunks]))
-            cum = np.cumsum(np.sum([h["hist"] for h in hists], axis=0))
+            if hist is None:
+                hists = _check(backend.map(radix_task, [(c, prefix, known, False) for c in chunks]))
+                hist = np.sum([h["hist"] for h in hists], axis=0)
+            cum = np.cumsum(hist)
             digit = int(np.searchsorted(cum, m, side="right"))
             below = int(cum[digit - 1]) if digit else 0
             m, count = m - below, int(cum[digit]) - below
-            prefix, known = (prefix << RADIX_BITS) | digit, known + RADIX_BITS
+            prefix, known, hist = (prefix << RADIX_BITS) | digit, known + RADIX_BITS, None
         found = _check(backend.map(radix_task, [(c, prefix, known, True) for c in chunks]))
-        keys = np.sort(np.concatenate([f["keys"] for f in found]))
-        prefix = int(keys[m])
-        value = _from_key(prefix)
+        keys = np.concatenate([f["keys"] for f in found])
+        value = _from_key(int(np.partition(keys, m)[m]))
     write_json(value_file, {"value": value, "rows": n_rows, "scored": n_scored, "index": n,
                             "fraction": cut.fraction, "arch": cut.arch})
     return value
@@ -496,42 +795,52 @@ def run_distributed(
     con = connect(pool)
     plan = plan_filter(con, filt, given, subsets=set(stored_subsets(pool)))
     con.close()
+    stats = RunStats()
+    stats.wall["plan"] = time.perf_counter() - t0
     if log:
         log(f"plan: {plan.describe()}")
+    t = time.perf_counter()
     backend = backend_for(engine)
-    groups = groups_of(pool, backend.workers, per_task)
     bits = int(pool_buckets(pool)["bits"])
     temp = None
     if work_dir is None:
         temp = work_dir = tempfile.mkdtemp(prefix="dcdb-work-")
     work = Path(work_dir) / _work_key(pool, plan)
-    (work / "parts").mkdir(parents=True, exist_ok=True)
-    stats = RunStats(groups=len(groups))
+    stats.wall["start"] = time.perf_counter() - t
     try:
         params = dict(plan.bucket_params)
         for cut in plan.cuts:
-            params[cut.param] = _exact_cut(backend, pool, cut, groups, work, stats, progress, bits)
+            t = time.perf_counter()
+            params[cut.param] = _exact_cut(backend, pool, cut, work, stats, progress, per_task)
+            stats.wall[f"cut {cut.arch} {cut.fraction}"] = time.perf_counter() - t
         fault = os.environ.get(FAULT_ENV) or None
         keys = plan.topk.keys if plan.topk else None
-        tasks = [(str(pool.path), g, plan.bucket_sql, params, str(work / "parts"), keys, fault, filt.name, bits)
-                 for g in groups]
-        bar = _Bar(pool.rows, filt.name, progress)
-        try:
-            res = _check(backend.map(query_task, tasks, bar))
-        finally:
-            bar.close()
-        stats.skipped += sum(r["skipped"] for r in res)
-        paths = [_bucket_path(str(work / "parts"), b) for g in groups for b in g]
+        parts = work / "parts"
+        skipped_before = stats.skipped
+        t = time.perf_counter()
+        first_row = np.concatenate([[0], np.cumsum([int(x["rows"]) for x in pool.manifest["shards"]])]).tolist()
+        done, res = _run_phase(
+            backend, pool, parts, TOPK if plan.topk else UIDS, per_task, filt.name, progress, stats,
+            lambda g: (str(pool.path), g, plan.bucket_sql, params, str(parts), keys, fault, filt.name, bits,
+                       [first_row[b] for b in g]),
+            query_task)
+        stats.wall["query"] = time.perf_counter() - t
+        t = time.perf_counter()
         if plan.topk:
-            arr, nrows = _merge_topk(paths, plan.topk)
+            arr, nrows = _merge_topk(done, plan.topk)
         else:
-            arr = _concat(paths)
-            nrows = sum(r["result_rows"] for r in res)
-        if log:
-            log(f"{backend.name}: {len(groups)} tasks of {len(groups[0])} bucket(s) on {backend.workers} "
-                f"worker(s), {stats.skipped} bucket result(s) reused from {work}")
+            shared = not keep_work and all(Path(e["path"]).name == RESULT for e in done.values())
+            arr = _compact(Path(next(iter(done.values()))["path"]), done) if shared else _concat(done)
+            nrows = sum(int(e["result_rows"]) for e in done.values())
+        stats.wall["assemble"] = time.perf_counter() - t
+        t = time.perf_counter()
         if not keep_work:  # done: the intermediates are only worth keeping for a re-run
             shutil.rmtree(work, ignore_errors=True)
+        stats.wall["cleanup"] = time.perf_counter() - t
+        if log:
+            log(stats.describe())
+            log(f"{backend.name}: {len(res)} task(s) on {backend.workers} worker(s), "
+                f"{stats.skipped - skipped_before} bucket result(s) reused from {work}")
     finally:
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)
@@ -539,46 +848,75 @@ def run_distributed(
                         seconds=time.perf_counter() - t0, result_rows=nrows)
 
 
-def _uid_column(arr: np.ndarray):
-    """A sorted uid list as one fixed_size_binary(16) column: the .npy records byte for byte."""
-    import pyarrow as pa
-
-    arr = np.ascontiguousarray(arr, dtype=U.UID_DTYPE)
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(arr), [None, pa.py_buffer(arr.view(np.uint8))])
-
-
-def _concat(paths: list[Path]) -> np.ndarray:
-    """The buckets' sorted lists in bucket order; a uid outside its bucket's range cannot occur
-    (tasks refuse made-up uids), but the result is checked and sorted if it ever is not."""
-    import pyarrow.parquet as pq
-
-    sizes = [json.loads(_marker(p).read_text())["uids"] for p in paths]
-    arr = np.empty(sum(sizes), dtype=U.UID_DTYPE)
-    start = 0
-    for p, n in zip(paths, sizes):
-        if not n:
-            continue
-        t = pq.read_table(p)
-        if t.num_rows != n:
-            raise PoolError(f"intermediate {str(p)!r} changed while the query ran", hint="re-run it")
-        for chunk in t.column("uid").chunks:  # one copy of the 16-byte records
-            m = len(chunk)
-            arr[start : start + m] = np.frombuffer(chunk.buffers()[1], U.UID_DTYPE, count=m, offset=chunk.offset * 16)
-            start += m
-    return arr if U.is_sorted(arr) else U.sort(arr)
+def _concat(done: dict[int, dict[str, Any]]) -> np.ndarray:
+    """The buckets' sorted lists in bucket order: the sorted list of the pool (a task checks that
+    each uid lies in its bucket and that each bucket's list is sorted), read straight into place."""
+    order = sorted(done)
+    arr = np.empty(sum(int(done[b]["uids"]) for b in order), dtype=U.UID_DTYPE)
+    raw = memoryview(arr.view(np.uint8))
+    start, f, fpath = 0, None, None
+    try:
+        for b in order:
+            e = done[b]
+            want = int(e["uids"]) * U.UID_DTYPE.itemsize
+            if not want:
+                continue
+            if e["path"] != fpath:
+                if f is not None:
+                    f.close()
+                f, fpath = open(e["path"], "rb"), e["path"]  # noqa: SIM115 -- one open file per run of buckets
+            f.seek(int(e["offset"]))
+            if f.readinto(raw[start : start + want]) != want:
+                raise PoolError(f"intermediate {fpath!r} changed while the query ran", hint="re-run it")
+            start += want
+    finally:
+        if f is not None:
+            f.close()
+    return arr
 
 
-def _merge_topk(paths: list[Path], topk) -> tuple[np.ndarray, int]:
+def _compact(path: Path, done: dict[int, dict[str, Any]]) -> np.ndarray:
+    """The result in place: the shared result file mapped into memory and each bucket's records
+    moved down to follow the previous bucket's (nothing moves when every row was kept), so the
+    driver neither copies the uid list nor touches fresh memory for it. The file is unlinked with
+    the work folder afterwards; the mapping stays valid until the array is dropped (the file's
+    blocks, 16 bytes per pool row, stay allocated until then)."""
+    import mmap
+
+    with open(path, "r+b") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return U.empty()
+        # shared, read-write; its pages are in the page cache already: map them in one go
+        mm = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    full = np.frombuffer(mm, dtype=U.UID_DTYPE, count=size // U.UID_DTYPE.itemsize)
+    dst = 0
+    for b in sorted(done):
+        src, n = int(done[b]["offset"]) // U.UID_DTYPE.itemsize, int(done[b]["uids"])
+        if n and src != dst:
+            full[dst : dst + n] = full[src : src + n]  # dst < src: numpy copes with the overlap
+        dst += n
+    return full[:dst]
+
+
+def _merge_topk(done: dict[int, dict[str, Any]], topk) -> tuple[np.ndarray, int]:
+    """The global top-k from the groups' top rows: each bucket's rows from the one file its
+    marker names (a retried task may have left another copy)."""
     import duckdb
 
     from dcdb.engine import sql_string
 
-    files = "[" + ", ".join(sql_string(str(p)) for p in paths) + "]"
+    by_file: dict[str, list[int]] = {}
+    for b in sorted(done):
+        by_file.setdefault(done[b]["path"], []).append(b)
     con = duckdb.connect(":memory:")
-    cols = [n for n, *_ in con.execute(f"DESCRIBE SELECT * FROM read_parquet({files})").fetchall()]
+    selects = [f"SELECT * FROM read_parquet({sql_string(p)}) WHERE {BUCKET_COLUMN} IN ({', '.join(map(str, bs))})"
+               for p, bs in by_file.items()]
+    rows = " UNION ALL ".join(selects)
+    cols = [n for n, *_ in con.execute(f"DESCRIBE {selects[0]}").fetchall()]
     sel = "uid" + (", copies" if "copies" in cols else "")
     reader = con.sql(
-        f"SELECT {sel} FROM read_parquet({files}) ORDER BY {topk.order_sql} LIMIT {topk.limit} OFFSET {topk.offset}"
+        f"SELECT {sel} FROM ({rows}) ORDER BY {topk.order_sql} LIMIT {topk.limit} OFFSET {topk.offset}"
     ).to_arrow_reader(1 << 20)
     parts, copies_parts, nrows = _collect(reader, "top-k merge")
     arr = np.concatenate(parts) if parts else U.empty()

@@ -2,11 +2,13 @@
 loopback-only network namespace: starts a 2-CPU local Ray cluster once and runs ``dcdb query
 --engine ray`` (in-process, through click) for every case of a spec file, then once with a worker
 killed mid-run (DCDB_FAULT_INJECT) and once with an unsplittable filter, and ``dcdb reshard
---engine ray``; writes report.json."""
+--engine ray``; first, before the cluster starts, once with a RAY_ADDRESS nothing answers at;
+writes report.json."""
 
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import ray
@@ -23,8 +25,15 @@ def query(args):
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     out = Path(spec["out"])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     report = {"codes": [], "outputs": []}
+    # a RAY_ADDRESS nothing answers at fails fast with a UsageError (ray.init would retry for minutes)
+    os.environ["RAY_ADDRESS"] = spec["bad_address"]
+    t = time.perf_counter()
+    args = ["no_filter", "--pool", spec["pool"], "-o", str(out / "bad_address.npy")]
+    report["bad_address_code"], report["bad_address_output"] = query(args)
+    report["bad_address_seconds"] = time.perf_counter() - t
+    del os.environ["RAY_ADDRESS"]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     for i, (name, params) in enumerate(spec["cases"]):
         args = [name, *[x for k, v in params.items() for x in ("-p", k, v)], "--pool", spec["pool"]]
         code, text = query([*args, "-o", str(out / f"ray{i}.npy")])

@@ -339,16 +339,101 @@ def test_rerun_redoes_only_missing_groups(world, tmp_path):
     markers = sorted(tmp_path.glob("*/parts/*.done.json"))
     assert len(markers) == BUCKETS
     markers[3].unlink()  # a lost worker / killed driver: this bucket never finished
-    Path(str(markers[5]).replace(".done.json", "")).unlink()  # a part without its data: redone too
+    # the shared result file lost its end (a crash before the data reached the disk): the buckets
+    # whose records lay past the new end (the last two) are redone too
+    info = json.loads(markers[6].read_text())
+    result = markers[6].with_name(info["file"])
+    with open(result, "r+b") as f:
+        f.truncate(info["buckets"][0]["offset"] + 1)
     # other groups (4 buckets per task) than the first run: markers are per bucket
     again = run_distributed(pool, filt, given, engine="serial", work_dir=tmp_path, per_task=4, log=logs.append)
-    # the global threshold (cut value) was kept, 6 of the 8 buckets' query results are reused
-    assert f"{BUCKETS - 2} bucket result(s) reused" in logs[-1]
+    # the global threshold (cut value) was kept, 5 of the 8 buckets' query results are reused
+    assert f"{BUCKETS - 3} bucket result(s) reused" in logs[-1]
     assert np.array_equal(first.uids, again.uids)
     assert not any(tmp_path.iterdir())  # removed after success without keep_work
 
 
+def _copy_group(marker: Path, tag: str) -> None:
+    """What a task retried after it had finished leaves: its buckets in a second file + marker."""
+    info = json.loads(marker.read_text())
+    data = marker.with_name(info["file"])
+    if "bytes" not in info:  # the shared result file: the retry wrote the same bytes in place
+        marker.with_name(marker.name.replace(marker.name.split("-")[2].split(".")[0], tag)).write_text(
+            json.dumps(info))
+        return
+    name = data.name.replace(data.name.split("-")[2].split(".")[0], tag)
+    shutil.copy(data, data.with_name(name))
+    marker.with_name(name + ".done.json").write_text(json.dumps({**info, "file": name}))
+
+
+def test_resume_reuses_buckets_and_ignores_retried_copies(world, tmp_path, monkeypatch):
+    """Buckets finished twice (a retried task) count once; a lost score file is redone and the
+    exact cut recomputed from old and new key files; the score pass through SQL (a pool without
+    the score column in its Parquet files) gives the same cut as the direct column read."""
+    from dcdb import distributed
+    from dcdb.plan import Cut
+
+    pool = open_pool(world["bucketed"])
+    for filt, given in [(load_filter("clip_score"), {"arch": "b32", "fraction": "0.3"}),
+                        (parse_filter("q", SPLIT[0], None), {})]:
+        want = run_filter(open_pool(world["plain"]), filt, given).uids
+        logs: list[str] = []
+        first = distributed.run_distributed(pool, filt, given, engine="serial", work_dir=tmp_path, keep_work=True,
+                                            per_task=4, log=logs.append)
+        assert np.array_equal(first.uids, want)
+        for marker in sorted(tmp_path.glob("*/*/*.done.json")):
+            _copy_group(marker, "00retry0")
+        cut_dirs = list(tmp_path.glob("*/__dcdb_cut_0"))
+        if cut_dirs:  # the score files of the first group lost, with the cut value
+            (cut_dirs[0] / "value.json").unlink()
+            for m in sorted(cut_dirs[0].glob("00000-*.done.json")):
+                m.unlink()
+        again = distributed.run_distributed(pool, filt, given, engine="serial", work_dir=tmp_path, keep_work=True,
+                                            per_task=3, log=logs.append)
+        assert f"{BUCKETS} bucket result(s) reused" in logs[-1]
+        assert np.array_equal(again.uids, want)
+        shutil.rmtree(next(tmp_path.iterdir()))
+    monkeypatch.setattr(distributed, "_score_source", lambda pool, arch: ("sql", Cut.score_sql))
+    filt, given = load_filter("clip_score"), {"arch": "l14", "fraction": "0.2"}
+    assert np.array_equal(distributed.run_distributed(pool, filt, given, engine="serial", per_task=3).uids,
+                          run_filter(open_pool(world["plain"]), filt, given).uids)
+
+
 # ----------------------------------------------------------------------------------- Ray
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_bad_ray_address_fails_fast():
+    """RAY_ADDRESS is checked before Ray is asked (ray.init retries a dead address for minutes):
+    only loopback sockets here, no Ray."""
+    import socket
+    import time
+
+    from dcdb.distributed import check_ray_address
+
+    for ok in (None, "", "auto", "local"):
+        check_ray_address(ok)  # left to Ray: a local cluster
+    with pytest.raises(UsageError, match="not HOST:PORT"):
+        check_ray_address("head-node")
+    with pytest.raises(UsageError, match="not HOST:PORT"):
+        check_ray_address("ray://head:port")
+    t = time.perf_counter()
+    with pytest.raises(UsageError, match="no Ray cluster answers at RAY_ADDRESS") as exc:
+        check_ray_address(f"127.0.0.1:{_closed_port()}")
+    assert time.perf_counter() - t < 5 and "ray start --head" in exc.value.hint
+    with socket.socket() as server:  # something listening: let Ray try
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        check_ray_address(f"127.0.0.1:{server.getsockname()[1]}")
+        check_ray_address(f"ray://127.0.0.1:{server.getsockname()[1]}")
 
 
 def _netns_works() -> str | None:
@@ -396,7 +481,8 @@ def test_ray_engine_identical_to_local(world, tmp_path):
     cases = [c for c in world["cases"] if c[1].get("fraction") != "0.1"]  # every sql/ file; Ray is slow
     want = [w for w, c in zip(want, world["cases"]) if c in cases]
     spec.write_text(json.dumps({"pool": str(world["bucketed"]), "out": str(tmp_path), "cases": cases,
-                                "refuse": "SELECT uid FROM pool LIMIT 5", "reshard": reshard_args}))
+                                "refuse": "SELECT uid FROM pool LIMIT 5", "reshard": reshard_args,
+                                "bad_address": f"127.0.0.1:{_closed_port()}"}))
     driver = Path(__file__).with_name("ray_driver.py")
     child_env = {**os.environ, **env, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     cmd = f"ip link set lo up && exec {sys.executable} {driver} {spec}"
@@ -411,6 +497,9 @@ def test_ray_engine_identical_to_local(world, tmp_path):
     assert "killed" in (tmp_path / "fault.txt").read_text()  # the hook really killed a worker
     assert (tmp_path / "fault.npy").read_bytes() == want[2]
     assert report["refuse_code"] != 0 and "LIMIT without ORDER BY" in report["refuse_output"]
+    assert report["bad_address_code"] == 2, report["bad_address_output"]
+    assert "no Ray cluster answers at RAY_ADDRESS" in report["bad_address_output"]
+    assert report["bad_address_seconds"] < 30  # not Ray's minutes of retries
     assert report["reshard_code"] == 0, report["reshard_output"]
     tars = sorted(p.name for p in (tmp_path / "rl").glob("*.tar"))
     assert len(tars) > 3 and tars == sorted(p.name for p in (tmp_path / "rr").glob("*.tar"))
