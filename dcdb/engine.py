@@ -319,7 +319,15 @@ def _projection(con, source: str, alias: str, skip: set[str] = frozenset()) -> l
 
 
 def _parquet_list(files: list[Path]) -> str:
-    return "[" + ", ".join(sql_string(str(f.resolve())) for f in files) + "]"
+    # files of one folder: resolve the folder once (realpath per file cost 0.1 s per 1,000 shards)
+    folders: dict[Path, str] = {}
+    out = []
+    for f in files:
+        d = folders.get(f.parent)
+        if d is None:
+            d = folders[f.parent] = os.path.realpath(f.parent)
+        out.append(sql_string(os.path.join(d, f.name)))
+    return "[" + ", ".join(out) + "]"
 
 
 def stored_subsets(pool: Pool) -> dict[str, Path]:
