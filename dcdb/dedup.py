@@ -88,13 +88,6 @@ def normalise_text(text: str | None) -> str | None:
     return out or None
 
 
-# Every character for which str.isspace() is true (see dcdb.engine.PY_WHITESPACE), for RE2.
-def _whitespace_class() -> str:
-    from dcdb.engine import PY_WHITESPACE
-
-    return PY_WHITESPACE
-
-
 def normalise_text_arrow(arr):
     """``normalise_text`` over a pyarrow string array, vectorised (utf8proc NFKC + lower)."""
     import pyarrow as pa
@@ -104,8 +97,10 @@ def normalise_text_arrow(arr):
         return pa.array([], pa.string())
     x = pc.utf8_normalize(arr, form="NFKC")
     x = pc.utf8_lower(x)
-    ws = _whitespace_class()
-    x = pc.replace_substring_regex(x, pattern=f"[{ws}]+", replacement=" ")
+    # every character for which str.isspace() is true, as an RE2 class
+    from dcdb.engine import PY_WHITESPACE
+
+    x = pc.replace_substring_regex(x, pattern=f"[{PY_WHITESPACE}]+", replacement=" ")
     x = pc.utf8_trim(x, characters=" ")
     return pc.if_else(pc.equal(x, ""), pa.scalar(None, pa.string()), x)
 

@@ -57,7 +57,7 @@ from dcdb import errors
 from dcdb import uids as U
 from dcdb.errors import DcdbError, PoolError, UsageError
 from dcdb.io import tmp_name, write_json
-from dcdb.query import FilterFile, FilterResult, _collect, _collect_into
+from dcdb.query import FilterFile, FilterResult, _collect_into
 from dcdb.store import Pool
 
 ENGINES = ("local", "ray")
@@ -918,8 +918,7 @@ def _merge_topk(done: dict[int, dict[str, Any]], topk) -> tuple[np.ndarray, int]
     reader = con.sql(
         f"SELECT {sel} FROM ({rows}) ORDER BY {topk.order_sql} LIMIT {topk.limit} OFFSET {topk.offset}"
     ).to_arrow_reader(1 << 20)
-    parts, copies_parts, nrows = _collect(reader, "top-k merge")
-    arr = np.concatenate(parts) if parts else U.empty()
+    arr, copies_parts, nrows = _collect_into(reader, "top-k merge", 0)
     if copies_parts is not None:
         arr = np.repeat(arr, np.concatenate(copies_parts) if copies_parts else np.empty(0, np.int64))
     return U.sort(arr), nrows

@@ -242,7 +242,6 @@ def _join_alias(join: str) -> str:
 
 
 _VIEWS: weakref.WeakKeyDictionary[Any, _PoolView] = weakref.WeakKeyDictionary()
-_SCAN_KEYS = {"Function", "Estimated Cardinality", "Projections"}
 
 
 @contextmanager
@@ -254,10 +253,10 @@ def pool_reader(con, sql: str, params: dict[str, Any] | None = None, batch_rows:
     A ``POSITIONAL JOIN`` costs even when none of its columns is read: DuckDB scans every joined
     source in step and cannot push the statement's filters into the metadata scan (a uid query
     on a 12.8M-row pool with two derived groups took 3.5 s against 0.8 s on the metadata alone).
-    Which sources a statement reads is DuckDB's own answer: its optimised plan (``EXPLAIN``) lists
-    the columns each child of a positional scan projects, after macros, ``*`` and constant
-    parameters are resolved. The other joins are dropped and their columns become typed NULLs
-    that nothing reads. A plan of an unexpected shape keeps the full view."""
+    Which sources a statement reads is DuckDB's own answer: its optimised plan (``EXPLAIN``)
+    names the columns its operators read, after macros, ``*`` and constant parameters are
+    resolved (:func:`_read_joins`). The other joins are dropped and their columns become typed
+    NULLs that nothing reads. A plan that cannot be had keeps the full view."""
     view = _VIEWS.get(con)
     keep = _read_joins(con, sql, params, view.join_columns) if view is not None else None
     narrow = keep is not None and len(keep) < len(view.joins)

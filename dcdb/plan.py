@@ -118,11 +118,6 @@ def _param_node(name: str) -> dict[str, Any]:
             "query_location_length": 0, "identifier": name}
 
 
-def _colref(name: str) -> dict[str, Any]:
-    return {"class": "COLUMN_REF", "type": "COLUMN_REF", "alias": "", "query_location": NO_LOCATION,
-            "query_location_length": 0, "column_names": [name]}
-
-
 def _is_uid(expr: Any) -> bool:
     return (
         isinstance(expr, dict)

@@ -357,12 +357,6 @@ def _reraise(con, filt: FilterFile, pool: Pool, exc: Exception):
     raise QueryError(f"filter {filt.name!r} failed: {_clean(exc)}") from None
 
 
-def _collect(reader, name: str):
-    """(uid parts, copies parts or None, rows) of a filter's result."""
-    arr, cparts, n = _collect_into(reader, name, 0)
-    return [arr], cparts, n
-
-
 def _collect_into(reader, name: str, capacity: int):
     """(uid array, copies parts or None, rows) of a filter's result, decoded into one buffer of
     ``capacity`` rows while it lasts."""
