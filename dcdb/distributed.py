@@ -56,7 +56,7 @@ import numpy as np
 from dcdb import errors
 from dcdb import uids as U
 from dcdb.errors import DcdbError, PoolError, UsageError
-from dcdb.io import tmp_name, write_json
+from dcdb.io import atomic_path, write_json
 from dcdb.query import FilterFile, FilterResult, _collect_into
 from dcdb.store import Pool
 
@@ -219,34 +219,32 @@ def _duck_error(con, exc: Exception, what: str):
 
 def _write_group(out_dir: str, group: list[int], ext: str, data, entries: list[dict[str, Any]]) -> None:
     """A task's data file (numpy arrays one after another as raw bytes, or an Arrow table as
-    Parquet), then its
-    marker, each written under a temp name and renamed into place (atomic for a killed process).
-    The file name is unique per attempt, so a retried task never overwrites a file a marker
-    vouches for. No fsync (it dominated small tasks): after a machine crash a marker may survive
-    its data, so the marker records the file's size and a file of another size is redone."""
+    Parquet), then its marker, each written under a temp name and renamed into place (atomic for a
+    killed process). The file name is unique per attempt, so a retried task never overwrites a
+    file a marker vouches for. No fsync (it dominated small tasks): after a machine crash a marker
+    may survive its data, so the marker records the file's size and a file of another size is
+    redone."""
     path = Path(out_dir) / f"{group[0]:05d}-{group[-1]:05d}-{uuid.uuid4().hex[:8]}{ext}"
-    tmp = tmp_name(path)
-    if isinstance(data, list):
-        with open(tmp, "wb") as f:
-            for a in data:
-                np.ascontiguousarray(a).tofile(f)
-    else:
-        import pyarrow.parquet as pq
+    with atomic_path(path, fsync=False) as tmp:
+        if isinstance(data, list):
+            with open(tmp, "wb") as f:
+                for a in data:
+                    np.ascontiguousarray(a).tofile(f)
+        else:
+            import pyarrow.parquet as pq
 
-        # uids and sort keys are hashes and noise: compression and statistics only cost time here
-        pq.write_table(data, tmp, compression="none", use_dictionary=False, write_statistics=False)
-    os.replace(tmp, path)
+            # uids and sort keys are hashes and noise: compression and statistics only cost time here
+            pq.write_table(data, tmp, compression="none", use_dictionary=False, write_statistics=False)
     _write_marker(path.with_name(path.name + MARKER), {"file": path.name, "bytes": path.stat().st_size,
                                                        "buckets": entries})
 
 
 def _write_marker(marker: Path, info: dict[str, Any]) -> None:
-    tmp = tmp_name(marker)
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, marker)
+    with atomic_path(marker, fsync=False) as tmp:
+        tmp.write_text(json.dumps(info))
 
 
-RESULT = "result" + ".uids"  # the shared result file of a query's uid lists
+RESULT = "result.uids"  # the shared result file of a query's uid lists
 
 
 def _write_shared(out_dir: str, group: list[int], data: list[np.ndarray], entries: list[dict[str, Any]],

@@ -24,13 +24,15 @@ def tmp_name(path: Path) -> Path:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
+def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
+    ``fsync=False`` skips flushing the file to disk first: a killed process still leaves no half
+    file, but after a machine crash the file may come back empty or short."""
     path = Path(path)
     tmp = tmp_name(path)
     try:
         yield tmp
-        if tmp.is_file():
+        if fsync and tmp.is_file():
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
