@@ -32,12 +32,12 @@ import json
 import multiprocessing as mp
 import os
 import resource
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from _timing import timed
 
 DIM = 768
 SPACE = "l14_img"
@@ -162,14 +162,6 @@ def exact_dcdb(pool: Path, key: str) -> int:
     con = dcdb.connect(pool)
     return int(con.execute(f"SELECT count(*) FROM exact_duplicates('{key}')").fetchall()[0][0])
 
-
-def timed(fn, repeat):
-    ts, out = [], None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), out
 
 
 # --------------------------------------------------------------------------------- semantic

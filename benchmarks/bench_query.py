@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _timing import timed
 
 SQL = {
     "top30_l14": (
@@ -56,14 +57,6 @@ SQL = {
 def render(name, src, score):
     return SQL[name].replace("{src}", src).replace("{score}", score)
 
-
-def timed(fn, repeat=3):
-    times, out = [], None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
 
 
 # --------------------------------------------------------------------------- DataComp way

@@ -18,22 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-
-def timed(fn, repeat):
-    ts, out = [], None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), out
+from _timing import timed
 
 
 def size(p: Path) -> int:
