@@ -9,18 +9,18 @@ cosine schedule) fed two ways:
 
 - loader: ``dcdb.train.data.stream_batches`` reading, decoding, cropping and tokenizing from the
   shards in dataloader workers, as in training; its start-up (first batch: workers, shuffle buffer)
-  is timed apart, since training pays it once per run; ``dcdb train``'s thread tuning (its trial
-  steps on every candidate thread count) is inside the timed steps, as in a run;
+  is timed apart, since training pays it once per run;
 - memory: the same number of batches taken from that loader beforehand and replayed from a list.
 
 Configurations: the CPU split ``dcdb train`` uses by default (:func:`dcdb.train.loader_policy`:
-workers, torch threads, worker priority), and the plain one (torch's default threads, workers at
-normal priority); in-memory with every core as a torch thread and with one fewer. How torch's
-OpenMP threads wait can only be chosen before torch loads, so each policy runs in its own process:
-``default`` (libgomp spins a while) and ``passive`` (threads sleep; what ``dcdb train`` sets).
+workers, torch threads, worker priority), and the plain one (workers at normal priority); in-memory
+with every core as a torch thread and with one fewer. How torch's OpenMP threads wait can only be
+chosen before torch loads, so each policy runs in its own process: ``default`` (libgomp spins
+~300000 iterations), ``passive`` (threads sleep at once) and ``short`` (``GOMP_SPINCOUNT=10000``,
+what every ``dcdb`` command sets).
 
-The verdict compares ``dcdb train``'s default (passive OpenMP, its CPU split) with the best
-in-memory rate over every policy and thread count (best against best). Runs alternate between
+The verdict compares ``dcdb train``'s default (short spin, its CPU split) with the best in-memory
+rate over every policy and thread count (best against best). Runs alternate between
 configurations to spread out noise from other processes; the best of ``--repeats`` is reported for
 each (the least disturbed run), with the median beside it. The machine load is printed: on a small
 shared CPU, other programs move these figures a lot.
@@ -38,8 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
-POLICIES = {"default": None, "passive": "PASSIVE"}  # None: OMP_WAIT_POLICY unset
-CHOSEN: list[int | None] = []  # thread counts dcdb train's tuner kept, one per loader run
+#: OpenMP wait settings per policy (each runs in a fresh process; neither variable set otherwise).
+POLICIES = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "short": {"GOMP_SPINCOUNT": "10000"}}
+OPENMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 
 def _cuda() -> bool:
@@ -63,11 +64,11 @@ def time_loader(session, shards, *, batch: int, steps: int, policy, seed: int) -
     """
     import torch
 
-    from dcdb.train import ThreadTuner
     from dcdb.train.data import stream_batches
 
     threads = torch.get_num_threads()
-    tuner = ThreadTuner(policy.threads) if policy.threads else None
+    if policy.threads:
+        torch.set_num_threads(policy.threads)
     try:
         t0 = time.perf_counter()
         stream = stream_batches(shards, preprocess=session.preprocess, tokenizer=session.tokenizer,
@@ -80,16 +81,9 @@ def time_loader(session, shards, *, batch: int, steps: int, policy, seed: int) -
         t1 = time.perf_counter()
         for i, (images, texts) in enumerate(stream):
             session.schedule(i)
-            if tuner is not None:
-                tuner.before_step()
             session.step(images, texts)
-            if tuner is not None:
-                tuner.after_step()
         _sync()
-        rate = steps * batch / (time.perf_counter() - t1)
-        if tuner is not None:
-            CHOSEN.append(tuner.chosen)
-        return startup, rate
+        return startup, steps * batch / (time.perf_counter() - t1)
     finally:
         torch.set_num_threads(threads)
 
@@ -122,7 +116,7 @@ def measure(args: argparse.Namespace) -> dict:
 
     device = "cuda" if _cuda() else "cpu"
     train_default = loader_policy(args.workers, device)
-    plain = LoaderPolicy(workers=train_default.workers, threads=(), worker_nice=0)
+    plain = LoaderPolicy(workers=train_default.workers, threads=None, worker_nice=0)
     loaders = {"dcdb train": train_default}
     if plain != train_default:
         loaders["plain"] = plain
@@ -149,24 +143,26 @@ def measure(args: argparse.Namespace) -> dict:
                 rates.setdefault(f"loader, {name}", []).append(rate)
                 startups.append(startup)
                 line.append(f"{name} {rate:.1f}")
-            print(f"  [{os.environ.get('OMP_WAIT_POLICY') or 'default'}] repeat {r + 1}: " + ", ".join(line)
+            print(f"  [{_policy_name()}] repeat {r + 1}: " + ", ".join(line)
                   + f" samples/s (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
     return {
         "rates": {k: {"best": max(v), "median": statistics.median(v)} for k, v in rates.items()},
         "policies": {k: v.to_dict() for k, v in loaders.items()},
         "startup": min(startups),
-        "chosen": CHOSEN,
         "device": "cuda" if device == "cuda" else f"cpu, {cpu_cores()} cores",
         "run_steps": get_recipe("tiny", batch_size=args.batch).total_steps,
     }
 
 
+def _policy_name() -> str:
+    return next((k for k, v in POLICIES.items() if v and all(os.environ.get(a) == b for a, b in v.items())), "default")
+
+
 def _child(args: argparse.Namespace, policy: str) -> dict:
-    """Run :func:`measure` in a fresh process with ``OMP_WAIT_POLICY`` set for ``policy``."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    """Run :func:`measure` in a fresh process with the OpenMP settings of ``policy``."""
+    env = {k: v for k, v in os.environ.items() if k not in OPENMP_VARS}
     env["HF_HUB_OFFLINE"] = "1"
-    if POLICIES[policy] is not None:
-        env["OMP_WAIT_POLICY"] = POLICIES[policy]
+    env.update(POLICIES[policy])
     cmd = [sys.executable, __file__, "--child", "--samples", str(args.samples), "--steps", str(args.steps),
            "--batch", str(args.batch), "--repeats", str(args.repeats)]
     if args.workers is not None:
@@ -183,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="dataloader workers (default: dcdb's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--policies", default=",".join(POLICIES),
-                        help="OpenMP wait policies to run, comma-separated (default, passive)")
+                        help="OpenMP wait policies to run, comma-separated (default, passive, short)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -202,15 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tiny model (dcdb-tiny), batch {args.batch}, {args.steps} steps per run, {any_run['device']}; "
           f"best (median) of {args.repeats}; load average {load0[0]:.1f} before, {load1[0]:.1f} after")
     print(f"dcdb train's CPU split: {split['workers']} worker(s) at nice +{split['worker_nice']}, torch threads "
-          f"{'tuned among ' + str(split['threads']) if len(split['threads']) > 1 else split['threads'] or 'default'}"
-          + "".join(f"; {p} runs kept {r['chosen']}" for p, r in results.items() if r["chosen"]))
+          f"{split['threads'] or 'default'}")
     print(f"{'OpenMP wait':12s} {'configuration':28s} {'samples/s':>10s} {'(median)':>9s}")
     for policy, r in results.items():
         for name, v in r["rates"].items():
             print(f"{policy:12s} {name:28s} {v['best']:10.1f} {v['median']:9.1f}")
     memory = {(p, k): v["best"] for p, r in results.items() for k, v in r["rates"].items() if k.startswith("memory")}
     (best_policy, best_memory_name), best_memory = max(memory.items(), key=lambda kv: kv[1])
-    train_policy = "passive" if "passive" in results else policies[0]
+    train_policy = "short" if "short" in results else policies[0]
     loader = results[train_policy]["rates"]["loader, dcdb train"]["best"]
     startup = results[train_policy]["startup"]
     steps = any_run["run_steps"]

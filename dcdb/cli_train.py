@@ -30,8 +30,7 @@ from dcdb.cli import Ctx, cli, command
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Dataloader processes (default: one per spare core, at most 4).")
 @click.option("--threads", type=click.IntRange(min=0), default=None,
-              help="torch threads for training (default: on up to 4 cores, the faster of all cores and the "
-                   "cores the workers leave, timed on the first steps; 0 = torch's default).")
+              help="torch threads for training (default and 0: torch's default, every core).")
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option("--save-every", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also keep checkpoints/epoch_<k>.pt every k checkpoints (the last one is always kept).")

@@ -132,6 +132,8 @@ def parse_header(block: bytes) -> tuple[bytes, int, bytes]:
 
 def _pax_path(data: bytes) -> bytes | None:
     """The ``path`` record of a pax extended header ("<len> path=<value>\\n" records)."""
+    if b" path=" not in data:  # most pax headers (tarfile's, webdataset's) hold only an mtime
+        return None
     pos, found = 0, None
     while pos < len(data):
         space = data.find(b" ", pos)
@@ -194,15 +196,40 @@ def _resync(fd: int, start: int, file_size: int) -> int | None:
     return None
 
 
-def walk_tar(fd: int, file_size: int) -> Iterator[Member | Damage]:
+class WindowReader:
+    """``pread(n, offset)`` of one file through a read-ahead window: reads that fall in the last
+    window are served from memory, others read a new window of ``window`` bytes from their offset
+    (larger reads go straight to the file). For walking a tar whose data is wanted too: a member
+    of a few kB costs a slice instead of three system calls."""
+
+    def __init__(self, fd: int, file_size: int, window: int = 1 << 20):
+        self.fd, self.file_size, self.window = fd, file_size, window
+        self.start, self.buf = 0, b""
+
+    def __call__(self, n: int, offset: int) -> bytes:
+        at = offset - self.start
+        if 0 <= at and at + n <= len(self.buf):
+            return self.buf[at : at + n]
+        if n >= self.window:
+            return os.pread(self.fd, n, offset)
+        self.start, self.buf = offset, os.pread(self.fd, max(0, min(self.window, self.file_size - offset)), offset)
+        return self.buf[:n]
+
+
+def walk_tar(fd: int, file_size: int, pread: Callable[[int, int], bytes] | None = None) -> Iterator[Member | Damage]:
     """The regular members of a tar (read with pread: headers only), and any damage met.
 
     Stops at the end-of-archive block. A bad header yields a Damage and reading resumes at the
     next valid header; a member whose data runs past the end of the file yields a fatal Damage.
+    ``pread(n, offset)`` reads the file (default ``os.pread`` on ``fd``; a :class:`WindowReader`
+    when the data will be read as well).
     """
+    if pread is None:
+        def pread(n: int, offset: int) -> bytes:
+            return os.pread(fd, n, offset)
     off, start, long_name = 0, None, None
     while True:
-        block = os.pread(fd, BLOCK, off) if off < file_size else b""
+        block = pread(BLOCK, off) if off < file_size else b""
         if not block:
             yield Damage(
                 off, "the tar ends without an end-of-archive marker (truncated?)", fatal=False, harmless=True
@@ -231,9 +258,9 @@ def walk_tar(fd: int, file_size: int) -> Iterator[Member | Damage]:
         if start is None:
             start = off
         if typ in PAX_TYPES:
-            long_name = _pax_path(os.pread(fd, size, data_off)) or long_name
+            long_name = _pax_path(pread(size, data_off)) or long_name
         elif typ == b"L":
-            long_name = os.pread(fd, size, data_off).split(b"\0", 1)[0]
+            long_name = pread(size, data_off).split(b"\0", 1)[0]
         elif typ == b"g":
             pass  # global pax header: nothing per member
         else:

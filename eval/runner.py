@@ -82,9 +82,9 @@ def evaluate(
     names the architecture of a checkpoint that does not record it; ``tasks`` restricts to some task
     keys or names. Finished tasks are skipped; ``overwrite`` discards earlier results.
     """
-    from dcdb.train import prefer_passive_openmp
+    from dcdb.train import prefer_short_openmp_spin
 
-    prefer_passive_openmp()
+    prefer_short_openmp_spin()
     say = log or (lambda msg: None)
     resolved = resolve_target(target, model)
     task_list = load_tasks(tasks_dir, tasks)

@@ -158,6 +158,33 @@ def test_walk_tar_reads_pax_and_long_names(tmp_path):
         os.close(fd)
 
 
+@pytest.mark.parametrize("window", [600, 5000, 1 << 20])
+def test_window_reader_walks_and_reads_like_pread(shards, tmp_path, window):
+    """Through a read-ahead window (smaller than a member, a few members, the whole tar), a damaged
+    and truncated tar walks to the same members and damage, and every read returns pread's bytes."""
+    tar = tmp_path / "t.tar"
+    shutil.copy(shards / "00000001.tar", tar)
+    _damage_header(tar, 5)
+    os.truncate(tar, tar.stat().st_size - 1700)
+    size = tar.stat().st_size
+    fd = os.open(tar, os.O_RDONLY)
+    try:
+        plain = list(S.walk_tar(fd, size))
+        reader = S.WindowReader(fd, size, window)
+        windowed = list(S.walk_tar(fd, size, reader))
+        assert windowed == plain
+        assert any(isinstance(x, S.Damage) and x.fatal for x in plain)
+        assert any(isinstance(x, S.Damage) and "checksum" in x.reason for x in plain)
+        members = [m for m in plain if isinstance(m, S.Member)]
+        assert len(members) > 20
+        for m in members[::-1] + members:  # backwards too: every read leaves the window somewhere
+            assert reader(m.size, m.offset) == os.pread(fd, m.size, m.offset)
+        assert reader(512, size - 100) == os.pread(fd, 512, size - 100)  # short read at the end
+        assert reader(10, size + 5) == b""
+    finally:
+        os.close(fd)
+
+
 # ------------------------------------------------------------------------------ shard index
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `dcdb train` does when it loads torch
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # as `dcdb` does before it loads torch
 
 from dcdb.errors import EvalError, OutputError, ResumeError, TaskError, TrainError, UsageError
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `dcdb train` does when it loads torch
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")  # as `dcdb` does before it loads torch
 
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
@@ -136,6 +136,29 @@ def _write_tar(path, members, fmt=tarfile.USTAR_FORMAT):
             info.size = len(data)
             info.mtime = 1.5 if fmt == tarfile.PAX_FORMAT else 0  # a float mtime makes pax headers
             tar.addfile(info, io.BytesIO(data))
+
+
+def test_fast_tokenizer_gives_open_clip_tokens():
+    """The ftfy shortcut changes nothing: captions with entities, control characters, \\r, tabs,
+    non-ASCII letters, curly quotes, ligatures, fullwidth forms and line separators."""
+    from open_clip.tokenizer import _clean_lower
+
+    from dcdb.train.data import _clean_lower as fast_clean
+    from dcdb.train.data import fast_tokenizer
+    from dcdb.train.models import register_models
+
+    register_models()
+    tok = open_clip.get_tokenizer("dcdb-tiny")
+    rng = random.Random(0)
+    pieces = ["a", "Dog", " ", "  ", "\t", "\n", "\r", "\r\n", "&amp;", "&lt;b&gt;", "&", "#", "'s", "IMG_2034.jpg",
+              "\x00", "\x0b", "\x0c", "\x1b[31m", "\x7f", "\x85", "é", "\u201cq\u201d", "\ufb01", "\uff21",
+              "\u2028", "Ã©", "\u00a0", "日本", "x" * 40]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 12))) for _ in range(2000)]
+    texts += ["a photo of a red circle", "  Click HERE\n\tnow  ", "Ein Foto", ""]
+    assert [fast_clean(t) for t in texts] == [_clean_lower(t) for t in texts]
+    fast = fast_tokenizer(tok)
+    assert fast is not tok and torch.equal(fast(texts), tok(texts))
+    assert fast_tokenizer(str.split) is str.split  # not open_clip's: used as it is
 
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
@@ -257,15 +280,15 @@ def tar_member(path, name):
 
 
 @pytest.mark.parametrize(("cores", "workers", "device", "threads", "expected"), [
-    (2, None, "cpu", None, (1, (2, 1), 10)),  # 1 decoding worker; 2 or 1 torch threads, the faster
-    (4, None, "cpu", None, (3, (4, 1), 10)),
-    (4, 2, "cpu", None, (2, (4, 2), 10)),
-    (1, None, "cpu", None, (1, (1,), 10)),
-    (2, 0, "cpu", None, (0, (), 0)),  # no workers: torch keeps every core
-    (8, None, "cpu", None, (4, (), 0)),  # a larger CPU: torch's default
-    (2, None, "cuda", None, (1, (), 0)),
-    (2, None, "cpu", 2, (1, (2,), 10)),  # --threads wins
-    (2, None, "cpu", 0, (1, (), 10)),  # --threads 0: torch's default
+    (2, None, "cpu", None, (1, None, 10)),  # 1 decoding worker at low priority; torch on every core
+    (4, None, "cpu", None, (3, None, 10)),
+    (4, 2, "cpu", None, (2, None, 10)),
+    (1, None, "cpu", None, (1, None, 10)),
+    (2, 0, "cpu", None, (0, None, 0)),  # no workers: nothing to share
+    (8, None, "cpu", None, (4, None, 0)),  # a larger CPU: normal priority
+    (2, None, "cuda", None, (1, None, 0)),
+    (2, None, "cpu", 1, (1, 1, 10)),  # --threads wins
+    (2, None, "cpu", 0, (1, None, 10)),  # --threads 0: torch's default
 ])
 def test_loader_policy(monkeypatch, cores, workers, device, threads, expected):
     from dcdb.train import trainer
@@ -275,28 +298,34 @@ def test_loader_policy(monkeypatch, cores, workers, device, threads, expected):
     assert (p.workers, p.threads, p.worker_nice) == expected
 
 
-def test_thread_tuner_keeps_the_faster_count(monkeypatch):
-    """Warm-up, then alternating trials; the count with the lower median step time is kept."""
-    from dcdb.train import trainer
+@pytest.mark.parametrize(("env", "code", "expected"), [
+    ({}, "", "10000"),  # nothing set: a short spin
+    ({"OMP_WAIT_POLICY": "PASSIVE"}, "", None),  # the user's choice stays
+    ({"GOMP_SPINCOUNT": "77"}, "", "77"),
+    ({}, "import torch; ", None),  # too late once torch is loaded: leave it
+])
+def test_short_openmp_spin_only_before_torch_and_never_over_the_user(env, code, expected):
+    import subprocess
+    import sys
 
-    clock = [0.0]
-    monkeypatch.setattr(trainer.time, "perf_counter", lambda: clock[0])
-    before = torch.get_num_threads()
-    try:
-        tuner = trainer.ThreadTuner((2, 1), steps_per_trial=2, rounds=2, warmup=1)
-        used = []
-        for _ in range(12):
-            tuner.before_step()
-            used.append(torch.get_num_threads())
-            clock[0] += {2: 0.5, 1: 0.3}[used[-1]] + (5.0 if len(used) == 1 else 0.0)  # a slow first step
-            tuner.after_step()
-        assert used[:9] == [2, 2, 2, 1, 1, 2, 2, 1, 1] and set(used[9:]) == {1}
-        assert tuner.chosen == 1 and tuner.to_dict()["median_step_seconds"] == {"2": 0.5, "1": 0.3}
-        single = trainer.ThreadTuner((2,))
-        single.before_step()
-        assert single.chosen == 2 and torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(before)
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    prog = (f"{code}import os; from dcdb.openmp import prefer_short_openmp_spin; prefer_short_openmp_spin(); "
+            "print(os.environ.get('GOMP_SPINCOUNT'))")
+    out = subprocess.run([sys.executable, "-c", prog], env={**base, **env}, check=True, capture_output=True,
+                         text=True).stdout.strip()
+    assert out == str(expected)
+
+
+def test_every_dcdb_command_shortens_the_spin_before_torch_loads():
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    prog = ("import os, sys; from dcdb.cli import main\ntry:\n    main(['filters'])\nexcept SystemExit:\n    pass\n"
+            "print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules, file=sys.stderr)")
+    err = subprocess.run([sys.executable, "-c", prog], env=base, check=True, capture_output=True,
+                         text=True).stderr.strip().splitlines()[-1]
+    assert err == "10000 False"
 
 
 def test_worker_nice_lowers_priority():
@@ -321,10 +350,13 @@ def test_train_applies_and_restores_the_cpu_split(shards, tmp_path, monkeypatch)
         return real_step(self, images, texts)
 
     monkeypatch.setattr(trainer.TrainSession, "step", step)
-    res = train(shards.root, tmp_path / "run", "tiny", seed=0, samples_seen=16 * 15, batch_size=16, workers=1,
-                progress=False)
+    res = train(shards.root, tmp_path / "run", "tiny", seed=0, samples_seen=16 * 5, batch_size=16, workers=1,
+                threads=1, progress=False)
     info = json.loads((res.output / "info.json").read_text())
-    assert (info["workers"], info["worker_nice"]) == (1, 10)
-    assert info["threads"]["chosen"] in (1, 2) and set(info["threads"]["median_step_seconds"]) == {"1", "2"}
-    assert seen[:13] == [2] * 4 + [1] * 3 + [2] * 3 + [1] * 3  # warm-up, 2 rounds of 3-step trials
-    assert set(seen[13:]) == {info["threads"]["chosen"]} and torch.get_num_threads() == before
+    assert (info["workers"], info["worker_nice"], info["threads"]) == (1, 10, 1)
+    assert seen == [1] * 5 and torch.get_num_threads() == before
+    seen.clear()
+    res = train(shards.root, tmp_path / "run2", "tiny", seed=0, samples_seen=16 * 5, batch_size=16, workers=1,
+                progress=False)
+    assert seen == [before] * 5
+    assert json.loads((res.output / "info.json").read_text())["threads"] == before

@@ -17,13 +17,12 @@ from .recipe import RECIPES, Recipe, available_scales, get_recipe
 from .trainer import (
     INFO,
     LoaderPolicy,
-    ThreadTuner,
     TrainResult,
     TrainSession,
     cpu_cores,
     default_workers,
     loader_policy,
-    prefer_passive_openmp,
+    prefer_short_openmp_spin,
     train,
 )
 
@@ -35,7 +34,6 @@ __all__ = [
     "LoaderPolicy",
     "Recipe",
     "ShardSet",
-    "ThreadTuner",
     "TrainResult",
     "TrainSession",
     "available_scales",
@@ -46,7 +44,7 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "loader_policy",
-    "prefer_passive_openmp",
+    "prefer_short_openmp_spin",
     "register_models",
     "state_dict_of",
     "train",

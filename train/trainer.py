@@ -21,7 +21,6 @@ import math
 import os
 import pickle
 import random
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from typing import Any
 
 from dcdb.errors import OutputError, ResumeError
 from dcdb.io import atomic_path, write_json
+from dcdb.openmp import prefer_short_openmp_spin
 
 from .checkpoint import LATEST, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import ShardSet, find_shards, stream_batches
@@ -76,18 +76,6 @@ class TrainResult:
                 f"on {self.device}; checkpoint {self.checkpoint}")
 
 
-def prefer_passive_openmp() -> None:
-    """Let torch's OpenMP threads sleep instead of spin while they wait (``OMP_WAIT_POLICY=PASSIVE``).
-
-    On a small CPU shared with dataloader workers or other programs, spinning threads stall each
-    other: measured on 2 busy cores, a tiny-model step took 0.75-1.2 s with the default and 0.25 s
-    passive. OpenMP reads the variable once, when torch loads, so this only acts if torch is not
-    imported yet, and never overrides a value the user set.
-    """
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-
 #: Cores at or below which dataloader workers and torch's threads share the CPU (see :func:`loader_policy`).
 SMALL_CPU = 4
 
@@ -110,95 +98,32 @@ class LoaderPolicy:
     """How the training process and its dataloader workers share the CPU."""
 
     workers: int
-    threads: tuple[int, ...]  # torch thread counts to try, the fastest kept (ThreadTuner); (): torch's default
+    threads: int | None  # torch's thread count for training; None: torch's default (every core)
     worker_nice: int  # added to the workers' nice value (lower CPU priority than training)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"workers": self.workers, "threads": list(self.threads), "worker_nice": self.worker_nice}
+        return {"workers": self.workers, "threads": self.threads, "worker_nice": self.worker_nice}
 
 
 def loader_policy(workers: int | None = None, device: str = "cpu", threads: int | None = None) -> LoaderPolicy:
     """The CPU split :func:`train` uses: ``workers`` (default :func:`default_workers`) decoding
-    processes and, on a small CPU (at most :data:`SMALL_CPU` cores), the workers at a lower priority
-    and torch's thread count tuned between every core and the cores the workers leave.
+    processes, torch on every core (``threads`` > 0 sets the count; 0 or None: torch's default),
+    and on a small CPU (at most :data:`SMALL_CPU` cores) the workers at a lower priority.
 
-    Neither wins everywhere (``benchmarks/bench_train.py``, 2 cores, tiny model; the worker needs
-    about 40 ms of CPU per 64-sample batch, ~0.1 core): on lightly loaded cores 2 threads were
-    faster (passive OpenMP: 122.8 vs 113.0 samples/s in memory); on cores that other programs keep
-    busy, 2 threads stall each other (a parallel region waits for the thread that lost its core)
-    and 1 thread + 1 worker was faster (86.0 vs 81.4 samples/s). So :class:`ThreadTuner` times
-    both on the run's first steps and keeps the faster. ``threads`` fixes the count instead (0:
-    torch's default); so do a GPU and a larger CPU.
+    A worker needs ~30 ms of CPU per 64-sample batch of 64-pixel images, ~0.1 core at the tiny
+    model's speed, so training keeps every core: on 2 cores with a short OpenMP spin
+    (:func:`prefer_short_openmp_spin`) 2 threads beat 1 both idle (226-230 vs 156-157 samples/s,
+    loader-fed) and beside two busy processes (97-104 vs 93-94).
     """
     cores = cpu_cores()
     workers = default_workers() if workers is None else max(0, int(workers))
     small = str(device).startswith("cpu") and cores <= SMALL_CPU and workers > 0
-    if threads is not None:
-        tried: tuple[int, ...] = (int(threads),) if threads > 0 else ()
-    elif small:
-        tried = tuple(dict.fromkeys((cores, max(1, cores - workers))))
-    else:
-        tried = ()
-    return LoaderPolicy(workers=workers, threads=tried, worker_nice=WORKER_NICE if small else 0)
+    return LoaderPolicy(workers=workers, threads=int(threads) if threads else None,
+                        worker_nice=WORKER_NICE if small else 0)
 
 
 #: Niceness the dataloader workers add on a small CPU (see :func:`loader_policy`).
 WORKER_NICE = 10
-
-
-class ThreadTuner:
-    """Chooses torch's intra-op thread count by timing real training steps.
-
-    After ``warmup`` steps, runs ``steps_per_trial`` steps with each candidate count, ``rounds``
-    times over, and keeps the count with the lowest median step time (measured from the end of one
-    step to the end of the next, so waiting for the loader counts). A single candidate is just set.
-    The training arithmetic is the same whatever the count; float sums may round differently
-    (~1e-6 after a few steps), so pass one count (``dcdb train --threads N``) for runs that must
-    repeat bit for bit.
-    """
-
-    def __init__(self, candidates: tuple[int, ...], *, steps_per_trial: int = 3, rounds: int = 2,
-                 warmup: int = 1):
-        if not candidates:
-            raise ValueError("ThreadTuner needs at least one thread count")
-        self.candidates = tuple(candidates)
-        trials = [c for _ in range(rounds) for c in self.candidates for _ in range(steps_per_trial)]
-        self.plan = [self.candidates[0]] * warmup + trials
-        self.warmup = warmup
-        self.times: dict[int, list[float]] = {c: [] for c in self.candidates}
-        self.chosen: int | None = self.candidates[0] if len(self.candidates) == 1 else None
-        self._steps = 0
-        self._last: float | None = None
-        self._current = self.candidates[0]
-
-    def before_step(self) -> None:
-        """Set the thread count for the next step."""
-        import torch
-
-        self._current = self.chosen if self.chosen is not None else self.plan[self._steps]
-        if torch.get_num_threads() != self._current:
-            torch.set_num_threads(self._current)
-        if self._last is None:
-            self._last = time.perf_counter()
-
-    def after_step(self) -> None:
-        """Record the step that just ended."""
-        now = time.perf_counter()
-        if self.chosen is None:
-            if self._steps >= self.warmup:
-                self.times[self._current].append(now - self._last)
-            self._steps += 1
-            if self._steps == len(self.plan):
-                self.chosen = min(self.candidates, key=lambda c: statistics.median(self.times[c]))
-        self._last = now
-
-    def pause(self) -> None:
-        """Time spent until the next step (a checkpoint being written) is not a step's."""
-        self._last = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"chosen": self.chosen,
-                "median_step_seconds": {str(c): round(statistics.median(t), 4) for c, t in self.times.items() if t}}
 
 
 def train(
@@ -227,11 +152,11 @@ def train(
     Checkpoints: ``epoch_latest.pt`` after every 'epoch', ``epoch_<k>.pt`` kept for the last one
     and, with ``save_every=n``, for every n-th (DataComp's ``--save_frequency``; 0 = last only).
     ``workers`` dataloader processes decode the shards (default :func:`default_workers`); on a
-    small CPU training runs on the cores they leave (:func:`loader_policy`; ``threads`` sets the
-    torch thread count instead, 0 = torch's default), restored when the call returns.
-    If torch is not imported yet, sets ``OMP_WAIT_POLICY=PASSIVE`` (:func:`prefer_passive_openmp`).
+    small CPU at a lower priority (:func:`loader_policy`); ``threads`` sets torch's thread count
+    (0 or None: torch's default), restored when the call returns. If torch is not imported yet,
+    shortens OpenMP's spin-wait (:func:`prefer_short_openmp_spin`).
     """
-    prefer_passive_openmp()
+    prefer_short_openmp_spin()
     say = log or (lambda msg: None)
     recipe = get_recipe(scale, batch_size=batch_size, samples_seen=samples_seen)
     shards = find_shards(data)
@@ -256,14 +181,13 @@ def train(
     write_json(output / INFO, {**info, **_progress(recipe, start_epoch, "running")})
 
     torch_threads = torch.get_num_threads()
-    tuner = ThreadTuner(policy.threads) if policy.threads else None
+    if policy.threads:
+        torch.set_num_threads(policy.threads)
     try:
         losses, seconds = _train_epochs(output, session, recipe, shards, seed, start_epoch, identity, info,
-                                        policy, tuner, dev, save_every, progress, say)
+                                        policy, dev, save_every, progress, say)
     finally:
         torch.set_num_threads(torch_threads)
-    if tuner is not None:
-        info["threads"] = tuner.to_dict()
     result = _result(output, recipe, shards, seed, start_epoch, losses, seconds, dev, None)
     write_json(output / INFO, {**info, **_progress(recipe, recipe.num_checkpoints, "complete"),
                                "seconds": round(result.seconds, 3),
@@ -274,7 +198,7 @@ def train(
 
 def _train_epochs(output: Path, session: TrainSession, recipe: Recipe, shards: ShardSet, seed: int,
                   start_epoch: int, identity: dict[str, Any], info: dict[str, Any], policy: LoaderPolicy,
-                  tuner: ThreadTuner | None, dev: str, save_every: int, progress: bool, say: Callable[[str], None]) -> tuple[list[float], float]:
+                  dev: str, save_every: int, progress: bool, say: Callable[[str], None]) -> tuple[list[float], float]:
     """The training loop of :func:`train`: ``(mean loss per epoch trained, seconds)``."""
     t0 = time.perf_counter()
     losses: list[float] = []
@@ -293,10 +217,7 @@ def _train_epochs(output: Path, session: TrainSession, recipe: Recipe, shards: S
     ))
     with stream as batches, _progress_bar(recipe, start_epoch, progress) as bar:
         for epoch in range(start_epoch, recipe.num_checkpoints):
-            losses.append(session.train_epoch(islice(batches, recipe.steps_per_checkpoint), epoch, bar, tuner))
-            if tuner is not None:
-                tuner.pause()
-                info["threads"] = tuner.to_dict()
+            losses.append(session.train_epoch(islice(batches, recipe.steps_per_checkpoint), epoch, bar))
             done = epoch + 1
             keep = done == recipe.num_checkpoints or (save_every > 0 and done % save_every == 0)
             latest = save_checkpoint(output, done, session.checkpoint(done, identity, output.name), keep=keep)
@@ -376,9 +297,8 @@ class TrainSession:
             schedule=cosine_lr(optimizer, recipe.learning_rate, recipe.warmup, recipe.total_steps),
         )
 
-    def train_epoch(self, batches, epoch: int, bar, tuner: ThreadTuner | None = None) -> float:
-        """Train on ``batches`` (one 'epoch'); return the mean loss. ``tuner`` sets torch's thread
-        count around each step."""
+    def train_epoch(self, batches, epoch: int, bar) -> float:
+        """Train on ``batches`` (one 'epoch'); return the mean loss."""
         import torch
 
         self.model.train()
@@ -388,11 +308,7 @@ class TrainSession:
         t_last, n_last = time.perf_counter(), 0
         for i, (images, texts) in enumerate(batches):
             lr = self.schedule(first_step + i)
-            if tuner is not None:
-                tuner.before_step()
             loss = self.step(images, texts)
-            if tuner is not None:
-                tuner.after_step()
             total += loss
             n += 1
             if bar is not None:
@@ -557,7 +473,7 @@ def _initial_info(recipe: Recipe, shards: ShardSet, seed: int, policy: LoaderPol
         "seed": seed,
         "workers": policy.workers,
         "worker_nice": policy.worker_nice,
-        "threads": {"candidates": list(policy.threads)} if policy.threads else None,
+        "threads": policy.threads or torch.get_num_threads(),
         "device": device,
         "precision": precision,
         "versions": {"dcdb": __version__, "torch": torch.__version__,

@@ -126,10 +126,10 @@ def decode_rgb(data: bytes):
     """An encoded image as an RGB PIL image (webdataset's ``pilrgb`` decoder)."""
     from PIL import Image
 
-    with io.BytesIO(data) as stream:
-        image = Image.open(stream)
+    with io.BytesIO(data) as stream:  # a JPEG (most are) skips the other formats' probes
+        image = Image.open(stream, formats=("JPEG",) if data[:3] == b"\xff\xd8\xff" else None)
         image.load()
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _floats(values: Any) -> tuple[float, ...]:
