@@ -61,7 +61,7 @@ from dcdb.query import FilterFile, FilterResult, _collect_into
 from dcdb.store import Pool
 
 ENGINES = ("local", "ray")
-TASKS_PER_WORKER = 2  # bucket groups per worker: balance and cheap retries vs. per-task start-up (connect)
+TASKS_PER_WORKER = 1  # bucket groups per worker: balance and cheap retries vs. per-task start-up (connect)
 MAX_TASK_ROWS = 8_000_000  # pool rows per task at most (~130 MB of uids if every row is kept)
 RADIX_BITS = 16
 COLLECT_LIMIT = 1 << 22  # fetch the remaining candidate keys (8 B each) once at most this many are left
@@ -874,27 +874,45 @@ def _concat(done: dict[int, dict[str, Any]]) -> np.ndarray:
 
 
 def _compact(path: Path, done: dict[int, dict[str, Any]]) -> np.ndarray:
-    """The result in place: the shared result file mapped into memory and each bucket's records
-    moved down to follow the previous bucket's (nothing moves when every row was kept), so the
-    driver neither copies the uid list nor touches fresh memory for it. The file is unlinked with
-    the work folder afterwards; the mapping stays valid until the array is dropped (the file's
-    blocks, 16 bytes per pool row, stay allocated until then)."""
+    """The result in place: each bucket's records in the shared result file moved down to follow
+    the previous bucket's (nothing moves when every row was kept), then the file mapped into
+    memory, so the driver neither copies the uid list into fresh memory nor sorts it. The file is
+    unlinked with the work folder afterwards; the mapping stays valid until the array is
+    dropped (the file's blocks, 16 bytes per pool row, stay allocated until then).
+
+    The moves go through the file (pread/pwrite of 4 MB chunks, front to back, so a chunk is read
+    before anything overwrites it): writing through a shared mapping of pages that other processes
+    just wrote cost 0.11 s for 8.8M records, against ~0.03 s this way."""
     import mmap
 
-    with open(path, "r+b") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        buf = memoryview(bytearray(COMPACT_CHUNK))
+        dst = 0
+        for b in sorted(done):
+            src, n = int(done[b]["offset"]), int(done[b]["uids"]) * U.UID_DTYPE.itemsize
+            moved = 0
+            while src != dst and moved < n:
+                k = os.preadv(fd, [buf[: min(len(buf), n - moved)]], src + moved)
+                if k <= 0:
+                    raise PoolError(f"intermediate {str(path)!r} changed while the query ran", hint="re-run it")
+                wrote = 0
+                while wrote < k:
+                    wrote += os.pwrite(fd, buf[wrote:k], dst + moved + wrote)
+                moved += k
+            dst += n
+        if dst == 0:
             return U.empty()
-        # shared, read-write; its pages are in the page cache already: map them in one go
-        mm = mmap.mmap(f.fileno(), size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
-    full = np.frombuffer(mm, dtype=U.UID_DTYPE, count=size // U.UID_DTYPE.itemsize)
-    dst = 0
-    for b in sorted(done):
-        src, n = int(done[b]["offset"]) // U.UID_DTYPE.itemsize, int(done[b]["uids"])
-        if n and src != dst:
-            full[dst : dst + n] = full[src : src + n]  # dst < src: numpy copes with the overlap
-        dst += n
-    return full[:dst]
+        # shared: its pages are in the page cache already and are mapped in one go (a private
+        # writable mapping would copy every page); the caller's writes, if any, land in a file
+        # that is unlinked with the work folder
+        mm = mmap.mmap(fd, dst, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+    finally:
+        os.close(fd)
+    return np.frombuffer(mm, dtype=U.UID_DTYPE)
+
+
+COMPACT_CHUNK = 4 << 20
 
 
 def _merge_topk(done: dict[int, dict[str, Any]], topk) -> tuple[np.ndarray, int]:

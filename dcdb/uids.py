@@ -217,7 +217,9 @@ def sort(uids: np.ndarray, *, copy: bool = True) -> np.ndarray:
     key = uids["f0"] & ~mask
     key |= np.arange(n, dtype=np.uint64)
     key.sort()
-    out = uids[(key & mask).view(np.intp)]  # row indexes < 2**63: the same bits as intp
+    # row indexes < 2**63: the same bits as intp; gathered as opaque 16-byte records (V16, a
+    # memcpy each), ~4.5x faster than numpy's field-by-field copy of the structured dtype
+    out = uids.view("V16")[(key & mask).view(np.intp)].view(UID_DTYPE)
     key &= ~mask
     tie = key[1:] == key[:-1]
     if tie.any():

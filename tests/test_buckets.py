@@ -289,6 +289,29 @@ def test_exact_cut_through_every_radix_round(world, monkeypatch, fraction):
     assert len(want) == int((s >= s[n]).sum()) if n < len(s) else len(want) == 0
 
 
+@pytest.mark.parametrize("chunk", [48, 4 << 20])  # 3 records: moves in many chunks, some overlapping
+def test_compact_moves_each_bucket_behind_the_previous(tmp_path, monkeypatch, chunk):
+    from dcdb import distributed as D
+
+    monkeypatch.setattr(D, "COMPACT_CHUNK", chunk)
+    rng = np.random.default_rng(0)
+    rows = [7, 0, 5, 9, 4, 6]  # rows per bucket: each bucket's room in the shared file
+    kept = [3, 0, 5, 1, 0, 6]  # records each bucket wrote at the front of its room
+    recs = U.sort(U.from_hex([f"{x:032x}" for x in rng.integers(0, 2**62, sum(kept), dtype=np.int64)]))
+    path = tmp_path / D.RESULT
+    raw = np.zeros(sum(rows), dtype=U.UID_DTYPE)
+    done, start, k = {}, 0, 0
+    for b, (r, n) in enumerate(zip(rows, kept)):
+        raw[start : start + n] = recs[k : k + n]
+        done[b] = {"offset": start * 16, "uids": n}
+        start, k = start + r, k + n
+    raw.tofile(path)
+    got = D._compact(path, done)
+    assert got.dtype == U.UID_DTYPE and got.tobytes() == recs.tobytes()
+    got2 = D._compact(path, {b: {"offset": e["offset"], "uids": 0} for b, e in done.items()})
+    assert len(got2) == 0
+
+
 def test_sort_keys_order_like_floats():
     from dcdb.distributed import _from_key, _sort_keys
 
@@ -321,7 +344,7 @@ def test_unbucketed_pool_and_bad_params(world):
         run_distributed(open_pool(world["plain"]), load_filter("no_filter"), {}, engine="serial")
     made_up = parse_filter("q", "SELECT '0123456789abcdef0123456789abcdef' AS uid FROM pool", None)
     with pytest.raises(PlanError, match="not the uid of a row it read"):
-        run_distributed(open_pool(world["bucketed"]), made_up, {}, engine="serial")
+        run_distributed(open_pool(world["bucketed"]), made_up, {}, engine="serial", per_task=1)
     with pytest.raises(ParameterError, match="not both"):
         run_distributed(open_pool(world["bucketed"]), load_filter("clip_score"),
                         {"arch": "l14", "fraction": "0.3", "threshold": "0.2"}, engine="serial")
