@@ -210,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     startup = results[train_policy]["startup"]
     steps = any_run["run_steps"]
     whole = (steps * args.batch / best_memory) / (startup + steps * args.batch / loader)
+    same = results[train_policy]["rates"]
+    mem_same = max((v for k, v in same.items() if k.startswith("memory")), key=lambda v: v["best"])
+    print(f"same process ({train_policy}): dcdb train's loader / its fastest in-memory configuration: best "
+          f"{loader / mem_same['best']:.3f}, median {same['loader, dcdb train']['median'] / mem_same['median']:.3f}")
     print(f"dcdb train's default ({train_policy}, loader) / best in-memory ({best_policy}, {best_memory_name}): "
           f"{loader:.1f} / {best_memory:.1f} = {loader / best_memory:.3f} (goal >= 0.9); over a whole tiny run "
           f"({steps} steps, start-up {startup:.2f}s included): {whole:.3f}")

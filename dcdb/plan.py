@@ -28,6 +28,7 @@ parser (``json_serialize_sql``: the same parse tree the local engine runs), walk
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -154,17 +155,31 @@ class _Analyser:
         self.con = con
         self.params = params
         self.subsets = {s.lower() for s in subsets}
-        rows = con.execute(
-            "SELECT DISTINCT function_name, function_type, coalesce(macro_definition, '') FROM duckdb_functions()"
-        ).fetchall()
-        self.aggregates = {n.lower() for n, t, _ in rows if t == "aggregate"}
-        self.macros = {}
-        for n, t, d in rows:
-            if t == "macro":
-                self.macros.setdefault(n.lower(), []).append(d.lower())
         self.cuts: list[Cut] = []
         self.broadcast: dict[str, Any] = {}
         self.steps: list[str] = []
+
+    @functools.cached_property
+    def _functions(self) -> tuple[set[str], dict[str, list[str]]]:
+        """(aggregate names, macro name -> lower-cased definitions): listed on the first function
+        call met (``duckdb_functions()`` costs ~15 ms, a filter without function calls skips it)."""
+        rows = self.con.execute(
+            "SELECT DISTINCT function_name, function_type, coalesce(macro_definition, '') FROM duckdb_functions() "
+            "WHERE function_type IN ('aggregate', 'macro')"
+        ).fetchall()
+        macros: dict[str, list[str]] = {}
+        for n, t, d in rows:
+            if t == "macro":
+                macros.setdefault(n.lower(), []).append(d.lower())
+        return {n.lower() for n, t, _ in rows if t == "aggregate"}, macros
+
+    @property
+    def aggregates(self) -> set[str]:
+        return self._functions[0]
+
+    @property
+    def macros(self) -> dict[str, list[str]]:
+        return self._functions[1]
 
     # -- query nodes -----------------------------------------------------------------------
 
