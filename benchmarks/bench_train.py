@@ -1,7 +1,7 @@
 """Training throughput of the tiny CLIP: the real webdataset loader vs tensors already in memory.
 
     python benchmarks/bench_train.py [--samples 2048] [--steps 30] [--batch 64] [--repeats 3]
-                                     [--policies default,passive]
+                                     [--policies default,passive,short]
 
 Writes toy shards in the resharder's layout (64-pixel JPEGs + captions) to a temporary folder, then
 times the same training steps (``dcdb.train.TrainSession.step``: open_clip model, ClipLoss, AdamW,
@@ -38,8 +38,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from dcdb.openmp import OPENMP_SPINCOUNT
+
 #: OpenMP wait settings per policy (each runs in a fresh process; neither variable set otherwise).
-POLICIES = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "short": {"GOMP_SPINCOUNT": "10000"}}
+POLICIES = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+            "short": {"GOMP_SPINCOUNT": str(OPENMP_SPINCOUNT)}}
 OPENMP_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 

@@ -2,7 +2,7 @@
 the tests use to check plans without a cluster).
 
 The driver plans the filter once (dcdb/plan.py), then runs phases of tasks; one task handles a
-*group* of consecutive buckets of a bucketed pool (dcdb/buckets.py, about 2 groups per worker)
+*group* of consecutive buckets of a bucketed pool (dcdb/buckets.py, one group per worker)
 with one DuckDB connection on those buckets' files only. A task writes its output to the work
 folder as one raw file (its buckets one after another) and then a marker listing every bucket in
 it with its offset and counts; before a phase the driver lists the markers and gives tasks only
@@ -26,9 +26,9 @@ one file only):
    every row), so no task waits for another's counts; a bucket with more records than rows
    (``copies``, joins) goes to a file of the task's own (``parts/*.uids``); for a global top-k,
    the group's top rows with their sort keys and bucket (``parts/*.parquet``);
-3. the driver maps the shared file and moves each bucket's records down behind the previous
-   bucket's (nothing moves when every row is kept): the sorted uid list of the pool, without a
-   copy or fresh memory (buckets are uid ranges: no global sort); otherwise it reads the buckets'
+3. the driver moves each bucket's records in the shared file down behind the previous bucket's
+   (nothing moves when every row is kept) and maps the result: the sorted uid list of the pool,
+   without a copy or fresh memory (buckets are uid ranges: no global sort); otherwise it reads the buckets'
    lists in bucket order into the result, or merges the top-k candidates. It returns the same
    FilterResult as the local engine.
 

@@ -82,7 +82,7 @@ def evaluate(
     names the architecture of a checkpoint that does not record it; ``tasks`` restricts to some task
     keys or names. Finished tasks are skipped; ``overwrite`` discards earlier results.
     """
-    from dcdb.train import prefer_short_openmp_spin
+    from dcdb.openmp import prefer_short_openmp_spin
 
     prefer_short_openmp_spin()
     say = log or (lambda msg: None)

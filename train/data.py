@@ -462,8 +462,8 @@ def _as_arrays(batch: tuple) -> tuple:
     """In a dataloader worker: a batch's tensors as numpy arrays, which go to the training process
     by value through the worker's pipe. torch would send a tensor as a shared-memory file
     descriptor, which the training process fetches from the worker's resource-sharer thread (busy
-    decoding, at a lower priority): 3-7 ms per batch on 2 cores, on the training step's path,
-    against well under a millisecond for the copy."""
+    decoding, at a lower priority). Measured on 2 cores, tiny model: the training process waited
+    0.12-0.14 s for batches over 30 steps with tensors, 0.075-0.11 s with arrays."""
     import torch
 
     return tuple(x.numpy() if isinstance(x, torch.Tensor) else x for x in batch)
