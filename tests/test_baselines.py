@@ -9,7 +9,9 @@ not what is being tested. WordNet is a small stand-in written by ``dcdb.filters.
 from __future__ import annotations
 
 import math
+import os
 import re
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -316,16 +318,77 @@ def test_morphy_iterates_like_nltk_381(tmp_path):
     assert WordNet(locate(d)).first_offset("es" * 400) == -1  # pathological tokens stay fast
 
 
-def test_real_wordnet_offsets_if_installed():
-    from dcdb.filters.wordnet import DEBIAN_DICT, WordNet, _Source
+REQUIRE_WORDNET_ENV = "DCDB_TEST_REQUIRE_WORDNET"  # .ci/run installs wordnet-base and sets it
+
+
+def _real_wordnet():
+    from dcdb.filters.wordnet import DEBIAN_DICT, _Source
 
     src = _Source(DEBIAN_DICT)
     if not src.complete():
-        pytest.skip("Debian's wordnet-base is not installed")
-    wn = WordNet(src)
+        if os.environ.get(REQUIRE_WORDNET_ENV) == "1":
+            pytest.fail(f"{REQUIRE_WORDNET_ENV}=1 but Debian's wordnet-base is not in {DEBIAN_DICT}")
+        pytest.skip("Debian's wordnet-base is not installed (`apt-get install wordnet-base`; .ci/run does)")
+    return src
+
+
+def test_real_wordnet_offsets():
+    from dcdb.filters.wordnet import WordNet
+
+    wn = WordNet(_real_wordnet())
     assert wn.first_offset("dog") == 2084071  # n02084071, ImageNet's dog
     assert wn.first_offset("Dogs") == 2084071
     assert wn.first_offset("geese") == 1855672
+
+
+def test_real_wordnet_matches_nltk(tmp_path):
+    """dcdb's reader against NLTK's WordNetCorpusReader on the real WordNet 3.0 database: the first
+    synset offset of a few thousand lemmas and inflected forms (every part of speech)."""
+    nltk = pytest.importorskip("nltk")
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
+
+    from dcdb.filters.wordnet import DEBIAN_DICT, WordNet
+
+    src = _real_wordnet()
+    # NLTK also opens `lexnames` and `index.sense`, which Debian does not ship; offsets do not use them
+    d = tmp_path / "nltk_data" / "corpora" / "wordnet"
+    d.mkdir(parents=True)
+    for f in DEBIAN_DICT.iterdir():
+        shutil.copyfile(f, d / f.name)  # NLTK's path checks refuse symlinks out of its data path
+    (d / "lexnames").write_text("".join(f"{i:02d}\tlex{i}\t0\n" for i in range(64)))
+    (d / "index.sense").write_text("")
+    nltk.data.path.insert(0, str(tmp_path / "nltk_data"))
+    try:
+        _compare_with_nltk(nltk, WordNetCorpusReader, WordNet(src, iterate=False), DEBIAN_DICT)
+    finally:
+        nltk.data.path.remove(str(tmp_path / "nltk_data"))
+
+
+def _compare_with_nltk(nltk, reader_class, mine, dict_dir):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = reader_class(nltk.data.find("corpora/wordnet"), None)
+    # ``mine`` reads with iterate=False: NLTK >= 3.8.2 applies one morphy rule, as that does
+    words = []
+    for pos in ("noun", "verb", "adj", "adv"):
+        lemmas = [line.split(" ", 1)[0] for line in (dict_dir / f"index.{pos}").read_text().splitlines()
+                  if line and not line.startswith(" ")]
+        words += lemmas[::97]
+    words += [w + suffix for w in words[::3] for suffix in ("s", "es", "ing", "ed", "er", "est")]
+    words += [w.capitalize() for w in words[::5]] + ["mice", "geese", "children", "ran", "better", "x", ""]
+    try:
+        wrong = []
+        for w in words:
+            s = ref.synsets(w)
+            if mine.first_offset(w) != (s[0].offset() if s else -1):
+                wrong.append(w)
+        assert len(words) > 2000
+        assert not wrong, wrong[:20]
+    finally:
+        for f in ref._data_file_map.values():
+            f.close()
 
 
 # ------------------------------------------------------------------------------ image based
@@ -578,7 +641,7 @@ def test_missing_language_column_says_how_to_make_it(tmp_path):
     expect_error(pool, "laion2b", r"no language column lang_cld3.*lang_cld3")
 
 
-def test_bad_assets_name_the_parameter(tmp_path, small_image_pool):
+def test_bad_assets_name_the_parameter(tmp_path, small_image_pool, wordnet_dir):
     import torch
 
     pool = small_image_pool
