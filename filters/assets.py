@@ -10,9 +10,10 @@
   ``n01440764`` per line; the POS letter is dropped and the number kept (``int(x[1:])``), exactly as
   DataComp does. A ``.npy`` of integer offsets works too.
 
-``.pt`` files are read with ``torch.load(weights_only=True)`` and only numpy arrays and tensors
-allowed, so a hostile pickle cannot run code; set ``DCDB_TRUST_ASSETS=1`` to load other pickles
-(trusted files only). torch is imported only when a ``.pt`` file is read.
+``.pt`` files (``torch.save`` archives, any pickle protocol) are read by an unpickler that knows only
+numpy arrays, tensors (returned as numpy arrays) and dicts/lists of them, so a hostile pickle cannot
+run code; set ``DCDB_TRUST_ASSETS=1`` to load other pickles with ``torch.load`` (trusted files
+only). torch is imported only for those and for pre-1.6 (non-zip) torch files.
 
 Loaded arrays are cached per process, keyed by (path, size, mtime): a filter that calls a loader
 once per DuckDB vector reads each file once.
@@ -124,21 +125,179 @@ def same_file(recorded: dict[str, Any], path: Path) -> bool:
 
 
 # ------------------------------------------------------------------------------ torch files
+#
+# A ``torch.save`` file is a zip archive: ``<name>/data.pkl`` (a pickle) plus one record per tensor
+# storage (``<name>/data/<key>``). DataComp's centroid files are ``torch.save(numpy_array, path,
+# pickle_protocol=4)``; torch's own weights-only unpickler refuses protocol 4 (it knows no FRAME
+# opcode) and prints a warning first. dcdb reads these archives itself with Python's unpickler
+# restricted to an allow-list of globals (the standard way to unpickle untrusted data, see the
+# ``pickle`` docs, "Restricting Globals"): numpy's array and dtype reconstruction, ``_codecs.encode``
+# (protocol 2 writes bytes with it), ``OrderedDict`` and torch's tensor rebuild, which is answered
+# with numpy (bounds-checked views of the storage bytes). Nothing else can be named, so nothing else
+# can be called: a hostile pickle fails before any of its code runs. torch is not imported.
 
 
-def _numpy_safe_globals() -> list:
-    """What a pickled numpy array needs under ``torch.load(weights_only=True)``: the array
-    reconstructor (also under its numpy 1.x name, which DataComp's files use), ndarray, dtypes."""
+class _Storage:
+    """What ``torch.FloatStorage`` & co. stand for in a pickle: the numpy dtype of its elements."""
+
+    def __init__(self, name: str, dtype: str):
+        self.name, self.dtype = name, np.dtype(dtype)
+
+
+_STORAGES = {
+    f"{n}Storage": _Storage(f"{n}Storage", d)
+    for n, d in (("Float", "<f4"), ("Half", "<f2"), ("Double", "<f8"), ("Long", "<i8"), ("Int", "<i4"),
+                 ("Short", "<i2"), ("Char", "i1"), ("Byte", "u1"), ("Bool", "?"))
+}
+
+
+class _Refused(Exception):
+    """A pickle names something outside the allow-list (message: what it named)."""
+
+
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, *_meta):
+    """torch._utils._rebuild_tensor_v2, answered with a numpy copy of the strided view."""
+    if not isinstance(storage, np.ndarray) or storage.ndim != 1:
+        raise _Refused("a tensor whose storage is not a plain storage record")
+    try:
+        offset, size, stride = int(offset), tuple(int(x) for x in size), tuple(int(x) for x in stride)
+    except (TypeError, ValueError):
+        raise _Refused("a tensor with a malformed shape") from None
+    if len(size) != len(stride) or offset < 0 or any(x < 0 for x in size + stride):
+        raise _Refused("a tensor with a malformed shape")
+    last = offset + sum((n - 1) * st for n, st in zip(size, stride)) if all(size) else offset - 1
+    if last >= len(storage):  # as_strided would read past the storage
+        raise _Refused(f"a tensor of shape {size} that reaches past its storage ({len(storage)} elements)")
+    if not all(size):
+        return np.empty(size, storage.dtype)
+    item = storage.dtype.itemsize
+    view = np.lib.stride_tricks.as_strided(storage[offset:], size, [st * item for st in stride], writeable=False)
+    return np.array(view)
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    import codecs
+    from collections import OrderedDict
+
     rec = np._core.multiarray._reconstruct
-    items: list = [rec, (rec, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype]
+    out: dict[tuple[str, str], Any] = {
+        ("numpy.core.multiarray", "_reconstruct"): rec,  # numpy 1.x (DataComp's files)
+        ("numpy._core.multiarray", "_reconstruct"): rec,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,
+        ("collections", "OrderedDict"): OrderedDict,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    }
     for t in (np.float16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64, np.uint8, np.bool_):
-        items.append(type(np.dtype(t)))
-    return items
+        cls = type(np.dtype(t))
+        out[("numpy.dtypes", cls.__name__)] = cls
+    for name, st in _STORAGES.items():
+        out[("torch", name)] = st
+    return out
+
+
+def _restricted_unpickler(data: bytes, storage_bytes):
+    import io
+    import pickle
+
+    allowed = _allowed_globals()
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            obj = allowed.get((module, name))
+            if obj is None:
+                raise _Refused(f"{module}.{name}")
+            return obj
+
+        def persistent_load(self, pid):
+            if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] in ("storage", b"storage")):
+                raise _Refused(f"persistent object {str(pid)[:60]}")
+            _, kind, key, _location, numel = pid
+            if not isinstance(kind, _Storage):
+                raise _Refused(f"storage type {kind!r}")
+            raw = storage_bytes(str(key, "ascii") if isinstance(key, bytes) else str(key))
+            arr = np.frombuffer(raw, dtype=kind.dtype)
+            if not isinstance(numel, int) or len(arr) < numel:
+                raise _Refused(f"storage {key!r} shorter than its {numel} elements")
+            return arr
+
+    return Unpickler(io.BytesIO(data))
+
+
+def _check_plain(obj: Any, depth: int = 0) -> Any:
+    """Arrays (not of object dtype), numbers, strings, and dicts/lists/tuples of them."""
+    if depth > 8:
+        raise _Refused("nesting deeper than 8 levels")
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.hasobject:
+            raise _Refused("an array of Python objects")
+        return obj
+    if isinstance(obj, dict):
+        return {k: _check_plain(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_check_plain(v, depth + 1) for v in obj)
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        return obj
+    raise _Refused(f"a {type(obj).__name__}")
+
+
+def read_torch_zip(path: Path) -> Any:
+    """The object in a ``torch.save`` zip archive with numpy arrays in place of tensors, read with
+    the allow-listed unpickler. Raises ``_Refused`` (outside the allow-list), ``ValueError``
+    (not such an archive) or the unpickler's errors."""
+    import pickle
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        pkls = [n for n in z.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+        if len(pkls) != 1:
+            raise ValueError("not a torch.save archive (no single data.pkl)")
+        prefix = pkls[0][: -len("data.pkl")]
+        order = z.read(prefix + "byteorder").decode().strip() if prefix + "byteorder" in z.namelist() else "little"
+        if order != "little":
+            raise ValueError(f"tensors stored {order}-endian")
+
+        def storage_bytes(key: str) -> bytes:
+            return z.read(f"{prefix}data/{key}")
+
+        try:
+            obj = _restricted_unpickler(z.read(pkls[0]), storage_bytes).load()
+        except (KeyError, pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError) as exc:
+            if isinstance(exc, _Refused):
+                raise
+            raise ValueError(f"damaged pickle ({type(exc).__name__}: {exc})") from None
+    return _check_plain(obj)
 
 
 def load_torch_file(path: Path, param: str) -> Any:
-    """``torch.load`` a DataComp ``.pt`` asset on the CPU, allowing only arrays and tensors unless
-    ``DCDB_TRUST_ASSETS=1``."""
+    """A DataComp ``.pt`` asset: a ``torch.save`` archive read by the allow-listed unpickler
+    (numpy arrays, tensors as arrays, dicts/lists of them). ``DCDB_TRUST_ASSETS=1`` loads any
+    pickle with ``torch.load`` (trusted files only); a pre-1.6 (non-zip) torch file goes through
+    ``torch.load(weights_only=True)``."""
+    import zipfile
+
+    trust_hint = f"if the file comes from a source you trust, set {TRUST_ENV}=1 to load any pickle"
+    if os.environ.get(TRUST_ENV, "") == "1":
+        return _torch_load(path, param, weights_only=False)
+    if not zipfile.is_zipfile(path):
+        return _torch_load(path, param, weights_only=True)
+    try:
+        return read_torch_zip(path)
+    except _Refused as exc:
+        raise AssetError(
+            f"-p {param}: {str(path)!r} is not a plain array/tensor file: its pickle names {exc}, which dcdb "
+            "does not load from files it cannot trust (nothing in it was run)",
+            hint=trust_hint,
+        ) from None
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise AssetError(f"-p {param}: cannot read {str(path)!r}: {exc}",
+                         hint="is the file complete? DataComp's assets are torch.save files; or give a .npy") from None
+
+
+def _torch_load(path: Path, param: str, *, weights_only: bool) -> Any:
+    import warnings
+
     try:
         import torch
     except ImportError as exc:  # pragma: no cover -- torch is a dependency of dcdb[clip]
@@ -146,14 +305,10 @@ def load_torch_file(path: Path, param: str) -> Any:
             f"-p {param}: reading {path.name!r} needs torch",
             hint="pip install 'dcdb[clip]', or convert the file to .npy",
         ) from exc
-    from torch.serialization import safe_globals
-
-    trusted = os.environ.get(TRUST_ENV, "") == "1"
     try:
-        if trusted:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        with safe_globals(_numpy_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            return _to_numpy_tree(torch.load(path, map_location="cpu", weights_only=weights_only))
     except Exception as exc:  # noqa: BLE001 -- torch raises UnpicklingError, RuntimeError, EOFError, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = (
@@ -162,6 +317,14 @@ def load_torch_file(path: Path, param: str) -> Any:
             else "is it a torch.save file? DataComp's assets are; or give a .npy"
         )
         raise AssetError(f"-p {param}: cannot read {str(path)!r}: {first[:300]}", hint=hint) from None
+
+
+def _to_numpy_tree(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_numpy_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_numpy_tree(v) for v in obj)
+    return _to_numpy(obj)
 
 
 def _to_numpy(obj: Any) -> Any:

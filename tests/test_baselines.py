@@ -447,7 +447,8 @@ def image_assets(tmp_path, rng):
 
     base = unit(rng, 6, D14)
     cents = np.concatenate([base * np.array([[1.0], [3.0], [1.0], [1.0], [1.0], [1.0]], np.float32), base[2:3]])
-    torch.save(cents.astype(np.float32), tmp_path / "cents.pt")  # a pickled numpy array, like DataComp's
+    # a pickled numpy array, written as DataComp's image_based_clustering.py writes it
+    torch.save(cents.astype(np.float32), tmp_path / "cents.pt", pickle_protocol=4)
     feats = np.concatenate([base[[0, 2]] + 0.01 * unit(rng, 2, D14)])
     torch.save({"image_features": torch.from_numpy(feats.astype(np.float16))}, tmp_path / "in1k_0.pt")
     torch.save({"image_features": torch.from_numpy(base[[2]].astype(np.float16))}, tmp_path / "in1k_1.pt")
@@ -673,22 +674,109 @@ def test_embedding_dim_mismatch_between_assets(tmp_path, small_image_pool):
                  centroids=cpath, imagenet_embeddings=tmp_path / "in512.npy")
 
 
-def test_untrusted_pickles_are_refused(tmp_path, monkeypatch):
+class _Evil:
+    """Unpickling it would create the file ``marker`` (os.system with touch)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_untrusted_pickles_are_refused(tmp_path, protocol, capfd):
     import pickle
+
+    import torch
+
+    from dcdb.errors import AssetError
+    from dcdb.filters.assets import clear_cache, load_centroids, load_embeddings
+
+    marker = tmp_path / "pwned"
+    torch.save({"x": _Evil(marker)}, tmp_path / "evil.pt", pickle_protocol=protocol)
+    torch.save(_Evil(marker), tmp_path / "evil_top.pt", pickle_protocol=protocol)
+    torch.save({"image_features": torch.zeros(2, 4), "y": _Evil(marker)}, tmp_path / "evil_in1k.pt",
+               pickle_protocol=protocol)
+    with open(tmp_path / "evil_raw.pt", "wb") as f:  # a bare pickle, not a torch.save archive
+        pickle.dump(_Evil(marker), f, protocol=protocol)
+    clear_cache()
+    for name in ("evil.pt", "evil_top.pt", "evil_raw.pt"):
+        with pytest.raises(AssetError, match="DCDB_TRUST_ASSETS"):
+            load_centroids(tmp_path / name)
+    with pytest.raises(AssetError, match="posix.system|os.system|DCDB_TRUST_ASSETS"):
+        load_embeddings(str(tmp_path / "evil_in1k.pt"))
+    assert not marker.exists()  # nothing was executed
+    out, err = capfd.readouterr()
+    assert "pickle protocol" not in err + out
+
+
+def test_datacomp_centroid_file_loads(tmp_path, capfd):
+    """DataComp's image_based_clustering.py: ``torch.save(centroids, path, pickle_protocol=4)`` with
+    ``centroids`` a float32 numpy array. torch's weights-only unpickler refuses protocol 4 (and warns
+    first); dcdb's allow-listed reader loads it, silently."""
+    import torch
+
+    from dcdb.filters.assets import clear_cache, load_centroids
+
+    arr = np.random.default_rng(3).standard_normal((5, 768)).astype(np.float32)
+    torch.save(arr, tmp_path / "small_centroids_l14.pt", pickle_protocol=4)
+    clear_cache()
+    got = load_centroids(tmp_path / "small_centroids_l14.pt", dim=768)
+    assert got.dtype == np.float32 and np.array_equal(got, arr)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_tensor_files_read_as_numpy(tmp_path, protocol):
+    """Tensors come back as the arrays torch would give: dtype, shape, strides, offsets."""
+    import torch
+
+    from dcdb.filters.assets import read_torch_zip
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 8, generator=g)
+    tensors = {
+        "f32": base, "f16": base.half(), "f64": base.double(), "i64": torch.arange(12).reshape(3, 4),
+        "bool": base > 0, "transposed": base.t(), "slice": base[2:5, 1::3], "empty": torch.zeros(0, 768),
+        "scalar": torch.tensor(3.5),
+    }
+    torch.save({"image_features": tensors["f16"], "all": tensors, "list": [base[0], np.ones(3)]},
+               tmp_path / "t.pt", pickle_protocol=protocol)
+    got = read_torch_zip(tmp_path / "t.pt")
+    for name, t in tensors.items():
+        want = t.numpy()
+        assert got["all"][name].dtype == want.dtype and np.array_equal(got["all"][name], want), name
+    assert np.array_equal(got["image_features"], tensors["f16"].numpy())
+    assert np.array_equal(got["list"][0], base[0].numpy()) and np.array_equal(got["list"][1], np.ones(3))
+
+
+def test_tensor_reaching_past_its_storage_is_refused(tmp_path):
+    """A crafted file whose tensor strides point past the storage bytes (a memory read) is refused."""
+    import io
+    import zipfile
+
+    import torch
 
     from dcdb.errors import AssetError
     from dcdb.filters.assets import clear_cache, load_centroids
 
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
-
-    import torch
-
-    torch.save({"x": Evil()}, tmp_path / "evil.pt", pickle_module=pickle)
+    buf = io.BytesIO()
+    torch.save(torch.zeros(2, 3).as_strided((2, 3), (3, 1)), buf, pickle_protocol=2)
+    zin = zipfile.ZipFile(io.BytesIO(buf.getvalue()))
+    with zipfile.ZipFile(tmp_path / "bad.pt", "w") as out:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("data.pkl"):  # stride (3, 1) -> (300, 1): BININT1 3 -> BININT2 300
+                assert data.count(b"K\x03K\x01\x86") == 1
+                data = data.replace(b"K\x03K\x01\x86", b"M,\x01K\x01\x86")
+            out.writestr(info, data)
     clear_cache()
-    with pytest.raises(AssetError, match="DCDB_TRUST_ASSETS"):
-        load_centroids(tmp_path / "evil.pt")
+    with pytest.raises(AssetError, match="reaches past its storage"):
+        load_centroids(tmp_path / "bad.pt")
 
 
 def test_datacomp_numpy1_centroid_pickle_loads(tmp_path):
