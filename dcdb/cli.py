@@ -63,25 +63,56 @@ jobs_option = click.option(
 
 def _pass_ctx(fn):
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args, _quiet=False, **kwargs):
         ctx = click.get_current_context()
         root = ctx.find_root()
-        quiet = bool((root.obj or {}).get("quiet"))
+        quiet = _quiet or bool((root.obj or {}).get("quiet"))
         return fn(Ctx(quiet), *args, **kwargs)
 
     return wrapper
 
 
+_quiet_option = click.option("-q", "--quiet", "_quiet", is_flag=True,
+                             help="No progress bars or summaries on stderr (same as `dcdb -q`).")
+
+
 def command(group, name=None, **kw):
-    """Register a command on ``group`` with error mapping and a Ctx first argument."""
+    """Register a command on ``group`` with error mapping, ``-q/--quiet`` (also accepted after the
+    command name) and a Ctx first argument."""
 
     def deco(fn):
-        return group.command(name, **kw)(_pass_ctx(_handle_errors(fn)))
+        return group.command(name, **kw)(_quiet_option(_pass_ctx(_handle_errors(fn))))
 
     return deco
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class DcdbGroup(click.Group):
+    """The root group: click's own usage errors (unknown option, missing argument, bad value) are
+    printed like dcdb's, as one ``error:`` line and a hint, with exit code 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as exc:
+            path = exc.ctx.command_path if exc.ctx is not None else (prog_name or "dcdb")
+            click.echo(f"error: {exc.format_message()}\n  hint: see `{path} --help`", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        except BrokenPipeError:  # `dcdb query ... | head`: stop quietly, as click does
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group("dcdb", cls=DcdbGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="dcdb")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summaries on stderr.")
 @click.pass_context

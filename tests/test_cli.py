@@ -162,3 +162,29 @@ def test_help_lists_commands():
     res = run(["--help"])
     for name in ("query", "sql", "ingest", "info", "synth", "subsets", "filters", "demo"):
         assert name in res.stdout
+
+
+def test_quiet_works_after_the_command(built, tmp_path):
+    """`dcdb query ... -q` is `dcdb -q query ...`: the summary line on stderr goes away."""
+    args = ["query", str(built / "f.sql"), "--pool", str(built / "pool"), "-o"]
+    loud = CliRunner().invoke(cli, args + [str(tmp_path / "a.npy")])
+    quiet = CliRunner().invoke(cli, args + [str(tmp_path / "b.npy"), "-q"])
+    quiet_before = CliRunner().invoke(cli, ["-q"] + args + [str(tmp_path / "c.npy")])
+    assert loud.exit_code == quiet.exit_code == quiet_before.exit_code == 0, (loud.output, quiet.output)
+    assert "uids" in loud.stderr and quiet.stderr == "" and quiet_before.stderr == ""
+    assert (tmp_path / "a.npy").read_bytes() == (tmp_path / "b.npy").read_bytes()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["query"], "error: Missing argument 'FILE|NAME|-'."),
+    (["query", "no_filter", "--bogus"], "error: No such option '--bogus'"),
+    (["querry"], "error: No such command 'querry'. Did you mean 'query'?"),
+    (["knn", "--pool", "x", "-k", "ten"], "error: Invalid value for '-k'"),
+])
+def test_usage_errors_are_one_error_line_with_a_hint(args, message):
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.splitlines()
+    assert lines[0].startswith(message) and lines[1].startswith("  hint: see `dcdb"), res.stderr
+    assert len(lines) == 2 and "Usage:" not in res.stderr and "Traceback" not in res.stderr
+    assert res.stdout == ""
