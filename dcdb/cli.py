@@ -16,7 +16,7 @@ import time
 import click
 
 from dcdb import __version__
-from dcdb.errors import DcdbError
+from dcdb.errors import DcdbError, one_line
 
 # ----------------------------------------------------------------------------------- plumbing
 
@@ -30,15 +30,51 @@ class Ctx:
             click.echo(msg, err=True)
 
 
+DEBUG_ENV = "DCDB_DEBUG"  # =1: unexpected errors show their Python traceback
+
+
+def _fail(message: str, hint: str | None, code: int):
+    text = f"error: {one_line(message)}" + (f"\n  hint: {one_line(hint)}" if hint else "")
+    click.echo(text, err=True)
+    sys.exit(code)
+
+
+def _os_hint(exc: OSError) -> str:
+    import errno
+
+    return {
+        errno.ENOSPC: "free some space on that disk, or write somewhere else",
+        errno.EDQUOT: "your disk quota is used up: free some space, or write somewhere else",
+        errno.EROFS: "that file system is read-only: write somewhere else",
+        errno.EACCES: "check the permissions, or write somewhere else",
+        errno.EPERM: "check the permissions, or write somewhere else",
+        errno.ENOENT: "check the path",
+        errno.EMFILE: "raise the open-file limit (ulimit -n) or use fewer -j workers",
+    }.get(exc.errno, "check the path and the disk, then re-run (a re-run resumes or redoes cleanly)")
+
+
 def _handle_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except DcdbError as exc:
-            msg = exc.message if exc.hint is None else f"{exc.message}\n  hint: {exc.hint}"
-            click.echo(f"error: {msg}", err=True)
-            sys.exit(exc.exit_code)
+            _fail(exc.message, exc.hint, exc.exit_code)
+        except (click.ClickException, click.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            _fail("interrupted", "re-run the command: it resumes or redoes cleanly", 130)
+        except OSError as exc:  # a file system fault nothing below turned into a DcdbError
+            if os.environ.get(DEBUG_ENV) == "1":
+                raise
+            what = exc.strerror or type(exc).__name__
+            where = f": {exc.filename!r}" if exc.filename else ""
+            _fail(f"{what}{where}", _os_hint(exc), 1)
+        except Exception as exc:  # noqa: BLE001 -- a bug: one line, the traceback on request
+            if os.environ.get(DEBUG_ENV) == "1":
+                raise
+            _fail(f"internal error: {type(exc).__name__}: {exc}",
+                  f"this is a bug in dcdb; re-run with {DEBUG_ENV}=1 for the traceback and report it", 70)
 
     return wrapper
 

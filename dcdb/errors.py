@@ -7,6 +7,8 @@ One module, one base class. Each message says what went wrong *and what to do*; 
 
 from __future__ import annotations
 
+import re
+
 
 class DcdbError(Exception):
     """Base class of every error dcdb raises deliberately."""
@@ -94,3 +96,19 @@ class AssetError(UsageError):
 class PlanError(QueryError):
     """A filter cannot be split into uid buckets (``--engine ray``): the message names the construct
     that needs the whole pool at once."""
+
+
+_SQL_CONTEXT = re.compile(r"\n+LINE (\d+): (.*)\n( *)\^+ *")
+
+
+def one_line(text: str) -> str:
+    """``text`` folded onto one line for the terminal: DuckDB's two-line position context
+    (``LINE 1: SELECT ...`` and a caret under the offending token) becomes ``(SQL line 1, column
+    28)``, other line breaks become ``; ``."""
+
+    def position(m: re.Match) -> str:
+        col = len(m.group(3)) - len(f"LINE {m.group(1)}: ") + 1
+        return f" (SQL line {m.group(1)}, column {max(col, 1)})"
+
+    text = _SQL_CONTEXT.sub(position, str(text).strip())
+    return "; ".join(part.strip() for part in text.splitlines() if part.strip())

@@ -188,3 +188,42 @@ def test_usage_errors_are_one_error_line_with_a_hint(args, message):
     assert lines[0].startswith(message) and lines[1].startswith("  hint: see `dcdb"), res.stderr
     assert len(lines) == 2 and "Usage:" not in res.stderr and "Traceback" not in res.stderr
     assert res.stdout == ""
+
+
+def test_duckdb_messages_fold_onto_one_line():
+    from dcdb.errors import one_line
+
+    msg = 'Parser Error: syntax error at or near "whre"\n\nLINE 1: SELECT uid FROM pool whre x\n                             ^'
+    assert one_line(msg) == 'Parser Error: syntax error at or near "whre" (SQL line 1, column 22)'
+    assert one_line("a\n\nb\n") == "a; b"
+
+
+def test_sql_syntax_error_is_one_line(built):
+    res = run(["sql", "SELECT uid FROM pool whre x", "--pool", str(built / "pool")])
+    assert res.exit_code != 0
+    first = res.stderr.splitlines()[0]
+    assert first.startswith("error: ") and 'near "x" (SQL line 1, column 27)' in first, res.stderr
+    assert all(line.startswith("  hint: ") for line in res.stderr.splitlines()[1:]), res.stderr
+
+
+def test_unexpected_exceptions_are_one_line_unless_debugging(built, monkeypatch):
+    """A bug below the CLI prints one line that says how to get the traceback; OSErrors name the file."""
+    import dcdb.store
+
+    def broken(*_a, **_k):
+        raise ValueError("boom")
+
+    monkeypatch.setattr(dcdb.store, "open_pool", broken)
+    res = run(["info", "--pool", str(built / "pool")])
+    assert res.exit_code == 70 and res.stderr.startswith("error: internal error: ValueError: boom\n  hint: ")
+    assert "DCDB_DEBUG=1" in res.stderr and "Traceback" not in res.stderr
+    res = run(["info", "--pool", str(built / "pool")], env={"DCDB_DEBUG": "1"})
+    assert isinstance(res.exception, ValueError)
+
+    def denied(*_a, **_k):
+        raise PermissionError(13, "Permission denied", "/some/file")
+
+    monkeypatch.setattr(dcdb.store, "open_pool", denied)
+    res = run(["info", "--pool", str(built / "pool")])
+    assert res.exit_code == 1
+    assert res.stderr == "error: Permission denied: '/some/file'\n  hint: check the permissions, or write somewhere else\n"
