@@ -79,7 +79,8 @@ def build_index(pool, space: str, *, kind: str = DEFAULT_KIND, partitions: int |
                          hint="pass --force to rebuild it")
     parts = partitions or default_partitions(pool.rows, kind)
     if parts < 1 or parts > pool.rows:
-        raise UsageError(f"--partitions must be in 1..{pool.rows} (the pool's rows), got {parts}")
+        raise UsageError(f"--partitions must be in 1..{pool.rows} (the pool's rows), got {parts}",
+                         hint="leave it out for the default (about sqrt(rows))")
     params: dict[str, Any] = {"num_partitions": parts}
     if kind == "ivf_pq":
         m = sub_vectors or _default_sub_vectors(dim)

@@ -54,9 +54,11 @@ def check_vectors(vec: np.ndarray, dim: int, source: str) -> np.ndarray:
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2:
-        raise SourceError(f"{source}: seeds must be an (n, d) matrix, got shape {arr.shape}")
+        raise SourceError(f"{source}: seeds must be an (n, d) matrix, got shape {arr.shape}",
+                          hint="one row per seed vector")
     if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
-        raise SourceError(f"{source}: seeds must be numbers, got dtype {arr.dtype}")
+        raise SourceError(f"{source}: seeds must be numbers, got dtype {arr.dtype}",
+                          hint="save the seeds as a float (n, d) array: np.save(path, vectors.astype(np.float32))")
     if arr.shape[0] == 0:
         raise SourceError(f"{source}: no seed vectors", hint="give at least one seed")
     if arr.shape[1] != dim:
@@ -83,11 +85,12 @@ def check_vectors(vec: np.ndarray, dim: int, source: str) -> np.ndarray:
 def load_npy(path: str | os.PathLike) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
-        raise SourceError(f"seed file {str(p)!r} does not exist")
+        raise SourceError(f"seed file {str(p)!r} does not exist", hint="check the path given to --seeds")
     try:
         return np.load(p, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise SourceError(f"seed file {str(p)!r} is not a readable .npy matrix: {exc}") from None
+        raise SourceError(f"seed file {str(p)!r} is not a readable .npy matrix: {exc}",
+                          hint="--seeds takes an np.save'd (n, d) float array or a Parquet file with a vector column") from None
 
 
 def load_parquet(path: str | os.PathLike, column: str | None = None, space: str | None = None) -> np.ndarray:
@@ -96,11 +99,12 @@ def load_parquet(path: str | os.PathLike, column: str | None = None, space: str 
 
     p = Path(path)
     if not p.is_file():
-        raise SourceError(f"seed file {str(p)!r} does not exist")
+        raise SourceError(f"seed file {str(p)!r} does not exist", hint="check the path given to --seeds")
     try:
         schema = pq.read_schema(p)
     except Exception as exc:  # noqa: BLE001 - any pyarrow failure: not a parquet file
-        raise SourceError(f"seed file {str(p)!r} is not a readable Parquet file: {exc}") from None
+        raise SourceError(f"seed file {str(p)!r} is not a readable Parquet file: {exc}",
+                          hint="--seeds takes a .npy (n, d) array or a Parquet file with a vector column") from None
     lists = [f.name for f in schema if pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type)
              or pa.types.is_large_list(f.type)]
     if column is None:
@@ -116,7 +120,8 @@ def load_parquet(path: str | os.PathLike, column: str | None = None, space: str 
         raise SourceError(f"{str(p)!r} has no column {column!r} (it has {', '.join(schema.names)})",
                           hint="name the vector column with --seed-column")
     if column not in lists:
-        raise SourceError(f"{str(p)!r} column {column!r} is {schema.field(column).type}, not a list of numbers")
+        raise SourceError(f"{str(p)!r} column {column!r} is {schema.field(column).type}, not a list of numbers",
+                          hint=f"name a vector column with --seed-column (list columns: {', '.join(lists) or 'none'})")
     return list_column_to_matrix(pq.read_table(p, columns=[column]).column(0), f"{p}:{column}")
 
 
@@ -135,12 +140,13 @@ def list_column_to_matrix(col, source: str) -> np.ndarray:
         raise SourceError(f"{source}: no seed vectors", hint="give at least one seed")
     lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
     if (lengths != lengths[0]).any():
-        raise SourceError(f"{source}: seed vectors have different lengths ({lengths.min()}..{lengths.max()})")
+        raise SourceError(f"{source}: seed vectors have different lengths ({lengths.min()}..{lengths.max()})",
+                          hint="every seed must have the space's dimension")
     flat = pc.list_flatten(col)
     if flat.null_count:
         raise SourceError(f"{source}: seed vectors contain NULL numbers", hint="drop or fix those rows")
     if not (pa.types.is_floating(flat.type) or pa.types.is_integer(flat.type)):
-        raise SourceError(f"{source}: seed vectors hold {flat.type}, not numbers")
+        raise SourceError(f"{source}: seed vectors hold {flat.type}, not numbers", hint="store float vectors")
     return flat.to_numpy(zero_copy_only=False).astype(np.float32).reshape(n, int(lengths[0]))
 
 
@@ -275,12 +281,12 @@ def open_image(path: str | os.PathLike):
 
     p = Path(path)
     if not p.is_file():
-        raise SourceError(f"image {str(p)!r} does not exist")
+        raise SourceError(f"image {str(p)!r} does not exist", hint="check the path")
     try:
         with Image.open(p) as im:
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError) as exc:
-        raise SourceError(f"image {str(p)!r} cannot be read: {exc}") from None
+        raise SourceError(f"image {str(p)!r} cannot be read: {exc}", hint="give a JPEG/PNG/WebP image file") from None
 
 
 def encode_images(pool, space: str, images: list, batch: int = 64) -> np.ndarray:

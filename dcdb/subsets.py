@@ -75,9 +75,10 @@ def combine(op: str, refs: list[str], pool: Pool | None) -> tuple[np.ndarray, li
     if op not in OPS:
         raise UsageError(f"unknown operation {op!r}", hint=f"use one of {', '.join(OPS)}")
     if len(refs) < 2:
-        raise UsageError(f"{op} needs at least two operands")
+        raise UsageError(f"{op} needs at least two operands", hint=f"dcdb subsets {op} A B [C ...] (stored subset names or .npy files)")
     if op == "minus" and len(refs) != 2:
-        raise UsageError("minus takes exactly two operands: A B (the rows of A not in B)")
+        raise UsageError("minus takes exactly two operands: A B (the rows of A not in B)",
+                         hint="chain it for more: minus A B --save ab, then minus ab C")
     arrays, names = zip(*(load_operand(r, pool) for r in refs))
     acc = arrays[0]
     for a in arrays[1:]:

@@ -429,7 +429,7 @@ def _prepare_out(out: Path, force: bool, keep: set[str]) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise OutputError(f"cannot create synth output folder {str(out)!r}: {exc}") from exc
+        raise OutputError(f"cannot create synth output folder {str(out)!r}: {exc}", hint="choose a writable folder") from exc
 
 
 def _make_shard(out: str, seed: int, index: int, n: int, dtype: str | None, nan_fraction: float) -> int:
@@ -482,13 +482,13 @@ def synth_pool(
     from tqdm import tqdm
 
     if rows < 0 or shards < 1:
-        raise UsageError(f"need rows >= 0 and shards >= 1, got rows={rows}, shards={shards}")
+        raise UsageError(f"need rows >= 0 and shards >= 1, got rows={rows}, shards={shards}", hint="pass --rows N --shards K")
     if seed < 0:
-        raise UsageError(f"seed must be a non-negative integer, got {seed}")
+        raise UsageError(f"seed must be a non-negative integer, got {seed}", hint="pass e.g. --seed 0")
     if dtype not in ("float16", "float32"):
-        raise UsageError(f"embedding dtype must be float16 or float32, not {dtype!r}")
+        raise UsageError(f"embedding dtype must be float16 or float32, not {dtype!r}", hint="pass --dtype float16 or --dtype float32")
     if not 0.0 <= nan_fraction <= 1.0:
-        raise UsageError(f"nan_fraction must be in [0, 1], got {nan_fraction}")
+        raise UsageError(f"nan_fraction must be in [0, 1], got {nan_fraction}", hint="e.g. 0.01")
     out = Path(out)
     exts = ("parquet", "npz") if embeddings else ("parquet",)
     _prepare_out(out, force, {f"{SHARD_NAME.format(i)}.{e}" for i in range(shards) for e in exts})

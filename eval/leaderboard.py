@@ -36,7 +36,7 @@ def collect(runs_dir: str | os.PathLike) -> tuple[list[Row], list[str]]:
     """Rows of every evaluated run under ``runs_dir`` (best average first) and the task names."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
-        raise EvalError(f"runs folder {str(runs_dir)!r} does not exist")
+        raise EvalError(f"runs folder {str(runs_dir)!r} does not exist", hint="give the folder holding the runs' eval_results.jsonl files")
     candidates = [runs_dir] if (runs_dir / RESULTS).is_file() else sorted(p for p in runs_dir.iterdir() if p.is_dir())
     rows, tasks = [], []
     for run in candidates:

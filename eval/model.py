@@ -103,7 +103,8 @@ def load_model(target: Target, device: str):
     try:
         open_clip.load_checkpoint(model, str(target.checkpoint), device=device)
     except (RuntimeError, KeyError, ValueError) as exc:
-        raise EvalError(f"cannot load {str(target.checkpoint)!r} into {target.model!r}: {str(exc)[:300]}") from None
+        raise EvalError(f"cannot load {str(target.checkpoint)!r} into {target.model!r}: {str(exc)[:300]}",
+                            hint="pass the --model the checkpoint was trained with") from None
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(target.model)
 

@@ -79,7 +79,7 @@ def read_lines(path: Path) -> list[str]:
     lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     lines = [line for line in lines if line]
     if not lines:
-        raise TaskError(f"task file {str(path)!r} is empty")
+        raise TaskError(f"task file {str(path)!r} is empty", hint="rewrite the task folder")
     return lines
 
 
@@ -91,9 +91,9 @@ def shard_paths(folder: Path) -> list[str]:
     try:
         n = int(nshards_file.read_text().strip())
     except ValueError:
-        raise TaskError(f"{str(nshards_file)!r} must hold the number of shards, an integer") from None
+        raise TaskError(f"{str(nshards_file)!r} must hold the number of shards, an integer", hint="e.g. 1") from None
     if n < 1:
-        raise TaskError(f"{str(nshards_file)!r} says {n} shards; a task needs at least one")
+        raise TaskError(f"{str(nshards_file)!r} says {n} shards; a task needs at least one", hint="rewrite the task folder")
     paths = [folder / SPLIT / f"{i}.tar" for i in range(n)]
     for p in paths:
         if not p.is_file():
@@ -124,7 +124,7 @@ def task_type(folder: Path, key: str, declared: str | None = None) -> str:
 def validate_task(task: Task) -> None:
     """Raise ``TaskError`` naming the first missing or malformed file of ``task``."""
     if not task.path.is_dir():
-        raise TaskError(f"task folder {str(task.path)!r} does not exist")
+        raise TaskError(f"task folder {str(task.path)!r} does not exist", hint="check --tasks, or write the tasks with `dcdb world`")
     shard_paths(task.path)
     if task.type == "classification":
         task.classnames()
@@ -146,7 +146,7 @@ def _parse_tasklist(path: Path) -> dict[str, dict[str, Any]]:
         try:
             data = json.loads(text)
         except ValueError as exc:
-            raise TaskError(f"cannot parse task list {str(path)!r}: {exc}") from None
+            raise TaskError(f"cannot parse task list {str(path)!r}: {exc}", hint="fix the YAML (DataComp's tasklist.yml layout)") from None
     else:
         try:
             import yaml
@@ -156,7 +156,7 @@ def _parse_tasklist(path: Path) -> dict[str, dict[str, Any]]:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise TaskError(f"cannot parse task list {str(path)!r}: {exc}") from None
+            raise TaskError(f"cannot parse task list {str(path)!r}: {exc}", hint="fix the YAML (DataComp's tasklist.yml layout)") from None
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise TaskError(f"task list {str(path)!r} must map each task key to its settings",
                         hint="e.g. shapes: {name: Shapes, main_metric: acc1}")
@@ -182,7 +182,7 @@ def load_tasks(tasks_dir: str | os.PathLike, only: Sequence[str] | None = None) 
     """
     tasks_dir = Path(tasks_dir)
     if not tasks_dir.is_dir():
-        raise TaskError(f"tasks folder {str(tasks_dir)!r} does not exist")
+        raise TaskError(f"tasks folder {str(tasks_dir)!r} does not exist", hint="check --tasks, or write the tasks with `dcdb world`")
     listed = load_tasklist(tasks_dir)
     if listed is None:
         listed = {p.name: {} for p in sorted(tasks_dir.iterdir()) if (p / SPLIT / NSHARDS).is_file()}
@@ -246,10 +246,11 @@ def write_task(
     import webdataset as wds
 
     if image_format not in IMAGE_EXTS:
-        raise TaskError(f"image format {image_format!r} is not one of {', '.join(IMAGE_EXTS)}")
+        raise TaskError(f"image format {image_format!r} is not one of {', '.join(IMAGE_EXTS)}", hint="use one of those")
     retrieval = classnames is None
     if retrieval != (templates is None):
-        raise TaskError("give both classnames and templates (classification) or neither (retrieval)")
+        raise TaskError("give both classnames and templates (classification) or neither (retrieval)",
+                        hint="a classification task needs classnames.txt and zeroshot_classification_templates.txt")
     folder = Path(folder)
     if folder.exists():
         raise OutputError(f"task folder {str(folder)!r} already exists", hint="remove it or choose another name")
@@ -268,7 +269,7 @@ def write_task(
                 n += 1
             nshards = sink.shard
         if n == 0:
-            raise TaskError(f"no samples to write to task {str(folder)!r}")
+            raise TaskError(f"no samples to write to task {str(folder)!r}", hint="give at least one sample")
         (tmp / SPLIT / NSHARDS).write_text(f"{nshards}\n")
         if retrieval:
             (tmp / DATASET_TYPE).write_text("retrieval\n")

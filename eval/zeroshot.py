@@ -103,12 +103,12 @@ def evaluate_classification(model, transform, tokenizer, task: Task, *, device: 
         logits.append((100.0 * encode_images(model, images, device) @ classifier).cpu())
         targets.extend(labels)
     if not targets:
-        raise TaskError(f"task {task.name!r} has no samples in {task.path}")
+        raise TaskError(f"task {task.name!r} has no samples in {task.path}", hint="rewrite the task folder")
     targets_np = np.asarray(targets)
     bad = (targets_np < 0) | (targets_np >= len(classnames))
     if bad.any():
         raise TaskError(f"task {task.name!r}: class index {int(targets_np[bad][0])} is outside classnames.txt "
-                        f"({len(classnames)} classes)")
+                        f"({len(classnames)} classes)", hint="the task's labels and classnames.txt disagree: rewrite the task")
     metrics = classification_metrics(torch.cat(logits).numpy(), targets_np)
     return {**metrics, "num_samples": len(targets)}
 

@@ -64,13 +64,14 @@ def load_checkpoint(path: str | os.PathLike, *, device: str = "cpu", mmap: bool 
 
     path = Path(path)
     if not path.is_file():
-        raise TrainError(f"checkpoint {str(path)!r} does not exist")
+        raise TrainError(f"checkpoint {str(path)!r} does not exist", hint="check the path; `dcdb train` writes checkpoints/epoch_N.pt")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True, mmap=mmap)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as exc:
         raise TrainError(f"cannot read checkpoint {str(path)!r}: {exc}", hint="the file is damaged or not a torch checkpoint") from None
     if not isinstance(ckpt, dict):
-        raise TrainError(f"{str(path)!r} is not a training checkpoint (a {type(ckpt).__name__})")
+        raise TrainError(f"{str(path)!r} is not a training checkpoint (a {type(ckpt).__name__})",
+                         hint="give a checkpoints/epoch_N.pt written by `dcdb train` or open_clip")
     return ckpt
 
 

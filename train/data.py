@@ -71,7 +71,8 @@ def find_shards(data: str | os.PathLike) -> ShardSet:
         raise TrainError(f"training data {str(root)!r} does not exist", hint="give a resharder output folder")
     if root.is_file():
         if root.suffix != ".tar":
-            raise TrainError(f"training data {str(root)!r} is not a .tar shard or a folder of them")
+            raise TrainError(f"training data {str(root)!r} is not a .tar shard or a folder of them",
+                         hint="give the folder `dcdb reshard` wrote")
         shards, source = [root], "file"
     elif (root / "meta.json").is_file():
         shards, source = _shards_from_meta(root), "meta.json"
@@ -229,7 +230,8 @@ def read_tar_samples(url: str, handler: Callable[[Exception], bool] = _log_and_c
             if sample.damage is not None:
                 if handler(ValueError(f"{url}: sample {sample.key!r} is damaged: {sample.damage}")):
                     continue
-                raise TrainError(f"shard {url!r}: sample {sample.key!r} is damaged: {sample.damage}")
+                raise TrainError(f"shard {url!r}: sample {sample.key!r} is damaged: {sample.damage}",
+                                 hint="rewrite the shard (re-run `dcdb reshard`), or remove it from the data folder")
             members = dict(sample.members[::-1])  # the first member of an extension wins
             image = next((e for e in IMAGE_EXTS if e in members), None)
             if image is None or "txt" not in members or _is_meta(sample.key):
@@ -448,7 +450,8 @@ def stream_batches(shards: ShardSet, *, preprocess: Callable, tokenizer: Callabl
                 else:
                     images, texts = next(batches)
             except StopIteration:
-                raise TrainError(f"the training stream ended after {step} of {steps} batches") from None
+                raise TrainError(f"the training stream ended after {step} of {steps} batches",
+                         hint="a shard was removed or damaged during training: check the data folder, then resume") from None
             if workers > 0:
                 images, texts = _as_tensors(images), _as_tensors(texts)
             if transform is not None:

@@ -72,11 +72,12 @@ class Recipe:
     def validate(self) -> None:
         """Raise ``UsageError`` when a value cannot be trained with."""
         if self.batch_size < 1:
-            raise UsageError(f"batch size must be at least 1, not {self.batch_size}")
+            raise UsageError(f"batch size must be at least 1, not {self.batch_size}", hint="pass e.g. --batch-size 64")
         if self.samples_seen < self.num_checkpoints:
             raise UsageError(
                 f"samples seen ({self.samples_seen}) must be at least the number of checkpoints "
-                f"({self.num_checkpoints})"
+                f"({self.num_checkpoints})",
+                hint="raise --samples-seen (each checkpoint needs at least one sample)",
             )
         if self.schedule != "cosine":
             raise UsageError(f"unknown schedule {self.schedule!r}", hint="DataComp uses 'cosine'")
