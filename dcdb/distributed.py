@@ -57,7 +57,7 @@ from dcdb import errors
 from dcdb import uids as U
 from dcdb.errors import DcdbError, PoolError, UsageError
 from dcdb.io import atomic_path, write_json
-from dcdb.query import FilterFile, FilterResult, _collect_into
+from dcdb.query import FilterFile, FilterResult, _collect_into, check_copies_total
 from dcdb.store import Pool
 
 ENGINES = ("local", "ray")
@@ -530,7 +530,9 @@ def _query_task(pool_path: str, group: list[int], sql: str, params: dict[str, An
             if topk_keys is not None:
                 tbl = reader.read_all()
             else:  # decoded into one buffer of the group's size: no copy to join the batches
-                arr, copies_parts, _nrows = _collect_into(reader, name, view.rows)
+                from dcdb.store import open_pool
+
+                arr, copies_parts, _nrows = _collect_into(reader, name, view.rows, open_pool(pool_path).rows)
     except duckdb.Error as exc:
         _duck_error(con, exc, f"filter {name!r}")
     con.close()
@@ -825,8 +827,11 @@ def run_distributed(
         stats.wall["query"] = time.perf_counter() - t
         t = time.perf_counter()
         if plan.topk:
-            arr, nrows = _merge_topk(done, plan.topk)
+            arr, nrows = _merge_topk(done, plan.topk, pool.rows, filt.name)
         else:
+            listed = sum(int(e["uids"]) for e in done.values())
+            if listed != sum(int(e["result_rows"]) for e in done.values()):  # copies were expanded
+                check_copies_total(listed, pool.rows, filt.name)
             shared = not keep_work and all(Path(e["path"]).name == RESULT for e in done.values())
             arr = _compact(Path(next(iter(done.values()))["path"]), done) if shared else _concat(done)
             nrows = sum(int(e["result_rows"]) for e in done.values())
@@ -915,7 +920,7 @@ def _compact(path: Path, done: dict[int, dict[str, Any]]) -> np.ndarray:
 COMPACT_CHUNK = 4 << 20
 
 
-def _merge_topk(done: dict[int, dict[str, Any]], topk) -> tuple[np.ndarray, int]:
+def _merge_topk(done: dict[int, dict[str, Any]], topk, pool_rows: int, name: str) -> tuple[np.ndarray, int]:
     """The global top-k from the groups' top rows: each bucket's rows from the one file its
     marker names (a retried task may have left another copy)."""
     import duckdb
@@ -934,7 +939,7 @@ def _merge_topk(done: dict[int, dict[str, Any]], topk) -> tuple[np.ndarray, int]
     reader = con.sql(
         f"SELECT {sel} FROM ({rows}) ORDER BY {topk.order_sql} LIMIT {topk.limit} OFFSET {topk.offset}"
     ).to_arrow_reader(1 << 20)
-    arr, copies_parts, nrows = _collect_into(reader, "top-k merge", 0)
+    arr, copies_parts, nrows = _collect_into(reader, name, 0, pool_rows)
     if copies_parts is not None:
         arr = np.repeat(arr, np.concatenate(copies_parts) if copies_parts else np.empty(0, np.int64))
     return U.sort(arr), nrows
