@@ -67,6 +67,7 @@ RADIX_BITS = 16
 COLLECT_LIMIT = 1 << 22  # fetch the remaining candidate keys (8 B each) once at most this many are left
 FAULT_ENV = "DCDB_FAULT_INJECT"  # test hook: "<marker file>": the first query task's worker dies once
 MARKER = ".done.json"
+WORK_SUFFIX = ".dcdb-work"  # dcdb query --engine ray: OUTPUT.dcdb-work holds the intermediates
 
 
 # ---------------------------------------------------------------------------------- backends
@@ -805,6 +806,9 @@ def run_distributed(
     temp = None
     if work_dir is None:
         temp = work_dir = tempfile.mkdtemp(prefix="dcdb-work-")
+    # the folder goes again once the run is done and it is empty, when this run (or a killed run
+    # before it: dcdb's default OUTPUT.dcdb-work) made it; a folder the user made stays
+    owned = not os.path.lexists(work_dir) or str(work_dir).endswith(WORK_SUFFIX)
     work = Path(work_dir) / _work_key(pool, plan)
     stats.wall["start"] = time.perf_counter() - t
     try:
@@ -839,6 +843,8 @@ def run_distributed(
         t = time.perf_counter()
         if not keep_work:  # done: the intermediates are only worth keeping for a re-run
             shutil.rmtree(work, ignore_errors=True)
+            if owned:
+                _remove_if_empty(Path(work_dir))
         stats.wall["cleanup"] = time.perf_counter() - t
         if log:
             log(stats.describe())
@@ -849,6 +855,14 @@ def run_distributed(
             shutil.rmtree(temp, ignore_errors=True)
     return FilterResult(uids=arr, filter=filt, params=plan.params, pool=pool,
                         seconds=time.perf_counter() - t0, result_rows=nrows)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove ``folder`` if nothing is left in it (another run's work stays)."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def _concat(done: dict[int, dict[str, Any]]) -> np.ndarray:
