@@ -197,7 +197,7 @@ def _text_info(name: str, params: dict[str, str]) -> dict[str, Any]:
 def annotate_text(pool: Pool, name: str, params: dict[str, str], *, force: bool, jobs: int | None,
                   progress: bool) -> Report:
     ann = ANNOTATORS[name]
-    _check_free(pool, name, force)
+    _conflicts(pool, name, [ann.column], force)
     t0 = time.perf_counter()
     if name == "wordnet" and params.get("wordnet"):
         os.environ["DCDB_WORDNET"] = str(Path(params["wordnet"]).expanduser().resolve())
@@ -282,7 +282,7 @@ def annotate_centroids(pool: Pool, params: dict[str, str], *, force: bool, progr
     from dcdb.filters.assets import existing_file, fingerprint, load_centroids
     from dcdb.filters.centroids import assign
 
-    _check_free(pool, "centroids", force)
+    _conflicts(pool, "centroids", [ANNOTATORS["centroids"].column], force)
     if "l14_img" not in pool.spaces:
         raise UsageError("the pool has no l14_img embeddings", hint="ingest the .npz files beside the parquet")
     t0 = time.perf_counter()
@@ -340,9 +340,9 @@ def annotate(pool: Pool, name: str, params: dict[str, str] | None = None, *, for
 # ------------------------------------------------------------------------------------- import
 
 
-def _default_group(source: Path, columns: list[str]) -> str:
-    name = columns[0] if len(columns) == 1 else source.stem
-    name = re.sub(r"[^a-z0-9_]", "_", name.lower())
+def _default_group(source: Path) -> str:
+    """The group an import goes to without --name: the file's stem, made a valid group name."""
+    name = re.sub(r"[^a-z0-9_]", "_", source.stem.lower())
     return name if GROUP_RE.match(name) else f"import_{name}"[:63]
 
 
@@ -365,9 +365,28 @@ def _import_columns(con, source: Path, columns: list[str] | None) -> list[str]:
     return wanted
 
 
+def _shadows(pool: Pool, source: Path, columns: list[str]) -> None:
+    """An imported column may not take the name of a metadata or an embedding column of the pool
+    (DuckDB names are case-insensitive): ``pool`` would show the import instead of the data, or
+    fail to bind in every later command."""
+    meta = {c["name"].lower(): c["name"] for c in pool.columns}
+    spaces = {s.lower(): s for s in pool.spaces}
+    for col in columns:
+        key = col.lower()
+        if key in meta or key in spaces:
+            what = "metadata" if key in meta else "embedding"
+            raise UsageError(
+                f"column {col!r} of {str(source)!r} has the name of the pool's {what} column "
+                f"{(meta.get(key) or spaces[key])!r}",
+                hint=f"rename it in the file, or leave it out with --columns (importable: "
+                     f"{', '.join(c for c in columns if c.lower() not in meta and c.lower() not in spaces) or 'none'})",
+            )
+
+
 def _conflicts(pool: Pool, group: str, columns: list[str], force: bool) -> None:
+    wanted = {c.lower() for c in columns}
     for g, meta in groups(pool).items():
-        clash = sorted({c["name"] for c in meta["columns"]} & set(columns))
+        clash = sorted(c["name"] for c in meta["columns"] if c["name"].lower() in wanted)
         if g != group and clash:
             raise UsageError(
                 f"column {clash[0]!r} already comes from derived group {g!r}",
@@ -411,9 +430,11 @@ def import_columns(pool: Pool, source: str | os.PathLike, *, group: str | None =
             cols = _import_columns(con, src, columns)
         except duckdb.Error as exc:
             raise SourceError(f"cannot read {str(src)!r} as Parquet: {exc}", hint="is it a Parquet file?") from None
-        group = group or _default_group(src, cols)
+        named = group is not None
+        group = group or _default_group(src)
         if not GROUP_RE.match(group):
             raise UsageError(f"invalid group name {group!r}", hint="lowercase letters, digits and underscores")
+        _shadows(pool, src, cols)
         _conflicts(pool, group, cols, force)
         sel = ", ".join(qi(c) for c in cols)
         con.execute(f"CREATE TEMP VIEW src AS SELECT uid, {sel} FROM read_parquet({sql_string(str(src))})")
@@ -433,6 +454,8 @@ def import_columns(pool: Pool, source: str | os.PathLike, *, group: str | None =
     finally:
         con.close()
         shutil.rmtree(tmp, ignore_errors=True)
+    if not named:
+        notes.append(f"named after {src.name} (choose with --name)")
     return Report(group, cols, pool.rows, time.perf_counter() - t0, notes)
 
 

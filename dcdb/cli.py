@@ -358,9 +358,9 @@ def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, reshard_
     if engine == "local":
         res = run_filter(p, filt, given)
     else:
-        from dcdb.distributed import run_distributed
+        from dcdb.distributed import WORK_SUFFIX, run_distributed
 
-        work_dir = work_dir or (f"{output}.dcdb-work" if output else None)
+        work_dir = work_dir or (f"{output}{WORK_SUFFIX}" if output else None)
         res = run_distributed(p, filt, given, engine=engine, work_dir=work_dir, progress=not c.quiet, log=c.log)
     if output:
         write_uids(output, res.uids, fmt)

@@ -13,7 +13,8 @@ from dcdb.cli import Ctx, _param_pairs, cli, command, jobs_option, param_option,
 @param_option
 @click.option("--from", "source", type=click.Path(dir_okay=False, path_type=str),
               help="Import the columns of a Parquet file keyed by uid instead of computing NAME.")
-@click.option("--group", help="Derived group to import into (default: the column name, or the file stem).")
+@click.option("--name", "--group", "group",
+              help="Derived group to import into (default: the file's stem, e.g. my_lang for my_lang.parquet).")
 @click.option("--columns", help="Comma-separated columns to import (default: all but uid).")
 @click.option("--allow-unknown", is_flag=True, help="Skip (and count) uids of the file the pool lacks.")
 @click.option("--force", is_flag=True, help="Recompute or replace an existing derived group.")
@@ -33,7 +34,8 @@ def annotate_cmd(c: Ctx, name, pool, params, source, group, columns, allow_unkno
                   -p centroids FILE [-p imagenet_embeddings 'GLOB' to store the target set]
 
     Derived columns appear as columns of `pool` in every query. An existing group is recomputed
-    only with --force.
+    only with --force. An imported column may not take the name of a metadata or embedding column,
+    or of a column another group provides.
     """
     from dcdb.annotate import annotate, import_columns, list_groups
     from dcdb.errors import UsageError
@@ -63,6 +65,6 @@ def annotate_cmd(c: Ctx, name, pool, params, source, group, columns, allow_unkno
                                 progress=not c.quiet)
     else:
         if group or columns or allow_unknown:
-            raise UsageError("--group, --columns and --allow-unknown go with --from", hint="remove them")
+            raise UsageError("--name/--group, --columns and --allow-unknown go with --from", hint="remove them")
         report = annotate(p, name, _param_pairs(params), force=force, jobs=jobs, progress=not c.quiet)
     c.log(report.summary())

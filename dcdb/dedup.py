@@ -143,11 +143,7 @@ def group_columns(name: str) -> dict[str, str]:
 
 def check_space(pool: Pool, space: str) -> dict[str, Any]:
     if space not in pool.spaces:
-        raise PoolError(
-            f"pool has no embedding space {space!r}",
-            hint=f"its spaces are {', '.join(pool.spaces)}" if pool.spaces
-            else "this pool is metadata-only: ingest the .npz embedding files beside the parquet",
-        )
+        raise pool.unknown_space(space)
     return pool.spaces[space]
 
 

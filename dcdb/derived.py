@@ -6,7 +6,8 @@ Layout: ``POOL/derived/<group>/<shard>.parquet``, one file per metadata shard, r
 ``POOL/derived/<group>/_group.json`` (columns, how they were made, when). A group is written into a
 temporary folder and renamed into place when complete, so a killed run leaves no half group; a
 group without ``_group.json`` is ignored. A derived column named like a metadata column replaces it
-in ``pool`` (``pool_metadata`` keeps the original).
+in ``pool`` (``pool_metadata`` keeps the original); ``dcdb annotate`` never writes one (an import of
+a metadata, embedding or other group's column name is refused), but a group written here may.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ from dcdb import errors
 from dcdb import uids as U
 from dcdb.errors import DcdbError, PoolError, UsageError
 from dcdb.io import atomic_path, write_json
-from dcdb.query import FilterFile, FilterResult, _collect_into
+from dcdb.query import FilterFile, FilterResult, _collect_into, check_copies_total
 from dcdb.store import Pool
 
 ENGINES = ("local", "ray")
@@ -67,6 +67,7 @@ RADIX_BITS = 16
 COLLECT_LIMIT = 1 << 22  # fetch the remaining candidate keys (8 B each) once at most this many are left
 FAULT_ENV = "DCDB_FAULT_INJECT"  # test hook: "<marker file>": the first query task's worker dies once
 MARKER = ".done.json"
+WORK_SUFFIX = ".dcdb-work"  # dcdb query --engine ray: OUTPUT.dcdb-work holds the intermediates
 
 
 # ---------------------------------------------------------------------------------- backends
@@ -530,7 +531,9 @@ def _query_task(pool_path: str, group: list[int], sql: str, params: dict[str, An
             if topk_keys is not None:
                 tbl = reader.read_all()
             else:  # decoded into one buffer of the group's size: no copy to join the batches
-                arr, copies_parts, _nrows = _collect_into(reader, name, view.rows)
+                from dcdb.store import open_pool
+
+                arr, copies_parts, _nrows = _collect_into(reader, name, view.rows, open_pool(pool_path).rows)
     except duckdb.Error as exc:
         _duck_error(con, exc, f"filter {name!r}")
     con.close()
@@ -803,6 +806,9 @@ def run_distributed(
     temp = None
     if work_dir is None:
         temp = work_dir = tempfile.mkdtemp(prefix="dcdb-work-")
+    # the folder goes again once the run is done and it is empty, when this run (or a killed run
+    # before it: dcdb's default OUTPUT.dcdb-work) made it; a folder the user made stays
+    owned = not os.path.lexists(work_dir) or str(work_dir).endswith(WORK_SUFFIX)
     work = Path(work_dir) / _work_key(pool, plan)
     stats.wall["start"] = time.perf_counter() - t
     try:
@@ -825,8 +831,11 @@ def run_distributed(
         stats.wall["query"] = time.perf_counter() - t
         t = time.perf_counter()
         if plan.topk:
-            arr, nrows = _merge_topk(done, plan.topk)
+            arr, nrows = _merge_topk(done, plan.topk, pool.rows, filt.name)
         else:
+            listed = sum(int(e["uids"]) for e in done.values())
+            if listed != sum(int(e["result_rows"]) for e in done.values()):  # copies were expanded
+                check_copies_total(listed, pool.rows, filt.name)
             shared = not keep_work and all(Path(e["path"]).name == RESULT for e in done.values())
             arr = _compact(Path(next(iter(done.values()))["path"]), done) if shared else _concat(done)
             nrows = sum(int(e["result_rows"]) for e in done.values())
@@ -834,6 +843,8 @@ def run_distributed(
         t = time.perf_counter()
         if not keep_work:  # done: the intermediates are only worth keeping for a re-run
             shutil.rmtree(work, ignore_errors=True)
+            if owned:
+                _remove_if_empty(Path(work_dir))
         stats.wall["cleanup"] = time.perf_counter() - t
         if log:
             log(stats.describe())
@@ -844,6 +855,14 @@ def run_distributed(
             shutil.rmtree(temp, ignore_errors=True)
     return FilterResult(uids=arr, filter=filt, params=plan.params, pool=pool,
                         seconds=time.perf_counter() - t0, result_rows=nrows)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove ``folder`` if nothing is left in it (another run's work stays)."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def _concat(done: dict[int, dict[str, Any]]) -> np.ndarray:
@@ -915,7 +934,7 @@ def _compact(path: Path, done: dict[int, dict[str, Any]]) -> np.ndarray:
 COMPACT_CHUNK = 4 << 20
 
 
-def _merge_topk(done: dict[int, dict[str, Any]], topk) -> tuple[np.ndarray, int]:
+def _merge_topk(done: dict[int, dict[str, Any]], topk, pool_rows: int, name: str) -> tuple[np.ndarray, int]:
     """The global top-k from the groups' top rows: each bucket's rows from the one file its
     marker names (a retried task may have left another copy)."""
     import duckdb
@@ -934,7 +953,7 @@ def _merge_topk(done: dict[int, dict[str, Any]], topk) -> tuple[np.ndarray, int]
     reader = con.sql(
         f"SELECT {sel} FROM ({rows}) ORDER BY {topk.order_sql} LIMIT {topk.limit} OFFSET {topk.offset}"
     ).to_arrow_reader(1 << 20)
-    arr, copies_parts, nrows = _collect_into(reader, "top-k merge", 0)
+    arr, copies_parts, nrows = _collect_into(reader, name, 0, pool_rows)
     if copies_parts is not None:
         arr = np.repeat(arr, np.concatenate(copies_parts) if copies_parts else np.empty(0, np.int64))
     return U.sort(arr), nrows

@@ -348,7 +348,47 @@ def check_subset_name(name: str) -> str:
         )
     if name in RESERVED_VIEWS:
         raise SubsetError(f"subset name {name!r} is reserved", hint="choose another name")
+    category = sql_keywords().get(name)
+    if category is not None and not _parses_as_table(name):
+        raise SubsetError(
+            f"subset name {name!r} is an SQL keyword ({category} in DuckDB): `SELECT * FROM {name}` would not parse",
+            hint=f"choose another name, e.g. {name}_subset",
+        )
     return name
+
+
+_KEYWORDS: dict[str, str] | None = None
+
+
+def sql_keywords() -> dict[str, str]:
+    """DuckDB's own keyword list (``duckdb_keywords()``): keyword -> its category (asked once)."""
+    global _KEYWORDS
+    if _KEYWORDS is None:
+        import duckdb
+
+        con = duckdb.connect(":memory:")
+        try:
+            rows = con.execute("SELECT keyword_name, keyword_category FROM duckdb_keywords()").fetchall()
+        finally:
+            con.close()
+        _KEYWORDS = {k.lower(): c.replace("_", "/") for k, c in rows}
+    return _KEYWORDS
+
+
+def _parses_as_table(name: str) -> bool:
+    """Whether DuckDB's parser takes ``name`` unquoted as a table (``year`` and ``map`` do, ``both``
+    and ``order`` do not), in a FROM and in a join of a subquery."""
+    import duckdb
+
+    con = duckdb.connect(":memory:")
+    try:
+        for sql in (f"SELECT * FROM {name}", f"SELECT 1 WHERE 1 IN (SELECT uid FROM {name} JOIN pool USING (uid))"):
+            con.extract_statements(sql)
+    except duckdb.ParserException:
+        return False
+    finally:
+        con.close()
+    return True
 
 
 # Every character for which Python's str.isspace() is true, as an RE2 class body. RE2's \s is

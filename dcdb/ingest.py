@@ -35,6 +35,7 @@ import zipfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Self
 
 import numpy as np
@@ -242,6 +243,7 @@ def _check_npz(shard: ShardSource, headers: dict[str, tuple[tuple[int, ...], np.
 
 def _unify(shards: list[ShardSource], schemas: list[pa.Schema]) -> pa.Schema:
     """One schema for all shards (promoting types where lossless), or SourceError naming a shard."""
+    _check_column_types(shards, schemas)
     unified = schemas[0]
     for shard, schema in zip(shards[1:], schemas[1:]):
         try:
@@ -256,6 +258,54 @@ def _unify(shards: list[ShardSource], schemas: list[pa.Schema]) -> pa.Schema:
     if not (pa.types.is_string(uid_type) or pa.types.is_large_string(uid_type)):
         raise SourceError(f"the uid column has type {uid_type}, expected strings of 32 hex characters")
     return unified
+
+
+def _is_number(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _is_boxes(t: pa.DataType) -> bool:
+    def is_list(x):
+        return pa.types.is_list(x) or pa.types.is_large_list(x) or pa.types.is_fixed_size_list(x)
+
+    return is_list(t) and (pa.types.is_null(t.value_type) or (
+        is_list(t.value_type) and (_is_number(t.value_type.value_type) or pa.types.is_null(t.value_type.value_type))))
+
+
+# DataComp columns the filters, dedup and the resharder compute with: a wrong type would be
+# ingested and then break (or silently mis-sort) every query that reads the column.
+COLUMN_KINDS: dict[str, tuple[Callable[[pa.DataType], bool], str]] = {
+    "original_width": (_is_number, "numbers (DataComp: int64)"),
+    "original_height": (_is_number, "numbers (DataComp: int64)"),
+    "clip_b32_similarity_score": (_is_number, "numbers (DataComp: float32)"),
+    "clip_l14_similarity_score": (_is_number, "numbers (DataComp: float32)"),
+    "text": (_is_text, "strings"),
+    "url": (_is_text, "strings"),
+    "sha256": (_is_text, "strings"),
+    "face_bboxes": (_is_boxes, "lists of [x1, y1, x2, y2] number lists"),
+}
+
+
+def _check_column_types(shards: list[ShardSource], schemas: list[pa.Schema]) -> None:
+    """SourceError naming the file and column when a DataComp column has a type its users cannot
+    compute with (a score stored as strings, a width as text ...). An all-NULL column passes."""
+    for shard, schema in zip(shards, schemas, strict=True):
+        for name, (ok, want) in COLUMN_KINDS.items():
+            if name not in schema.names:
+                continue
+            t = schema.field(name).type
+            if pa.types.is_dictionary(t):
+                t = t.value_type
+            if not (pa.types.is_null(t) or ok(t)):
+                raise SourceError(
+                    f"{str(shard.parquet)!r}: column {name!r} has type {t}, expected {want}",
+                    hint=f"write {name} with its DataComp type (e.g. cast it with pyarrow or pandas), "
+                         f"or move the shard out of SRC",
+                )
 
 
 def plan_source(src: str | os.PathLike) -> Plan:

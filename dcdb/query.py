@@ -47,6 +47,12 @@ _PARAM_RE = re.compile(
 _ASSET_RE = re.compile(r"^\s*@asset\s+(?P<name>\S+)\s*(?P<doc>.*)$")
 _TAG_RE = re.compile(r"^\s*@(?P<tag>\w+)\b")
 FORMATS = ("npy", "parquet", "txt")
+# A filter's copies column: 0 drops the row, 1..MAX_COPIES lists it that many times; the expanded
+# list holds at most COPIES_TOTAL_FACTOR x the pool's rows (or COPIES_TOTAL_MIN for small pools),
+# so a stray `copies = 1e12` is one clear error instead of an exhausted memory.
+MAX_COPIES = 1000
+COPIES_TOTAL_FACTOR = 10
+COPIES_TOTAL_MIN = 1_000_000
 
 
 # ------------------------------------------------------------------------------ filter files
@@ -357,9 +363,26 @@ def _reraise(con, filt: FilterFile, pool: Pool, exc: Exception):
     raise QueryError(f"filter {filt.name!r} failed: {_clean(exc)}") from None
 
 
-def _collect_into(reader, name: str, capacity: int):
+def copies_limit(pool_rows: int) -> int:
+    """The most uids a result may list once its copies are expanded."""
+    return max(COPIES_TOTAL_FACTOR * int(pool_rows), COPIES_TOTAL_MIN)
+
+
+def check_copies_total(total: int, pool_rows: int, name: str) -> None:
+    """QueryError when copies expand a result past ``copies_limit(pool_rows)``."""
+    if total > copies_limit(pool_rows):
+        raise QueryError(
+            f"filter {name!r}: its copies add up to more than {copies_limit(pool_rows):,} uids, the most a "
+            f"result may list ({COPIES_TOTAL_FACTOR}x the pool's {int(pool_rows):,} rows, at least "
+            f"{COPIES_TOTAL_MIN:,})",
+            hint="lower the copies column (the resharder writes every copy as a sample)",
+        )
+
+
+def _collect_into(reader, name: str, capacity: int, pool_rows: int | None = None):
     """(uid array, copies parts or None, rows) of a filter's result, decoded into one buffer of
-    ``capacity`` rows while it lasts."""
+    ``capacity`` rows while it lasts. Copies are checked against ``MAX_COPIES`` and, added up,
+    against ``copies_limit(pool_rows)`` (``pool_rows`` defaults to ``capacity``)."""
     import pyarrow as pa
 
     schema = reader.schema
@@ -380,7 +403,7 @@ def _collect_into(reader, name: str, capacity: int):
     # rows arrive), so a large result is not copied again to join its batches; a result with more
     # rows than the pool (joins, unions) goes on in parts
     buf = np.empty(capacity, dtype=U.UID_DTYPE)
-    parts, cparts, n = [], ([] if copies_col else None), 0
+    parts, cparts, n, total = [], ([] if copies_col else None), 0, 0
     for batch in reader:
         col = batch.column(uid_col)
         if not parts and n + len(col) <= capacity:
@@ -395,7 +418,13 @@ def _collect_into(reader, name: str, capacity: int):
                 raise QueryError(f"filter {name!r} returned NULL copies", hint="use 0 to drop a row")
             c = c.to_numpy(zero_copy_only=False).astype(np.int64)
             if (c < 0).any():
-                raise QueryError(f"filter {name!r} returned negative copies ({int(c.min())})")
+                raise QueryError(f"filter {name!r} returned negative copies ({int(c.min())})",
+                                 hint=f"copies must be 0 (drop the row) to {MAX_COPIES:,}")
+            if (c > MAX_COPIES).any():
+                raise QueryError(f"filter {name!r} returned {int(c.max()):,} copies of a uid; at most "
+                                 f"{MAX_COPIES:,} are allowed", hint=f"copies must be 0 (drop the row) to {MAX_COPIES:,}")
+            total += int(c.sum())
+            check_copies_total(total, capacity if pool_rows is None else pool_rows, name)
             cparts.append(c)
         n += batch.num_rows
     return (np.concatenate(parts) if parts else buf[:n]), cparts, n

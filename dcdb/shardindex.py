@@ -24,8 +24,11 @@ Stored in the pool as ``POOL/shards/index/<tar stem>.parquet`` (one file per tar
 temporary name and renamed; its footer records the tar's size and mtime) plus
 ``POOL/shards/index.json`` (the shards folder, every tar's size, mtime and counts), written last.
 Building is parallel (one tar per worker at a time) and resumable: a re-run keeps every per-tar
-file whose tar, parquet and stats are unchanged. The resharder compares each tar it reads with
-the manifest's size and mtime and refuses an out-of-date index.
+file whose tar, parquet and stats are unchanged. Fresh per-tar files are written to
+``POOL/shards/index.new/`` and moved into place only once the run is accepted: shards none of whose
+uids is in the pool (another pool's) are refused, leaving any index in place as it was; shards
+with some uids the pool lacks get a warning with the counts. The resharder compares each tar it
+reads with the manifest's size and mtime and refuses an out-of-date index.
 
 Tars are read with a small USTAR/pax reader working on ``os.pread``: headers and json members
 only, never the image bytes. A damaged header is skipped by resynchronising on the next valid
@@ -39,6 +42,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -55,6 +59,7 @@ INDEX_VERSION = 1
 SHARDS_DIR = "shards"  # POOL/shards/
 INDEX_DIR = "shards/index"  # POOL/shards/index/<tar stem>.parquet
 INDEX_MANIFEST = "shards/index.json"
+STAGE_DIR = "shards/index.new"  # per-tar files of a run, moved into INDEX_DIR once the run is accepted
 FOOTER_KEY = b"dcdb.shard_index"
 VIEW_NAME = "shard_index"
 
@@ -678,29 +683,58 @@ def index_shards(
     pool = open_pool(pool_path)
     tars = list_tars(shards_dir)
     shards_dir = Path(shards_dir).expanduser().resolve()
-    out_dir = pool.path / INDEX_DIR
+    out_dir, stage = pool.path / INDEX_DIR, pool.path / STAGE_DIR
+    made = [d for d in (pool.path / SHARDS_DIR, stage) if not d.exists()]
+    try:
+        stage.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ShardIndexError(
+            f"cannot write the shard index in {str(stage.parent)!r}: {exc}", hint="check the pool's permissions"
+        ) from exc
+    for p in stage.iterdir():  # temp files of a killed run
+        if TMP_MARK in p.name:
+            p.unlink(missing_ok=True)
+    # Fresh per-tar files go to the staging folder: the index in place (if any) stays whole and
+    # valid until this run is accepted (its uids are the pool's) and the files are moved in.
+    reused, tasks, where = {}, [], {}
+    for tar in tars:
+        signature = shard_signature(TarFiles(tar))
+        for path in (_index_path(pool.path, tar), stage / f"{tar.stem}.parquet"):
+            stored = _stored_report(path)
+            if stored is not None and stored.get("signature") == signature:
+                reused[tar.name], where[tar.name] = stored, path
+                break
+        else:
+            where[tar.name] = stage / f"{tar.stem}.parquet"
+            tasks.append(IndexTask(str(tar.resolve()), str(where[tar.name])))
+    fresh = {r["tar"]: r for r in _run_index_tasks(tasks, jobs, progress)}
+    reports = [reused.get(t.name) or fresh[t.name] for t in tars]
+    warnings = [w for r in reports for w in r["warnings"]]
+    try:
+        warnings += _check_pool_uids(pool, [where[t.name] for t in tars], shards_dir)
+    except DcdbError:
+        shutil.rmtree(stage, ignore_errors=True)
+        for d in reversed(made):  # nothing written: folders this run made go again
+            if d.exists() and not any(d.iterdir()):
+                d.rmdir()
+        raise
+    for w in warnings[:20]:
+        log(f"warning: {w}")
+    if len(warnings) > 20:
+        log(f"warning: ... and {len(warnings) - 20} more (see {INDEX_MANIFEST} in the pool)")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ShardIndexError(
             f"cannot write the shard index in {str(out_dir)!r}: {exc}", hint="check the pool's permissions"
         ) from exc
-    _remove_stale(pool.path, tars)
-    reused, tasks = {}, []
+    (pool.path / INDEX_MANIFEST).unlink(missing_ok=True)  # incomplete until rewritten
     for tar in tars:
-        stored = _stored_report(_index_path(pool.path, tar))
-        if stored is not None and stored.get("signature") == shard_signature(TarFiles(tar)):
-            reused[tar.name] = stored
-        else:
-            tasks.append(IndexTask(str(tar.resolve()), str(_index_path(pool.path, tar))))
-    fresh = {r["tar"]: r for r in _run_index_tasks(tasks, jobs, progress)}
-    reports = [reused.get(t.name) or fresh[t.name] for t in tars]
-    warnings = [w for r in reports for w in r["warnings"]]
-    for w in warnings[:20]:
-        log(f"warning: {w}")
-    if len(warnings) > 20:
-        log(f"warning: ... and {len(warnings) - 20} more (see {INDEX_MANIFEST} in the pool)")
+        if where[tar.name].parent == stage:
+            os.replace(where[tar.name], _index_path(pool.path, tar))
+    _remove_stale(pool.path, tars)
     _write_manifest(pool.path, shards_dir, reports)
+    shutil.rmtree(stage, ignore_errors=True)
     return IndexReport(
         pool=str(pool.path),
         shards_dir=str(shards_dir),
@@ -715,10 +749,40 @@ def index_shards(
     )
 
 
+def _check_pool_uids(pool, files: list[Path], shards_dir: Path) -> list[str]:
+    """The shards must be of this pool: SourceError when none of their uids is in it, a warning
+    (returned) with the counts when some are not."""
+    import duckdb
+
+    from dcdb.engine import _parquet_list
+
+    con = duckdb.connect(":memory:")
+    try:
+        indexed, known, example = con.execute(
+            f"SELECT count(*), count(m.uid), any_value(i.uid) FILTER (WHERE m.uid IS NULL) "
+            f"FROM (SELECT DISTINCT uid FROM read_parquet({_parquet_list(files)}) WHERE uid IS NOT NULL) AS i "
+            f"LEFT JOIN (SELECT DISTINCT uid FROM read_parquet({_parquet_list(pool.metadata_files())})) AS m "
+            f"ON i.uid = m.uid"
+        ).fetchone()
+    except duckdb.Error as exc:
+        raise ShardIndexError(f"cannot compare the shards' uids with the pool's: {exc}",
+                              hint="re-run the command; if it fails again, re-ingest the pool") from None
+    finally:
+        con.close()
+    if indexed and not known:
+        raise SourceError(
+            f"none of the {indexed:,} uids in the shards of {str(shards_dir)!r} is in pool {str(pool.path)!r} "
+            f"(e.g. {example}): the shards belong to another pool",
+            hint="give the pool ingested from these shards' metadata (--pool); nothing was written",
+        )
+    if known < indexed:
+        return [f"{indexed - known:,} of {indexed:,} uids in the shards are not in the pool (e.g. {example}); "
+                f"the resharder can select only the {known:,} that are"]
+    return []
+
+
 def _remove_stale(pool: Path, tars: list[Path]) -> None:
-    """Drop the manifest (the index is incomplete until rewritten), temp files of a killed run,
-    and per-tar files of tars no longer in the shards folder."""
-    (pool / INDEX_MANIFEST).unlink(missing_ok=True)
+    """Drop temp files of a killed run and per-tar files of tars no longer in the shards folder."""
     keep = {f"{t.stem}.parquet" for t in tars}
     for p in (pool / INDEX_DIR).iterdir():
         if TMP_MARK in p.name or (p.suffix == ".parquet" and p.name not in keep):

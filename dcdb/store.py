@@ -21,6 +21,7 @@ Row i of the concatenated metadata is row i of every embedding table; ingest che
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -90,12 +91,19 @@ class Pool:
 
     def lance_path(self, space: str) -> Path:
         if space not in self.spaces:
-            raise PoolError(
-                f"pool {str(self.path)!r} has no embedding space {space!r}; it has "
-                f"{', '.join(self.spaces) or 'none (metadata-only pool)'}",
-                hint="ingest the .npz files beside the metadata parquet to add embeddings",
-            )
+            raise self.unknown_space(space)
         return self.path / self.spaces[space]["path"]
+
+    def unknown_space(self, space: str) -> PoolError:
+        """The error for a ``--space`` the pool lacks: its spaces and the closest, or how to add some."""
+        spaces = list(self.spaces)
+        if not spaces:
+            return PoolError(f"pool {str(self.path)!r} has no embedding space {space!r}: it is metadata-only",
+                             hint="ingest the .npz files beside the metadata parquet to add embeddings")
+        close = [s for s in spaces if s.startswith(f"{space}_")] or difflib.get_close_matches(space, spaces, n=1)
+        mean = f"did you mean {' or '.join(close)}? " if close else ""
+        return PoolError(f"pool {str(self.path)!r} has no embedding space {space!r}",
+                         hint=f"{mean}its spaces are {', '.join(spaces)}")
 
     @property
     def subsets_dir(self) -> Path:

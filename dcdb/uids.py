@@ -269,29 +269,42 @@ def save(path: str | os.PathLike, uids: np.ndarray, *, sorted_: bool = False) ->
 
 
 def load(path: str | os.PathLike) -> np.ndarray:
-    """Read a uid list: a ``.npy`` of dtype ``u8,u8`` or headerless raw 16-byte records.
+    """Read a uid list: a ``.npy`` of DataComp's dtype ``u8,u8`` or headerless raw 16-byte records.
 
-    Order is kept as in the file (use ``sort`` / ``is_sorted``); duplicates are kept.
+    Accepted ``.npy`` dtypes: ``u8,u8`` (fields ``f0``, ``f1``; either byte order, converted to
+    native little-endian) and ``V16`` (opaque 16-byte records, read like the headerless raw form).
+    Anything else (``f8,f8``, ``S8,S8``, ``i8,i8``, another shape, an object array) is a UidError;
+    a pickled array is never loaded. Order is kept as in the file (use ``sort`` / ``is_sorted``);
+    duplicates are kept.
     """
     path = Path(path)
     if not path.is_file():
-        raise UidError(f"uid file {str(path)!r} does not exist", hint="check the path")
-    with open(path, "rb") as f:
-        head = f.read(6)
-    if head == b"\x93NUMPY":
+        raise UidError(f"uid file {str(path)!r} does not exist",
+                       hint="check the path: a uid list is a .npy written by `dcdb query -o` or DataComp")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_RAW_RECORD * 2 + 1)
+            if head[:6] == b"\x93NUMPY":
+                f.seek(0)
+                dtype, shape = _npy_header(f, path)
+    except OSError as exc:
+        raise UidError(f"cannot read uid file {str(path)!r}: {exc}", hint="check its permissions") from None
+    if head[:6] == b"\x93NUMPY":
+        _check_npy_layout(path, dtype, shape)
         try:
             arr = np.load(path, allow_pickle=False)
-        except Exception as exc:
-            raise UidError(f"{path}: not a readable .npy file ({exc})") from exc
-        if arr.dtype.names == ("f0", "f1") and arr.dtype.itemsize == 16 and arr.ndim == 1:
-            if arr.dtype != UID_DTYPE:
-                arr = arr.astype(UID_DTYPE)
-            return arr
-        raise UidError(
-            f"{path}: .npy has dtype {arr.dtype} and shape {arr.shape}; a DataComp uid list is a "
-            f"1-d array of dtype {UID_DTYPE}",
-            hint="write it with np.save(path, np.array(pairs, np.dtype('u8,u8')))",
-        )
+        except Exception as exc:  # truncated data and the like: numpy raises several kinds
+            raise UidError(f"{path}: not a readable .npy file ({exc})",
+                           hint="the file is damaged: write it again") from None
+        if arr.dtype.names is None:  # V16: the raw records
+            return arr.view(UID_DTYPE)
+        return arr if arr.dtype == UID_DTYPE else arr.astype(UID_DTYPE)
+    if head[:4] == b"PK\x03\x04":
+        raise UidError(f"{path} is an .npz (zip) archive, not a uid list",
+                       hint="save the uid array alone with np.save(path, uids)")
+    if len(head) > UID_HEX_LEN and head[UID_HEX_LEN] in b"\r\n" and all(c in b"0123456789abcdef" for c in head[:32]):
+        raise UidError(f"{path} is a text file of hex uids, not a uid list",
+                       hint="convert it: dcdb.uids.save(path, dcdb.uids.from_hex(open(txt).read().split()))")
     size = path.stat().st_size
     if size % _RAW_RECORD:
         raise UidError(
@@ -300,6 +313,42 @@ def load(path: str | os.PathLike) -> np.ndarray:
             hint="uid files are np.save'd arrays of dtype u8,u8 or raw 16-byte records",
         )
     return np.fromfile(path, dtype=UID_DTYPE)
+
+
+_LOAD_HINT = "write it with np.save(path, uids) where uids has dtype np.dtype('u8,u8') (DataComp's format)"
+
+
+def _npy_header(f, path: Path) -> tuple[np.dtype, tuple[int, ...]]:
+    """(dtype, shape) from a .npy header, without reading the data (or unpickling anything)."""
+    try:
+        major, _minor = np.lib.format.read_magic(f)
+        read = {1: np.lib.format.read_array_header_1_0, 2: np.lib.format.read_array_header_2_0}.get(major)
+        if read is None:
+            raise ValueError(f".npy format version {major} is not supported")
+        shape, _fortran, dtype = read(f)
+    except (ValueError, EOFError, SyntaxError) as exc:
+        raise UidError(f"{path}: not a readable .npy file ({exc})", hint="the file is damaged: write it again") from None
+    return np.dtype(dtype), tuple(shape)
+
+
+def _check_npy_layout(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    """A UidError unless ``dtype``/``shape`` is a 1-d list of u8,u8 (either byte order) or V16."""
+    if dtype.hasobject:
+        raise UidError(f"{path}: the .npy holds Python objects (dtype {dtype}); uid files are never unpickled",
+                       hint=_LOAD_HINT)
+    raw = dtype.names is None and dtype.kind == "V" and dtype.itemsize == _RAW_RECORD
+    pair = (
+        dtype.names == ("f0", "f1")
+        and dtype.itemsize == _RAW_RECORD
+        and all(dtype.fields[f][1] == off for f, off in (("f0", 0), ("f1", 8)))
+        and all(dtype[f].kind == "u" and dtype[f].itemsize == 8 and dtype[f].shape == () for f in ("f0", "f1"))
+    )
+    if not (raw or pair) or len(shape) != 1:
+        raise UidError(
+            f"{path}: .npy has dtype {dtype} and shape {shape}; a DataComp uid list is a 1-d array of "
+            f"dtype np.dtype('u8,u8') (f0 = high, f1 = low 64 bits of the uid)",
+            hint=_LOAD_HINT,
+        )
 
 
 # ----------------------------------------------------------------------------- set algebra

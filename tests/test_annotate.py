@@ -134,12 +134,12 @@ def test_import_adds_and_replaces(text_pool, tmp_path):
     uids = [hexuid(i + 1) for i in range(6)]
     f = write_import(tmp_path, list(reversed(uids)), lang=["x0", "x1", "x2", "x3", "x4", "x5"])
     report = import_columns(text_pool, f)
-    assert report.group == "lang" and report.notes == []
+    assert report.group == "imp" and report.notes == ["named after imp.parquet (choose with --name)"]
     assert column(open_pool(text_pool.path), "lang") == ["x5", "x4", "x3", "x2", "x1", "x0"]  # keyed by uid
     with pytest.raises(UsageError, match="--force"):
         import_columns(text_pool, f)
     g = write_import(tmp_path, uids, name="g.parquet", lang=["en"] * 6)
-    import_columns(text_pool, g, group="lang", force=True)
+    import_columns(text_pool, g, group="imp", force=True)
     assert column(open_pool(text_pool.path), "lang") == ["en"] * 6
 
 
@@ -219,10 +219,10 @@ def test_cli(text_pool, tmp_path):
     assert r.exit_code == 2 and "--force" in r.output
     f = write_import(tmp_path, [hexuid(i + 1) for i in range(6)], name="t.parquet", topic=list("abcdef"))
     r = cli("annotate", "--pool", p, "--from", str(f))
-    assert r.exit_code == 0 and "derived group 'topic'" in r.output
+    assert r.exit_code == 0 and "derived group 't'" in r.stderr and "named after t.parquet" in r.stderr
     r = cli("annotate", "--pool", p, "--list")
-    assert "lang: lang" in r.output and "topic: topic" in r.output
-    r = cli("annotate", "--pool", p, "--drop", "topic")
+    assert "lang: lang" in r.output and "t: topic" in r.output
+    r = cli("annotate", "--pool", p, "--drop", "t")
     assert r.exit_code == 0
     r = cli("annotate", "--pool", p)
     assert r.exit_code == 2 and "exactly one of" in r.output

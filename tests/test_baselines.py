@@ -220,15 +220,9 @@ def test_basic_filter_details(tmp_path):
 
 
 def test_basic_filter_null_size_or_text_never_passes(tmp_path):
-    from dcdb.annotate import import_columns
-
-    pool = build_pool(tmp_path, [{"text": "ab cd ef"}] * 3, lang=["en"] * 3)
-    f = tmp_path / "nulls.parquet"
-    pq.write_table(pa.table({"uid": [hexuid(1), hexuid(2), hexuid(3)],
-                             "original_width": pa.array([None, 640, 640], pa.int64()),
-                             "text": pa.array(["ab cd ef", None, "ab cd ef"])}), f)
-    import_columns(pool, f, group="override")
-    assert hexes(run(open_pool(pool.path), "basic_filter")) == [hexuid(3)]
+    pool = build_pool(tmp_path, [{"text": "ab cd ef", "w": None}, {"text": None}, {"text": "ab cd ef"}],
+                      lang=["en"] * 3)
+    assert hexes(run(pool, "basic_filter")) == [hexuid(3)]
 
 
 def test_lang_column_parameter(tmp_path):

@@ -515,6 +515,7 @@ def test_ray_engine_identical_to_local(world, tmp_path):
         assert report["codes"][i] == 0, report["outputs"][i]
         assert (tmp_path / f"ray{i}.npy").read_bytes() == want[i], (name, params)
     assert report["fault_code"] == 0, report["fault_output"]
+    assert not list(tmp_path.glob("*.dcdb-work"))  # finished runs leave no work folder (OUT.dcdb-work)
     assert "killed" in (tmp_path / "fault.txt").read_text()  # the hook really killed a worker
     assert (tmp_path / "fault.npy").read_bytes() == want[2]
     assert report["refuse_code"] != 0 and "LIMIT without ORDER BY" in report["refuse_output"]

@@ -138,8 +138,8 @@ def test_subsets_save_list_show_combine(built, tmp_path):
     assert set(np.load(tmp_path / "union.npy").tolist()) == set(a.tolist()) | set(b.tolist())
     assert set(np.load(tmp_path / "intersect.npy").tolist()) == set(a.tolist()) & set(b.tolist())
     assert set(np.load(tmp_path / "minus.npy").tolist()) == set(a.tolist()) - set(b.tolist())
-    res = run(["-q", "subsets", "union", "big", "wide", "--pool", pool, "--save", "both"])
-    assert res.exit_code == 0 and (built / "pool" / "subsets" / "both.npy").exists()
+    res = run(["-q", "subsets", "union", "big", "wide", "--pool", pool, "--save", "either"])
+    assert res.exit_code == 0 and (built / "pool" / "subsets" / "either.npy").exists()
     res = run(["-q", "query", "no_filter", "--pool", pool, "--save", "big"])
     assert res.exit_code != 0 and "already exists" in res.stderr
     res = run(["subsets", "show", "nosuch", "--pool", pool])

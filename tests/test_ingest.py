@@ -359,8 +359,9 @@ def _no_uid(src):
     return SourceError, r"00000000\.parquet.*no uid column"
 
 
-def _conflicting_types(src):
-    rewrite_parquet(src / "00000001.parquet", lambda t: t.set_column(2, "text", pa.array(range(t.num_rows))))
+def _conflicting_types(src):  # an extra column, strings in one shard, numbers in the next
+    rewrite_parquet(src / "00000000.parquet", lambda t: t.append_column("extra", pa.array(["x"] * t.num_rows)))
+    rewrite_parquet(src / "00000001.parquet", lambda t: t.append_column("extra", pa.array(range(t.num_rows))))
     return SourceError, r"00000001\.parquet.*do not match"
 
 
