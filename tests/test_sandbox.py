@@ -130,6 +130,16 @@ def test_knn_where_refused(site, name, tmp_path):
     _one_error(res, needle, "extension" if "extension" in needle else "--where may read only the pool")
 
 
+@pytest.mark.parametrize("stmt", ["COPY (SELECT 1) TO 'OUT'", "ATTACH 'OUT' AS x", "INSTALL inet", "LOAD inet",
+                                  "SET enable_external_access = true", "RESET lock_configuration"])
+def test_statements_other_than_select_are_one_error(site, stmt, tmp_path):
+    """Refused by the statement check before the sandbox is even needed; nothing is written."""
+    stmt = stmt.replace("OUT", str(tmp_path / "out.db"))
+    _one_error(_invoke("query", "-", "--pool", site.pool, input=stmt), "filters may only read")
+    _one_error(_invoke("sql", stmt, "--pool", site.pool), "filters may only read")
+    assert not list(tmp_path.iterdir())
+
+
 def test_rule_hint_says_how_to_allow_a_file(site):
     res = _invoke("query", "-", "--pool", site.pool, input=f"SELECT uid FROM read_csv('{site.secret}/passwd.csv')")
     _one_error(res)
