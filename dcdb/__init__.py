@@ -16,7 +16,9 @@ from dcdb.errors import DcdbError
 def connect(pool=None, **kwargs):
     """Open a pool and return a ``duckdb.DuckDBPyConnection`` with its views and macros.
 
-    ``pool`` defaults to the ``DCDB_POOL`` environment variable. See ``dcdb.engine.connect``.
+    ``pool`` defaults to the ``DCDB_POOL`` environment variable. A full connection by default;
+    ``sandboxed=True`` (with optional ``allowed_paths=[...]``) gives the sandbox dcdb runs filters
+    in (dcdb.sandbox). See ``dcdb.engine.connect``.
     """
     from dcdb.engine import connect as _connect
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dcdb.errors import OutputError, QueryError
-from dcdb.query import FilterFile, check_statement
+from dcdb.query import check_statement
+from dcdb.store import Pool, open_pool
 
 
 def run_sql(pool, sql: str, given: dict[str, str], *, fmt: str = "table", output: str | None = None,
@@ -13,13 +14,18 @@ def run_sql(pool, sql: str, given: dict[str, str], *, fmt: str = "table", output
     import duckdb
 
     from dcdb.engine import connect, pool_reader
-    from dcdb.query import bind_parameters
+    from dcdb.query import bind_parameters, parse_filter
+    from dcdb.sandbox import apply, path_values
 
+    if not isinstance(pool, Pool):
+        pool = open_pool(pool)
     con = connect(pool)
     sql_stripped = sql.strip().rstrip(";")
     explain = sql_stripped[:7].lower() == "explain"
     used = check_statement(con, sql_stripped[7:] if explain else sql_stripped, "sql")
-    params = bind_parameters(FilterFile(name="sql", text=sql), used, given)
+    filt = parse_filter("sql", sql, None)  # a header (-- @param NAME path) declares the files it may read
+    params = bind_parameters(filt, used, given)
+    apply(con, pool, path_values(filt, params), who="the SQL", kind="sql")
     try:
         from dcdb.filters.vectors import rewrite_sql  # knn(space, (SELECT emb ...), k): every seed row
 
@@ -34,8 +40,9 @@ def run_sql(pool, sql: str, given: dict[str, str], *, fmt: str = "table", output
     except duckdb.Error as exc:
         from dcdb.engine import scan_error
         from dcdb.filters import take_error
+        from dcdb.sandbox import refusal
 
-        err = take_error(con) or scan_error(con)
+        err = take_error(con) or scan_error(con) or refusal(con, exc)
         if err is not None:
             raise err from None
         raise QueryError(f"sql: {str(exc).strip()}") from None

@@ -199,20 +199,27 @@ def _guarded(fn, *args) -> dict[str, Any]:
         return {"ok": False, "error": type(exc).__name__, "message": exc.message, "hint": exc.hint}
 
 
-def _connect(pool_path: str, group: list[int]):
+def _connect(pool_path: str, group: list[int], allow: list[str] | None = None, name: str = "query"):
+    """A task's connection on a bucket view of the pool, sandboxed as the local engine's
+    (dcdb.sandbox): it reads only the pool and ``allow`` (the filter's path parameter values)."""
     from dcdb.buckets import bucket_view
     from dcdb.engine import connect
+    from dcdb.sandbox import apply
     from dcdb.store import open_pool
 
     view = bucket_view(open_pool(pool_path), group)
-    return view, connect(view, threads=1)
+    con = connect(view, threads=1)
+    apply(con, view, allow or (), who=f"filter {name!r}")
+    return view, con
 
 
 def _duck_error(con, exc: Exception, what: str):
     from dcdb.engine import scan_error
     from dcdb.filters import take_error
+    from dcdb.sandbox import refusal
 
-    err = take_error(con) or scan_error(con)  # the dcdb error a Python function or an embedding scan raised
+    # the dcdb error a Python function or an embedding scan raised, or the sandbox's refusal
+    err = take_error(con) or scan_error(con) or refusal(con, exc)
     if err is not None:
         raise err from None
     raise errors.QueryError(f"{what} failed on a bucket: {str(exc).strip()}") from None
@@ -439,9 +446,11 @@ def _bucket_scores(pool_path: str, group: list[int], source: tuple, params: dict
     import duckdb
 
     from dcdb.engine import connect, pool_reader
+    from dcdb.sandbox import apply
 
     t0 = time.perf_counter()
     con = connect(view, threads=1)
+    apply(con, view, who="the clip_cut score scan")  # dcdb's own SQL: reads the pool only
     times["connect"] = time.perf_counter() - t0
     try:  # a plain scan keeps the pool's row order, which is the buckets' order
         with pool_reader(con, f"SELECT score FROM ({source[1]})", params) as reader:
@@ -511,7 +520,7 @@ def _radix_task(segments: list[tuple[str, int, int]], prefix: int, known: int, c
 
 def _query_task(pool_path: str, group: list[int], sql: str, params: dict[str, Any], out_dir: str,
                 topk_keys: list[str] | None, fault: str | None, name: str, bits: int,
-                starts: list[int] | None = None) -> dict[str, Any]:
+                starts: list[int] | None = None, allow: list[str] | None = None) -> dict[str, Any]:
     """Phase 2: the filter on this group of buckets -> their sorted uid lists, bucket after
     bucket, as raw 16-byte records (the .npy's records byte for byte), or, for a global top-k,
     the group's top rows with their sort keys and bucket (Parquet)."""
@@ -524,7 +533,7 @@ def _query_task(pool_path: str, group: list[int], sql: str, params: dict[str, An
     from dcdb.engine import pool_reader
 
     t0 = time.perf_counter()
-    view, con = _connect(pool_path, group)
+    view, con = _connect(pool_path, group, allow, name)
     t1 = time.perf_counter()
     try:  # the pool view narrowed to the sources the statement reads, as the local engine runs it
         with pool_reader(con, sql, params, 1 << 20) as reader:
@@ -786,6 +795,8 @@ def run_distributed(
     from dcdb.buckets import pool_buckets
     from dcdb.engine import connect, stored_subsets
     from dcdb.plan import plan_filter
+    from dcdb.query import bind_parameters, check_statement
+    from dcdb.sandbox import apply, path_values
 
     t0 = time.perf_counter()
     if pool_buckets(pool) is None:
@@ -794,6 +805,11 @@ def run_distributed(
             hint="ingest it with `dcdb ingest SRC POOL --buckets 256`, or use --engine local",
         )
     con = connect(pool)
+    # the driver evaluates constant parts of the filter (seed files, target centroids): sandboxed
+    # like every task, which gets the same path parameter values to allow
+    used = check_statement(con, filt.text, filt.name)
+    allow = path_values(filt, bind_parameters(filt, used, dict(given or {})))
+    apply(con, pool, allow, who=f"filter {filt.name!r}")
     plan = plan_filter(con, filt, given, subsets=set(stored_subsets(pool)))
     con.close()
     stats = RunStats()
@@ -826,7 +842,7 @@ def run_distributed(
         done, res = _run_phase(
             backend, pool, parts, TOPK if plan.topk else UIDS, per_task, filt.name, progress, stats,
             lambda g: (str(pool.path), g, plan.bucket_sql, params, str(parts), keys, fault, filt.name, bits,
-                       [first_row[b] for b in g]),
+                       [first_row[b] for b in g], allow),
             query_task)
         stats.wall["query"] = time.perf_counter() - t
         t = time.perf_counter()

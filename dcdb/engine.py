@@ -35,7 +35,7 @@ from typing import Any
 
 from dcdb.derived import group_files as derived_files
 from dcdb.derived import groups as derived_groups
-from dcdb.errors import PoolError, SubsetError
+from dcdb.errors import PoolError, SubsetError, UsageError
 from dcdb.store import Pool, open_pool
 
 POS_COLUMN = "_dcdb_pos"
@@ -242,6 +242,12 @@ def _join_alias(join: str) -> str:
 
 
 _VIEWS: weakref.WeakKeyDictionary[Any, _PoolView] = weakref.WeakKeyDictionary()
+_SOURCES: weakref.WeakKeyDictionary[Any, list[Path]] = weakref.WeakKeyDictionary()
+
+
+def view_sources(con) -> list[Path]:
+    """The Parquet files the views of a ``connect`` connection read (what its sandbox allows)."""
+    return list(_SOURCES.get(con, []))
 
 
 @contextmanager
@@ -411,11 +417,21 @@ MACROS = (
 )
 
 
-def connect(pool: Pool | str | Path | None = None, *, threads: int | None = None, memory_limit: str | None = None):
+def connect(pool: Pool | str | Path | None = None, *, threads: int | None = None,
+            memory_limit: str | None = None, sandboxed: bool = False, allowed_paths=()):
     """A DuckDB connection on ``pool`` with the views ``pool``, ``pool_metadata``, one view per
-    stored subset, and the vector macros. The pool is only read."""
+    stored subset, and the vector macros. The pool is only read.
+
+    A full connection by default (yours: read any file, load extensions, change settings). With
+    ``sandboxed=True`` it is sandboxed as dcdb runs filters (dcdb.sandbox): statements read only
+    the pool and ``allowed_paths`` (files, folders or globs), no extension is installed or
+    loaded, and the settings are locked."""
     import duckdb
 
+    if allowed_paths and not sandboxed:
+        raise UsageError("allowed_paths= is for a sandboxed connection",
+                         hint="pass sandboxed=True too, or drop allowed_paths (a full connection reads "
+                         "any file)")
     if not isinstance(pool, Pool):
         pool = open_pool(pool)
     con = duckdb.connect(":memory:")
@@ -431,6 +447,7 @@ def connect(pool: Pool | str | Path | None = None, *, threads: int | None = None
             f"first {str(missing[0])!r}",
             hint="re-ingest the pool",
         )
+    sources = list(files)
     meta = f"read_parquet({_parquet_list(files)})"
     con.execute(f"CREATE VIEW pool_metadata AS SELECT * FROM {meta}")
     joins, emb_cols, join_columns = [], [], []
@@ -452,7 +469,9 @@ def connect(pool: Pool | str | Path | None = None, *, threads: int | None = None
     # Derived columns (dcdb annotate): row-aligned parquet per group; later groups win on a name.
     derived_cols: dict[str, str] = {}
     for j, group in enumerate(derived_groups(pool)):
-        src = f"read_parquet({_parquet_list(derived_files(pool, group))})"
+        group_files = derived_files(pool, group)
+        sources += group_files
+        src = f"read_parquet({_parquet_list(group_files)})"
         alias = f"d{j}"
         joins.append(f"POSITIONAL JOIN {src} AS {alias}")
         read = _projection(con, src, alias)
@@ -473,18 +492,28 @@ def connect(pool: Pool | str | Path | None = None, *, threads: int | None = None
     for name, path in stored_subsets(pool).items():
         if name in RESERVED_VIEWS:
             continue
+        sources.append(path)
         con.execute(
             f"CREATE VIEW {quote_identifier(name)} AS SELECT uid FROM read_parquet({sql_string(str(path.resolve()))})"
             + (f" WHERE {in_view}" if in_view else "")
         )
+    from dcdb.shardindex import index_files
     from dcdb.shardindex import view_sql as shard_index_view
 
     shard_index_sql = shard_index_view(pool)
     if shard_index_sql:
         con.execute(shard_index_sql)
+        sources += index_files(pool)
+    _SOURCES[con] = sources
     for m in MACROS:
         con.execute(m)
     from dcdb.filters import register
 
     register(con, pool)
+    if sandboxed:
+        from dcdb.sandbox import apply
+
+        one = isinstance(allowed_paths, (str, os.PathLike))
+        allow = [allowed_paths] if one else list(allowed_paths or ())
+        apply(con, pool, allow, who="this sandboxed connection", kind="connection")
     return con

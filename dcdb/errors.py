@@ -55,6 +55,11 @@ class ReadOnlyError(QueryError):
     """A filter tried to do something other than read (COPY, ATTACH, INSTALL, CREATE ...)."""
 
 
+class SandboxError(ReadOnlyError):
+    """User SQL (a filter, ``dcdb sql``, ``--where``, a sandboxed connection) tried to read a file
+    outside the pool and its path parameters, or needed a DuckDB extension (dcdb.sandbox)."""
+
+
 class OutputError(DcdbError):
     """The output path exists (and ``--force`` was not given) or cannot be written."""
 

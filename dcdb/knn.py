@@ -269,16 +269,18 @@ def where_rows(pool, where: str) -> np.ndarray:
     from dcdb.engine import connect
     from dcdb.errors import QueryError
     from dcdb.query import check_statement
+    from dcdb.sandbox import apply, refusal
 
     con = connect(pool)
     sql = f"SELECT coalesce(({where}), false) AS keep FROM pool"
     check_statement(con, sql, "--where")
+    apply(con, pool, who="--where", kind="where")
     try:
         tbl = con.sql(sql).to_arrow_table()
     except duckdb.Error as exc:
         from dcdb.filters import take_error
 
-        err = take_error(con)
+        err = take_error(con) or refusal(con, exc)
         if err is not None:
             raise err from None
         raise QueryError(f"--where {where!r} failed: {str(exc).strip()}",

@@ -139,10 +139,11 @@ def _run_const(con, sql: str, params: dict[str, Any]):
 def _raise_dcdb_error(con, exc: Exception) -> None:
     """Re-raise the dcdb error behind a DuckDB error (one a registered Python function raised)."""
     from dcdb.filters import take_error
+    from dcdb.sandbox import refusal
 
     if isinstance(exc, QueryError):
         raise exc
-    err = take_error(con)
+    err = take_error(con) or refusal(con, exc)
     if err is not None:
         raise err from None
 
@@ -492,6 +493,7 @@ def plan_filter(con, filt: FilterFile, given: dict[str, str] | None, *, subsets:
         names = set(_used_params(con, sql))
         con.execute("EXPLAIN " + sql, {k: v for k, v in {**bucket_params, **cut_values}.items() if k in names} or None)
     except duckdb.Error as exc:
+        _raise_dcdb_error(con, exc)
         raise PlanError(f"the per-bucket form of filter {filt.name!r} does not bind: {exc}",
                         hint="run it with --engine local") from None
     names = set(_used_params(con, sql))

@@ -317,15 +317,22 @@ def _jsonable(v: Any) -> Any:
 
 
 def run_filter(pool: Pool, filt: FilterFile, given: dict[str, str] | None = None, *, con=None) -> FilterResult:
-    """Run a filter on a pool and return its sorted uid list (copies expanded)."""
+    """Run a filter on a pool and return its sorted uid list (copies expanded). The connection it
+    opens is sandboxed (dcdb.sandbox): the filter reads only the pool and its path parameters; a
+    connection passed as ``con`` is the caller's and runs as it is."""
     import duckdb
 
     from dcdb.engine import connect, pool_reader
 
     t0 = time.perf_counter()
+    own = con is None
     con = con or connect(pool)
     used = check_statement(con, filt.text, filt.name)
     params = bind_parameters(filt, used, dict(given or {}))
+    if own:
+        from dcdb.sandbox import apply, path_values
+
+        apply(con, pool, path_values(filt, params), who=f"filter {filt.name!r}")
     try:
         from dcdb.filters.vectors import rewrite_sql  # knn(space, (SELECT emb ...), k): every seed row
 
@@ -350,8 +357,9 @@ def _reraise(con, filt: FilterFile, pool: Pool, exc: Exception):
 
     from dcdb.engine import scan_error
     from dcdb.filters import take_error
+    from dcdb.sandbox import refusal
 
-    err = take_error(con) or scan_error(con)
+    err = take_error(con) or scan_error(con) or refusal(con, exc)
     if err is not None:
         raise err from None
     if isinstance(exc, duckdb.ParserException):

@@ -80,8 +80,11 @@ def _fail(kind: str, message_sql: str, hint_sql: str) -> str:
 
 def register(con, pool) -> None:
     """Register the baselines' functions and macros on a pool connection."""
+    from dcdb.sandbox import read_access
+
     columns = {name: typ for name, typ, *_ in con.execute("DESCRIBE SELECT * FROM pool").fetchall()}
     info = _pool_facts(pool, columns)
+    info["access"] = read_access(con)  # what the file arguments may name (dcdb.sandbox)
     _register_functions(con, info)
     for sql in _macros(columns, info):
         con.execute(sql)
@@ -150,7 +153,8 @@ def _register_functions(con, info: dict[str, Any]) -> None:
                     "DOUBLE", special_nulls=True)
     _arrow_function(con, "clip_cut_index", _clip_cut_index, ["BIGINT", "BIGINT", "DOUBLE"], "BIGINT",
                     special_nulls=True)
-    _arrow_function(con, "wordnet_hit", _wordnet_hit, [duckdb.list_type(duckdb.sqltype("INTEGER")), "VARCHAR"],
+    _arrow_function(con, "wordnet_hit", lambda o, p: _wordnet_hit(o, p, info["access"]),
+                    [duckdb.list_type(duckdb.sqltype("INTEGER")), "VARCHAR"],
                     "BOOLEAN", special_nulls=True)
     _arrow_function(con, "wordnet_offsets_of", _wordnet_offsets_of, ["VARCHAR"],
                     duckdb.list_type(duckdb.sqltype("INTEGER")), special_nulls=True)
@@ -375,13 +379,15 @@ def _wordnet_lookup(path: str):
     return _lookup_cache[key]
 
 
-def _wordnet_hit(offsets, ids_path):
+def _wordnet_hit(offsets, ids_path, access=None):
     """Per row: does some offset (a token's first synset) appear in the WordNet id file?"""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     n = len(offsets)
     path = _constant(ids_path, "wordnet_ids")
+    if access is not None:
+        access.check(path, "wordnet_ids")
     hit = _wordnet_lookup(path)
     flat = pc.list_flatten(offsets).to_numpy(zero_copy_only=False)
     if len(flat) == 0:
@@ -410,7 +416,9 @@ def _nearest_centroid(vectors, path, info):
     from dcdb.filters.assets import load_centroids
     from dcdb.filters.centroids import assign
 
-    cents = load_centroids(_constant(path, "centroids"), dim=info["l14_dim"])
+    path = _constant(path, "centroids")
+    info["access"].check(path, "centroids")
+    cents = load_centroids(path, dim=info["l14_dim"])
     d = info["l14_dim"]
     n = len(vectors)
     values = vectors.values.to_numpy(zero_copy_only=False)
@@ -432,7 +440,9 @@ def _centroids_match(path, info):
 
     from dcdb.filters.assets import existing_file, same_file
 
-    p = existing_file(_constant(path, "centroids"), "centroids")
+    p = _constant(path, "centroids")
+    info["access"].check(p, "centroids")
+    p = existing_file(p, "centroids")
     _, rec = _group_centroids_file(info)
     if rec is None or not same_file(rec, p):
         was = rec.get("path") if rec else "an unknown file"
@@ -479,9 +489,15 @@ def _target_centroids(centroids, embeddings, info):
 
     from dcdb.filters.assets import _stat_key, existing_file, expand_glob
 
-    cpath = existing_file(_constant(centroids, "centroids"), "centroids")
+    access = info["access"]
+    cpath = _constant(centroids, "centroids")
+    access.check(cpath, "centroids")
+    cpath = existing_file(cpath, "centroids")
     pattern = _constant(embeddings, "imagenet_embeddings")
+    access.check_glob(pattern, "imagenet_embeddings")
     files = expand_glob(pattern, "imagenet_embeddings")
+    for f in files:
+        access.check(f, "imagenet_embeddings")
     key = (_stat_key(cpath), tuple(_stat_key(f) for f in files))
     ids = _target_cache.get(key)
     if ids is None:

@@ -57,10 +57,13 @@ def register(con, pool) -> None:
     import duckdb
 
     from dcdb.filters.baselines import _arrow_function
+    from dcdb.sandbox import read_access
 
+    access = read_access(con)  # what the file arguments may name (dcdb.sandbox)
     flist = duckdb.list_type(duckdb.sqltype("FLOAT"))
     _arrow_function(con, "clip_text", lambda p, m: _clip_text(pool, p, m), ["VARCHAR", "VARCHAR"], flist)
-    _arrow_function(con, "clip_image", lambda p, m: _clip_image(pool, p, m), ["VARCHAR", "VARCHAR"], flist)
+    _arrow_function(con, "clip_image", lambda p, m: _clip_image(pool, p, m, access), ["VARCHAR", "VARCHAR"],
+                    flist)
     row = duckdb.struct_type({"seed": duckdb.sqltype("INTEGER"), "uid": duckdb.sqltype("VARCHAR"),
                               "rank": duckdb.sqltype("INTEGER"), "similarity": duckdb.sqltype("FLOAT"),
                               "row": duckdb.sqltype("BIGINT"), "recall": duckdb.sqltype("DOUBLE")})
@@ -77,11 +80,11 @@ def register(con, pool) -> None:
     dims = sorted({int(s["dim"]) for s in pool.spaces.values()})
     if len(dims) == 1:
         vec = duckdb.array_type(duckdb.sqltype("FLOAT"), dims[0])
-        _arrow_function(con, "contaminated", lambda v, src, t: _contaminated(pool, v, src, t),
+        _arrow_function(con, "contaminated", lambda v, src, t: _contaminated(pool, v, src, t, access),
                         [vec, "VARCHAR", "DOUBLE"], "BOOLEAN")
     elif dims:
         # One name, several dims: DuckDB casts FLOAT[d] to FLOAT[] for the list signature.
-        _arrow_function(con, "contaminated", lambda v, src, t: _contaminated(pool, v, src, t),
+        _arrow_function(con, "contaminated", lambda v, src, t: _contaminated(pool, v, src, t, access),
                         [flist, "VARCHAR", "DOUBLE"], "BOOLEAN")
 
 
@@ -143,7 +146,7 @@ def _clip_text(pool, prompts, models):
     return pa.array([out.get(p) for p in values], pa.list_(pa.float32()))
 
 
-def _clip_image(pool, paths, models):
+def _clip_image(pool, paths, models, access=None):
     import pyarrow as pa
 
     from dcdb.seeds import encode_images, open_image
@@ -153,6 +156,8 @@ def _clip_image(pool, paths, models):
     values = paths.to_pylist()
     out = {}
     uniq = [p for p in dict.fromkeys(values) if p is not None]
+    for p in uniq if access is not None else ():
+        access.check(p, "path")
     if uniq:
         vecs = _normalised(encode_images(pool, space, [open_image(p) for p in uniq]))
         out = {p: v.tolist() for p, v in zip(uniq, vecs, strict=True)}
@@ -354,11 +359,13 @@ def max_similarity(mat: np.ndarray, emb: np.ndarray) -> np.ndarray:
     return best
 
 
-def _contaminated(pool, vectors, sources, thresholds):
+def _contaminated(pool, vectors, sources, thresholds, access=None):
     import pyarrow as pa
     import pyarrow.compute as pc
 
     source = _constant(sources, "source")
+    if access is not None:
+        access.check(source, "eval")
     t = _constant(thresholds, "threshold")
     if t is None or not (-1.0 <= float(t) <= 1.0):
         raise ParameterError(f"contaminated(): threshold must be a cosine in [-1, 1], got {t}", hint="e.g. 0.9")

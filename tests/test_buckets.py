@@ -215,7 +215,8 @@ SPLIT = [
     "SELECT uid FROM pool WHERE original_width < 300 INTERSECT SELECT uid FROM pool WHERE original_height < 300",
     "SELECT uid FROM pool WHERE original_width < 250 UNION ALL SELECT uid FROM pool_metadata WHERE original_height > 350",
     "SELECT uid FROM pool QUALIFY row_number() OVER (PARTITION BY uid ORDER BY url) = 1",
-    ("SELECT uid FROM pool WHERE original_width IN (SELECT w FROM (SELECT original_width AS w FROM "
+    ("-- @param f path   a file a filter may read (sandbox): declared, given with -p\n"
+     "SELECT uid FROM pool WHERE original_width IN (SELECT w FROM (SELECT original_width AS w FROM "
      "read_parquet($f)) WHERE w % 7 = 0)"),
     ("WITH top AS (SELECT uid, clip_score FROM baseline_pool(arch := 'b32') WHERE clip_score >= "
      "clip_cut('b32', 0.25, NULL)) SELECT uid FROM top WHERE uid IN (SELECT uid FROM baseline_pool(arch := 'l14') "

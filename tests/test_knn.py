@@ -320,9 +320,10 @@ def test_knn_table_function(small_pool, tmp_path):
     assert_same_topk(np.array([r[4] for r in got]).reshape(5, 3), np.array([r[3] for r in got]).reshape(5, 3),
                      ref_rows, ref_sims)
     assert [r[1] for r in got] == [uids[r[4]] for r in got]
-    # through dcdb query (read-only filter): the union of uids
-    run("query", "-", "--pool", small_pool, "-o", tmp_path / "q.npy",
-        input=f"SELECT DISTINCT uid FROM knn('l14_img', (SELECT emb FROM read_parquet('{tmp_path / 'seeds.parquet'}')), 3)")
+    # through dcdb query (read-only filter, sandboxed: the seed file is a path parameter): the union of uids
+    run("query", "-", "--pool", small_pool, "-o", tmp_path / "q.npy", "-p", "seeds", tmp_path / "seeds.parquet",
+        input="-- @param seeds path\n"
+              "SELECT DISTINCT uid FROM knn('l14_img', (SELECT emb FROM read_parquet($seeds)), 3)")
     assert set(U.to_hex(U.load(tmp_path / "q.npy"))) == set(uids[ref_rows.ravel()])
     # a list literal / parameter works too, and knn_ann says how to build the missing index
     one = sql_rows(small_pool, "SELECT row FROM knn('l14_img', [$v], 1)", v=s[0].tolist())
@@ -347,11 +348,12 @@ def test_contaminated_matches_numpy(small_pool, tmp_path):
         assert got == list(want)
     assert sum(got) > 3
     res = run("query", "-", "--pool", small_pool, "-o", tmp_path / "clean.npy",
-              input=f"SELECT uid FROM pool WHERE NOT contaminated(l14_img, '{tmp_path / 'eval.npy'}', 0.9)")
+              "-p", "eval", tmp_path / "eval.npy",
+              input="-- @param eval path\nSELECT uid FROM pool WHERE NOT contaminated(l14_img, $eval, 0.9)")
     assert set(U.to_hex(U.load(tmp_path / "clean.npy"))) == set(uids) - set(uids[[3, 50, 51]])
     np.save(tmp_path / "bad.npy", np.ones((2, 512), np.float32))
-    res = run("query", "-", "--pool", small_pool, input=f"SELECT uid FROM pool WHERE contaminated(l14_img, "
-              f"'{tmp_path / 'bad.npy'}', 0.9)", ok=False)
+    res = run("query", "-", "--pool", small_pool, "-p", "eval", tmp_path / "bad.npy", ok=False,
+              input="-- @param eval path\nSELECT uid FROM pool WHERE contaminated(l14_img, $eval, 0.9)")
     assert res.exit_code != 0 and "dim 512" in res.output
 
 
@@ -419,6 +421,10 @@ def test_prompts_encoded_by_the_configured_model(small_pool, l14_checkpoint, tmp
     t = float(np.quantile(best, 0.7))
     got = [r[0] for r in sql_rows(small_pool, f"SELECT contaminated(l14_img, '{tmp_path / 'eval'}', {t}) FROM pool")]
     assert got == list(best >= np.float32(t)) and 0 < sum(got) < len(got)
+    # the decontaminate filter, sandboxed: the task folder is its path parameter, so it may be read
+    run("query", "decontaminate", "--pool", small_pool, "-p", "eval", tmp_path / "eval", "-p", "threshold", t,
+        "-o", tmp_path / "clean.npy")
+    assert set(U.to_hex(U.load(tmp_path / "clean.npy"))) == set(uids[best < np.float32(t)])
 
 
 def test_checkpoint_from_demo_world_or_encoder_command(make_src, tmp_path):
