@@ -476,7 +476,14 @@ def connect(pool: Pool | str | Path | None = None, *, threads: int | None = None
         joins.append(f"POSITIONAL JOIN {src} AS {alias}")
         read = _projection(con, src, alias)
         join_columns.append({name for name, _ in read})
+        spaces = {n.lower() for n, _ in emb_cols}
         for name, expr in read:
+            if name.lower() in spaces:  # written before annotate refused such columns
+                raise PoolError(
+                    f"derived group {group!r} of pool {str(pool.path)!r} has a column {name!r} that hides "
+                    "the embedding space of that name",
+                    hint=f"drop the group: dcdb annotate --pool {pool.path} --drop {group}",
+                )
             derived_cols[name] = expr
     meta_cols = _projection(con, meta, "m", skip=set(derived_cols) | {n for n, _ in emb_cols})
     columns = meta_cols + list(derived_cols.items()) + emb_cols

@@ -372,3 +372,17 @@ def test_index_shards_warns_with_counts_when_some_uids_are_missing(worlds, tmp_p
     assert f"warning: {total - known:,} of {total:,} uids in the shards are not in the pool" in res.stderr
     manifest = json.loads((pool / "shards" / "index.json").read_text())
     assert manifest["tars"] and not (pool / "shards" / "index.new").exists()
+
+
+def test_a_group_written_before_the_shadow_check_is_named_with_the_fix(small_pool, tmp_path):
+    """A pool whose derived group hides an embedding column (made by an older dcdb, or by hand):
+    every command that opens the pool says which group and how to drop it; dropping it repairs it."""
+    from dcdb.derived import write_group
+
+    p = open_pool(small_pool)
+    write_group(p, "old", lambda shard: pa.table({"l14_img": [0.0] * shard["rows"]}))
+    refused(run("-q", "query", "no_filter", "--pool", small_pool, "-o", tmp_path / "a.npy"),
+            "derived group 'old'", "'l14_img'", "--drop old")
+    assert run("-q", "annotate", "--pool", small_pool, "--drop", "old").exit_code == 0
+    res = run("-q", "query", "no_filter", "--pool", small_pool, "-o", tmp_path / "a.npy")
+    assert res.exit_code == 0, res.output
