@@ -38,11 +38,11 @@ def run_sql(pool, sql: str, given: dict[str, str], *, fmt: str = "table", output
                 return _table(reader, max_rows)
             return _write(reader, fmt, output)
     except duckdb.Error as exc:
-        from dcdb.engine import scan_error
+        from dcdb.engine import pool_damage, scan_error
         from dcdb.filters import take_error
         from dcdb.sandbox import refusal
 
-        err = take_error(con) or scan_error(con) or refusal(con, exc)
+        err = take_error(con) or scan_error(con) or refusal(con, exc) or pool_damage(pool, exc)
         if err is not None:
             raise err from None
         raise QueryError(f"sql: {str(exc).strip()}") from None

@@ -417,6 +417,45 @@ MACROS = (
 )
 
 
+def pool_damage(pool: Pool, exc: Exception) -> PoolError | None:
+    """The PoolError for a DuckDB error that comes from a damaged file of the pool (a truncated or
+    overwritten Parquet file); None for any other error."""
+    import duckdb
+
+    if isinstance(exc, (duckdb.ParserException, duckdb.BinderException, duckdb.CatalogException,
+                        duckdb.ConversionException, duckdb.PermissionException)):
+        return None
+    msg = str(exc)
+    roots = {str(pool.path), os.path.realpath(pool.path)}
+    if not any(r.rstrip("/") + "/" in msg for r in roots):
+        # DuckDB's Parquet reader does not always name the file (a damaged page: "don't know what
+        # type"): on the error path only, check every metadata file's footer and row count
+        bad = _damaged_metadata(pool)
+        if bad is None:
+            return None
+        msg = bad
+    from dcdb.errors import one_line
+
+    msg = re.split(r"\n+LINE \d+:", msg)[0]  # the position in dcdb's own view SQL means nothing to a user
+    return PoolError(f"pool {str(pool.path)!r} is damaged: {one_line(msg)}",
+                     hint="re-ingest the pool (or restore the file named) and re-run")
+
+
+def _damaged_metadata(pool: Pool) -> str | None:
+    """The first metadata file whose Parquet footer cannot be read or whose row count is not the
+    manifest's, as a message; None when every footer is whole."""
+    import pyarrow.parquet as pq
+
+    for shard, path in zip(pool.shards, pool.metadata_files()):
+        try:
+            rows = pq.ParquetFile(path).metadata.num_rows
+        except Exception as exc:  # noqa: BLE001 -- pyarrow raises ArrowInvalid, OSError, ...
+            return f"metadata file {str(path)!r} cannot be read ({exc})"
+        if rows != shard["rows"]:
+            return f"metadata file {str(path)!r} has {rows} rows, the manifest says {shard['rows']}"
+    return None
+
+
 def connect(pool: Pool | str | Path | None = None, *, threads: int | None = None,
             memory_limit: str | None = None, sandboxed: bool = False, allowed_paths=()):
     """A DuckDB connection on ``pool`` with the views ``pool``, ``pool_metadata``, one view per
@@ -426,6 +465,21 @@ def connect(pool: Pool | str | Path | None = None, *, threads: int | None = None
     ``sandboxed=True`` it is sandboxed as dcdb runs filters (dcdb.sandbox): statements read only
     the pool and ``allowed_paths`` (files, folders or globs), no extension is installed or
     loaded, and the settings are locked."""
+    import duckdb
+
+    if not isinstance(pool, Pool):
+        pool = open_pool(pool)
+    try:
+        return _connect(pool, threads=threads, memory_limit=memory_limit, sandboxed=sandboxed,
+                        allowed_paths=allowed_paths)
+    except duckdb.Error as exc:
+        damage = pool_damage(pool, exc)
+        if damage is None:
+            raise
+        raise damage from None
+
+
+def _connect(pool: Pool, *, threads: int | None, memory_limit: str | None, sandboxed: bool, allowed_paths):
     import duckdb
 
     if allowed_paths and not sandboxed:

@@ -355,11 +355,11 @@ def _reraise(con, filt: FilterFile, pool: Pool, exc: Exception):
     (DuckDB wraps it), then by DuckDB's exception class."""
     import duckdb
 
-    from dcdb.engine import scan_error
+    from dcdb.engine import pool_damage, scan_error
     from dcdb.filters import take_error
     from dcdb.sandbox import refusal
 
-    err = take_error(con) or scan_error(con) or refusal(con, exc)
+    err = take_error(con) or scan_error(con) or refusal(con, exc) or pool_damage(pool, exc)
     if err is not None:
         raise err from None
     if isinstance(exc, duckdb.ParserException):

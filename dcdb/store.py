@@ -155,4 +155,44 @@ def open_pool(path: str | os.PathLike | None = None) -> Pool:
             f"version {FORMAT_VERSION}",
             hint="re-ingest the pool with this version of dcdb",
         )
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise PoolError(f"pool manifest {str(mf)!r} is damaged: {problem}",
+                        hint="re-ingest the pool (`dcdb ingest SRC POOL` into a new folder)")
     return Pool(path=p, manifest=manifest)
+
+
+def _inside(rel: Any) -> bool:
+    """A manifest path: relative, and staying inside the pool folder."""
+    if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")):
+        return False
+    return ".." not in Path(rel).parts
+
+
+def _manifest_problem(m: dict[str, Any]) -> str | None:
+    """What is wrong with the shape of a manifest's fields (None: nothing). Paths must stay inside
+    the pool: they are what a sandboxed filter is allowed to read."""
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if not count(m.get("rows")):
+        return f"rows is {m.get('rows')!r}, not a row count"
+    shards = m.get("shards")
+    if not isinstance(shards, list):
+        return "shards is not a list"
+    for i, sh in enumerate(shards):
+        if not (isinstance(sh, dict) and isinstance(sh.get("name"), str) and count(sh.get("rows"))
+                and _inside(sh.get("metadata"))):
+            return f"shard entry {i} is not {{name, rows, metadata path inside the pool}}"
+    if sum(sh["rows"] for sh in shards) != m["rows"]:
+        return f"its shards hold {sum(sh['rows'] for sh in shards)} rows, not {m['rows']}"
+    if not isinstance(m.get("columns"), list) or not all(
+            isinstance(c, dict) and isinstance(c.get("name"), str) for c in m["columns"]):
+        return "columns is not a list of {name, type}"
+    spaces = m.get("spaces", {})
+    if not isinstance(spaces, dict):
+        return "spaces is not a mapping"
+    for name, sp in spaces.items():
+        if not (isinstance(sp, dict) and count(sp.get("dim")) and sp["dim"] > 0 and _inside(sp.get("path"))):
+            return f"embedding space {name!r} is not {{dim, path inside the pool}}"
+    return None

@@ -386,3 +386,40 @@ def test_a_group_written_before_the_shadow_check_is_named_with_the_fix(small_poo
     assert run("-q", "annotate", "--pool", small_pool, "--drop", "old").exit_code == 0
     res = run("-q", "query", "no_filter", "--pool", small_pool, "-o", tmp_path / "a.npy")
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda m: m.update(rows="x"), "rows is 'x'"),
+    (lambda m: m.update(rows=m["rows"] + 1), "its shards hold"),
+    (lambda m: m["shards"][0].update(metadata="../../etc/passwd"), "shard entry 0"),
+    (lambda m: m["spaces"]["l14_img"].update(path="/etc"), "embedding space 'l14_img'"),
+    (lambda m: m["spaces"]["l14_img"].update(dim=None), "embedding space 'l14_img'"),
+    (lambda m: m.update(columns="uid"), "columns is not a list"),
+])
+def test_damaged_manifest_fields_are_one_error(small_pool, tmp_path, change, says):
+    m = json.loads((small_pool / "dcdb.json").read_text())
+    change(m)
+    (small_pool / "dcdb.json").write_text(json.dumps(m))
+    for args in (["info"], ["query", "no_filter", "-o", tmp_path / "a.npy"], ["sql", "SELECT 1"]):
+        refused(run(*args, "--pool", small_pool), "manifest", "is damaged", says, "re-ingest")
+    assert not (tmp_path / "a.npy").exists()
+
+
+@pytest.mark.parametrize("shard", [0, -1])
+@pytest.mark.parametrize("damage", ["truncate", "scribble"])
+def test_damaged_metadata_files_are_named(small_pool, tmp_path, shard, damage):
+    """A truncated or overwritten metadata parquet, first or last shard: one error naming the file."""
+    f = sorted((small_pool / "metadata").glob("*.parquet"))[shard]
+    data = bytearray(f.read_bytes())
+    if damage == "truncate":
+        data = data[:100]
+    else:  # overwrite the footer's thrift bytes (the last 4 bytes before the magic are its length)
+        for i in range(len(data) - 300, len(data) - 8):
+            data[i] = (i * 131) % 256
+    f.write_bytes(bytes(data))
+    for args in (["query", "no_filter", "-o", tmp_path / "a.npy"], ["sql", "SELECT count(*) FROM pool"],
+                 ["query", "-", "-o", tmp_path / "a.npy"]):
+        err = refused(run(*args, "--pool", small_pool, input="SELECT uid FROM pool WHERE text <> ''"),
+                      "is damaged", f.name, "re-ingest")
+        assert "internal error" not in err
+    assert not (tmp_path / "a.npy").exists()
