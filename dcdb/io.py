@@ -40,7 +40,9 @@ def _kind(mode: int) -> str:
         return "a FIFO (named pipe)"
     if stat.S_ISSOCK(mode):
         return "a socket"
-    return "not a regular file"
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return "a special file"
 
 
 _ONLY_FILES = "dcdb writes only regular files (--force does not change that): give another path"
@@ -143,6 +145,27 @@ def check_output(path: str | os.PathLike, *, force: bool, what: str = "output") 
             f"cannot write {what} {str(path)!r}: folder {str(parent)!r} is not writable",
             hint="choose another output path",
         )
+    return path
+
+
+def check_folder(path: str | os.PathLike, *, what: str = "output folder", hint: str = "give a folder path") -> Path:
+    """An output folder before any work: missing (created later) or a folder, a symlink to one
+    included. Anything else (a file, a device, a FIFO, a socket, a dangling symlink) is refused."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise OutputError(
+                f"{what} {str(path)!r} is a symlink to {os.path.realpath(path)!r}, which does not exist",
+                hint="create that folder, or give another path",
+            ) from None
+        return path
+    except OSError as exc:  # a file on the way (ENOTDIR), a symlink loop, ...
+        raise OutputError(f"cannot create {what} {str(path)!r} ({exc.strerror})", hint=hint) from None
+    if not stat.S_ISDIR(st.st_mode):
+        kind = "a file" if stat.S_ISREG(st.st_mode) else _kind(st.st_mode)
+        raise OutputError(f"{what} {str(path)!r} is {kind}, not a folder", hint=hint)
     return path
 
 
