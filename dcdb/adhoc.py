@@ -2,15 +2,53 @@
 
 from __future__ import annotations
 
-from dcdb.errors import OutputError, QueryError
+from pathlib import Path
+
+from dcdb.errors import OutputError, QueryError, UsageError
 from dcdb.query import check_statement
 from dcdb.store import Pool, open_pool
+
+SQL_FORMATS = ("table", "csv", "json", "parquet")
+# -o suffix -> format. json is newline-delimited (one object per row), hence .jsonl/.ndjson too; .txt is
+# the table as printed on the terminal (first --max-rows rows), for a report; csv/json/parquet hold every row.
+SQL_SUFFIXES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet",
+                ".txt": "table"}
+_SUFFIX_OF = {"table": ".txt", "csv": ".csv", "json": ".json", "parquet": ".parquet"}
+
+
+def sql_format(output: str | None, fmt: str | None) -> str:
+    """The format of ``dcdb sql``: ``fmt`` when given, else from the ``-o`` suffix (SQL_SUFFIXES),
+    else ``table``. With ``-o``, an unknown suffix without ``fmt`` and a suffix that contradicts
+    ``fmt`` are refused; ``parquet`` needs ``-o``."""
+    if fmt is not None and fmt not in SQL_FORMATS:
+        raise UsageError(f"unknown format {fmt!r}", hint=f"use one of {', '.join(SQL_FORMATS)}")
+    if output is None:
+        if fmt == "parquet":
+            raise UsageError("--format parquet needs -o FILE", hint="give -o FILE.parquet, or --format csv|json")
+        return fmt or "table"
+    suffix = Path(output).suffix.lower()
+    by_suffix = SQL_SUFFIXES.get(suffix)
+    if fmt is None:
+        if by_suffix is None:
+            raise UsageError(
+                f"cannot tell the format of output {output!r} from its suffix {suffix!r}" if suffix
+                else f"cannot tell the format of output {output!r}: it has no suffix",
+                hint="name it *.csv, *.json (one object per line; also .jsonl/.ndjson), *.parquet or *.txt "
+                "(the table as printed), or pass --format table|csv|json|parquet",
+            )
+        return by_suffix
+    if by_suffix is not None and by_suffix != fmt:
+        raise UsageError(
+            f"output {output!r} ends in {suffix} (format {by_suffix}) but --format is {fmt}",
+            hint=f"pass --format {by_suffix}, or name the file *{_SUFFIX_OF[fmt]}",
+        )
+    return fmt
 
 
 def run_sql(pool, sql: str, given: dict[str, str], *, fmt: str = "table", output: str | None = None,
             max_rows: int = 40) -> str | None:
     """Run ``sql`` (one SELECT, EXPLAIN allowed) and return the text to print (or None when the
-    result went to ``output``)."""
+    result went to ``output``, written atomically in ``fmt``: see ``sql_format``)."""
     import duckdb
 
     from dcdb.engine import connect, pool_reader
@@ -31,11 +69,13 @@ def run_sql(pool, sql: str, given: dict[str, str], *, fmt: str = "table", output
 
         sql_stripped = rewrite_sql(con, sql_stripped)
         if explain:
+            if output is not None and fmt != "table":
+                raise UsageError("EXPLAIN gives a plan, not rows", hint="write it to FILE.txt, or leave out -o")
             rows = con.execute(sql_stripped, params or None).fetchall()
-            return "\n".join(str(r[-1]) for r in rows)
+            return _text_out("\n".join(str(r[-1]) for r in rows), output)
         with pool_reader(con, sql_stripped, params, 1 << 16) as reader:
             if fmt == "table":
-                return _table(reader, max_rows)
+                return _text_out(_table(reader, max_rows), output)
             return _write(reader, fmt, output)
     except duckdb.Error as exc:
         from dcdb.engine import pool_damage, scan_error
@@ -68,6 +108,17 @@ def _table(reader, max_rows: int) -> str:
     if more:
         text += f"\n(first {max_rows} rows shown; --max-rows N or --format csv -o FILE for all)"
     return text
+
+
+def _text_out(text: str, output: str | None) -> str | None:
+    """``text`` to print, or written to ``output`` (with a final newline) when given."""
+    if output is None:
+        return text
+    from dcdb.io import atomic_path
+
+    with atomic_path(output) as tmp:
+        tmp.write_text(text if text.endswith("\n") else text + "\n")
+    return None
 
 
 def _write(reader, fmt: str, output: str | None) -> str | None:

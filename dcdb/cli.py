@@ -304,12 +304,14 @@ def _read_filter(ref: str):
 @click.argument("filter_ref", metavar="FILE|NAME|-")
 @pool_option
 @param_option
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), help="Output uid file.")
+@click.option("-o", "--output", type=click.Path(path_type=str), metavar="FILE",
+              help="Output uid file: .npy (DataComp's), .parquet or .txt (hex, one per line); no suffix: npy.")
 @click.option(
     "--format",
     "fmt",
     type=click.Choice(["npy", "parquet", "txt"]),
-    help="Output format (default: from the -o suffix, else npy; txt without -o).",
+    help="Output format (default: from the -o suffix; a suffix that contradicts it is refused). "
+    "Without -o only txt (hex uids on stdout).",
 )
 @click.option("--save", "save_name", metavar="NAME", help="Also store the subset in the pool as NAME.")
 @click.option(
@@ -331,15 +333,21 @@ def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, reshard_
 
     FILE is a .sql file, NAME a filter shipped in sql/ (see `dcdb filters`), - reads stdin.
     A manifest (SQL, its sha256, parameters, pool hash, row count) is written beside the output
-    as OUTPUT.json. Without -o and --save the uids are printed to stdout as hex, one per line.
+    as OUTPUT.json. Without -o and --save the uids are printed to stdout as hex, one per line
+    (with --reshard too: the shards' sample_ids.npy holds them as well).
     """
     from dcdb.engine import check_subset_name
     from dcdb.io import check_output
-    from dcdb.query import manifest_path, output_format, run_filter, save_subset, write_manifest, write_uids
+    from dcdb.query import check_save, manifest_path, output_format, run_filter, save_subset, write_manifest, write_uids
     from dcdb.store import open_pool
 
     given = _param_pairs(params)
-    fmt = output_format(output, fmt) if (output or fmt) else None
+    if fmt and fmt != "txt" and not output:
+        from dcdb.errors import UsageError
+
+        raise UsageError(f"--format {fmt} needs -o FILE",
+                         hint=f"give -o FILE.{fmt}, or leave --format out to print hex uids")
+    fmt = output_format(output, fmt) if output else None
     if output:
         check_output(output, force=force)
         check_output(manifest_path(output), force=True, what="manifest")
@@ -350,10 +358,8 @@ def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, reshard_
         from dcdb.reshard import preflight
 
         preflight(reshard_out, pool=p, overwrite=force)
-    if save_name and (p.subsets_dir / f"{save_name}.npy").exists() and not force:
-        from dcdb.errors import OutputError
-
-        raise OutputError(f"subset {save_name!r} already exists in the pool", hint="pass --force to replace it")
+    if save_name:
+        check_save(p, save_name, force=force)
     filt = _read_filter(filter_ref)
     if engine == "local":
         res = run_filter(p, filt, given)
@@ -373,14 +379,16 @@ def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, reshard_
         rep = reshard(res.uids, reshard_out, pool=p, jobs=os.cpu_count() or 1, overwrite=force,
                       progress=not c.quiet, subset_label=f"dcdb query {filt.name}", engine=engine)
         c.log(rep.summary())
-    if not output and not save_name and not reshard_out:
+    to_stdout = not output and not save_name
+    if to_stdout:
         from dcdb import uids as U
 
         out = sys.stdout
         for i in range(0, len(res.uids), 1 << 16):
             out.write("".join(u + "\n" for u in U.to_hex(res.uids[i : i + (1 << 16)])))
     rate = p.rows / res.seconds if res.seconds > 0 else float("inf")
-    where = ", ".join(x for x in (output, save_name and f"subset {save_name}") if x) or "stdout"
+    where = ", ".join(x for x in (output, save_name and f"subset {save_name}",
+                                  reshard_out and f"shards in {reshard_out}", to_stdout and "stdout") if x)
     c.log(
         f"{filt.name}: {res.rows:,} uids ({res.rows / max(p.rows, 1):.2%} of {p.rows:,} rows) "
         f"in {res.seconds:.2f}s ({rate:,.0f} rows/s) -> {where}"
@@ -395,10 +403,13 @@ def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, reshard_
     "--format",
     "fmt",
     type=click.Choice(["table", "csv", "json", "parquet"]),
-    default="table",
-    show_default=True,
+    default=None,
+    help="table (as printed), csv, json (one object per line) or parquet (needs -o). "
+    "Default: from the -o suffix, else table.",
 )
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), help="Write to a file.")
+@click.option("-o", "--output", type=click.Path(path_type=str), metavar="FILE",
+              help="Write to a file: .csv, .json/.jsonl/.ndjson, .parquet, or .txt (the table as printed, "
+              "--max-rows rows); the suffix must agree with --format.")
 @click.option("--max-rows", type=int, default=40, show_default=True, help="Rows shown by --format table.")
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
 def sql_cmd(c: Ctx, sql_text, pool, params, fmt, output, max_rows, force):
@@ -407,16 +418,17 @@ def sql_cmd(c: Ctx, sql_text, pool, params, fmt, output, max_rows, force):
     The pool is the view `pool` (metadata + embedding columns); `pool_metadata` has the metadata
     alone; stored subsets are views named after them. Use - to read the SQL from stdin.
     """
-    from dcdb.adhoc import run_sql
+    from dcdb.adhoc import run_sql, sql_format
     from dcdb.io import check_output
 
+    fmt = sql_format(output, fmt)
     if output:
         check_output(output, force=force)
     if sql_text == "-":
         sql_text = sys.stdin.read()
     text = run_sql(pool, sql_text, _param_pairs(params), fmt=fmt, output=output, max_rows=max_rows)
-    if text is not None:
-        click.echo(text)
+    if text:  # csv and json text ends with a newline already: no blank line after it
+        click.echo(text, nl=not text.endswith("\n"))
 
 
 @command(cli, "filters")
@@ -499,25 +511,30 @@ def _combine_command(op: str, doc: str):
     @command(subsets, op, help=doc)
     @click.argument("operands", nargs=-1, required=True, metavar="A B [C...]")
     @pool_option
-    @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), help="Output .npy file.")
+    @click.option("-o", "--output", type=click.Path(path_type=str), metavar="FILE",
+                  help="Output uid file: .npy (DataComp's), .parquet or .txt by its suffix; no suffix: npy.")
     @click.option("--save", "save_name", metavar="NAME", help="Store the result in the pool as NAME.")
     @click.option("--force", is_flag=True, help="Replace an existing output or stored subset.")
     def _cmd(c: Ctx, operands, pool, output, save_name, force):
         from dcdb.errors import UsageError
         from dcdb.io import check_output
-        from dcdb.query import manifest_path, write_manifest, write_uids
+        from dcdb.query import check_save, manifest_path, output_format, write_manifest, write_uids
         from dcdb.store import open_pool
         from dcdb.subsets import combination_manifest, combine, save_combination
 
         if not output and not save_name:
             raise UsageError(f"subsets {op}: give -o FILE or --save NAME")
+        fmt = output_format(output, None, format_flag=False) if output else None
         if output:
             check_output(output, force=force)
+            check_output(manifest_path(output), force=True, what="manifest")
         needs_pool = bool(save_name) or any(not os.path.isfile(r) for r in operands)
         p = open_pool(pool) if needs_pool else None
+        if save_name:
+            check_save(p, save_name, force=force)
         arr, names = combine(op, list(operands), p)
         if output:
-            write_uids(output, arr, "npy")
+            write_uids(output, arr, fmt)
             write_manifest(manifest_path(output), combination_manifest(op, list(operands), arr, p, output))
         if save_name:
             save_combination(p, save_name, arr, combination_manifest(op, list(operands), arr, p, save_name), force=force)
@@ -547,7 +564,9 @@ def demo_cmd(c: Ctx, folder, samples, seeds, samples_seen, force):
     """DataComp's loop on the demo world: world -> teachers -> ingest -> sql/ baselines -> reshard
     -> train a tiny CLIP per subset -> evaluate -> leaderboard.md + leaderboard.png."""
     from dcdb.demo import run_demo
+    from dcdb.io import check_folder
 
+    check_folder(folder, what="demo folder")
     click.echo(run_demo(folder, samples=samples, seeds=seeds, samples_seen=samples_seen, force=force,
                         progress=not c.quiet, log=c.log))
 

@@ -23,9 +23,10 @@ space_option = click.option("--space", required=True, help="Embedding space, e.g
 @click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False, path_type=str),
               help="An image file, encoded by the space's model (repeatable).")
 @click.option("-k", "k", type=int, required=True, help="Neighbours per seed.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str),
-              help="Output uid file (DataComp .npy): the union of every seed's k neighbours.")
-@click.option("--pairs", type=click.Path(dir_okay=False, path_type=str),
+@click.option("-o", "--output", type=click.Path(path_type=str), metavar="FILE",
+              help="Output uid file: the union of every seed's k neighbours, as .npy (DataComp's), .parquet or "
+              ".txt by its suffix; no suffix: npy.")
+@click.option("--pairs", type=click.Path(path_type=str), metavar="FILE",
               help="Also write the per-seed table (seed, uid, rank, similarity, row) as Parquet.")
 @click.option("--exact", is_flag=True, help="Exact search (streaming matmul) even when an ANN index exists.")
 @click.option("--ann", "ann_only", is_flag=True, help="Require the ANN index (error when the space has none).")
@@ -50,10 +51,11 @@ def knn_cmd(c: Ctx, pool, space, seed_file, seed_column, seed_subset, texts, ima
     from dcdb import uids as U
     from dcdb.engine import check_subset_name
     from dcdb.io import check_output
-    from dcdb.query import manifest_path, store_subset, write_manifest, write_uids
+    from dcdb.query import check_save, manifest_path, output_format, store_subset, write_manifest, write_uids
     from dcdb.seeds import load_seeds
     from dcdb.store import open_pool
 
+    fmt = output_format(output, None, format_flag=False) if output else None
     for path in (output, pairs):
         if path:
             check_output(path, force=force)
@@ -62,6 +64,8 @@ def knn_cmd(c: Ctx, pool, space, seed_file, seed_column, seed_subset, texts, ima
     if save_name:
         check_subset_name(save_name)
     p = open_pool(pool)
+    if save_name:
+        check_save(p, save_name, force=force)
     npy = parquet = None
     if seed_file:
         if seed_file.lower().endswith(".npy"):
@@ -77,7 +81,7 @@ def knn_cmd(c: Ctx, pool, space, seed_file, seed_column, seed_subset, texts, ima
     arr = K.result_uids(ds, res)
     manifest = K.manifest(p, space, seeds, res, arr, where=where, output=output)
     if output:
-        write_uids(output, arr, "npy")
+        write_uids(output, arr, fmt)
         write_manifest(manifest_path(output), manifest)
     if pairs:
         K.write_pairs(pairs, ds, res)

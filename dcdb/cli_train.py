@@ -40,8 +40,10 @@ def train_cmd(c: Ctx, scale, data, output, seed, resume, samples_seen, batch_siz
 
     Prints the final checkpoint's path on stdout; progress and a summary go to stderr.
     """
+    from dcdb.io import check_folder
     from dcdb.train import train
 
+    check_folder(output, what="run folder")
     result = train(data, output, scale, seed=seed, resume=resume, samples_seen=samples_seen,
                    batch_size=batch_size, workers=workers, threads=threads, device=device, save_every=save_every,
                    progress=not c.quiet, log=c.log)
@@ -70,7 +72,10 @@ def eval_cmd(c: Ctx, run, tasks_dir, output, model, only, batch_size, workers, d
     Prints each task's main metric and the average on stdout.
     """
     from dcdb.eval import evaluate
+    from dcdb.io import check_folder
 
+    if output:
+        check_folder(output, what="results folder")
     result = evaluate(run, tasks_dir, output=output, model=model, tasks=list(only) or None,
                       batch_size=batch_size, workers=workers, device=device, overwrite=overwrite, log=c.log)
     if as_json:
@@ -83,15 +88,18 @@ def eval_cmd(c: Ctx, run, tasks_dir, output, model, only, batch_size, workers, d
 
 @command(cli, "leaderboard")
 @click.argument("runs_dir", type=click.Path(exists=True, file_okay=False, path_type=str))
-@click.option("--output", "-o", default=None, type=click.Path(dir_okay=False, path_type=str),
+@click.option("--output", "-o", default=None, type=click.Path(path_type=str), metavar="FILE",
               help="Write the markdown table to FILE instead of stdout.")
-@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False, path_type=str),
+@click.option("--plot", "plot_path", default=None, type=click.Path(path_type=str), metavar="FILE",
               help="Also draw a PNG bar chart of each run's main metrics and average.")
 def leaderboard_cmd(c: Ctx, runs_dir, output, plot_path):
     """Table of every evaluated run in RUNS_DIR: each task's main metric and the average."""
     from dcdb.eval import collect, plot, to_markdown
-    from dcdb.io import atomic_path
+    from dcdb.io import atomic_path, check_output
 
+    for path, what in ((output, "output"), (plot_path, "plot")):
+        if path:
+            check_output(path, force=True, what=what)  # a regular file or none (always replaced)
     rows, tasks = collect(runs_dir)
     table = to_markdown(rows, tasks)
     if output:

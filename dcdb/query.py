@@ -37,6 +37,7 @@ from dcdb.errors import (
     ParameterError,
     QueryError,
     ReadOnlyError,
+    UsageError,
 )
 from dcdb.store import Pool
 
@@ -460,16 +461,34 @@ def _binder_hint(exc: Exception, pool: Pool) -> str | None:
 # ------------------------------------------------------------------------------------ output
 
 
-def output_format(path: str | None, fmt: str | None) -> str:
-    if fmt:
-        if fmt not in FORMATS:
-            raise OutputError(f"unknown format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
+SUFFIX_FORMATS = {".npy": "npy", ".parquet": "parquet", ".txt": "txt"}
+
+
+def output_format(path: str | None, fmt: str | None, *, format_flag: bool = True) -> str:
+    """The format of a uid list written to ``path``: ``fmt`` when given, else from the suffix
+    (.npy, .parquet, .txt); a path without a suffix is npy (DataComp's). A suffix that contradicts
+    ``fmt``, or an unknown suffix without ``fmt``, is refused: a file's name says what it holds.
+    ``format_flag=False`` for commands without ``--format`` (the hint then does not offer it)."""
+    if fmt is not None and fmt not in FORMATS:
+        raise UsageError(f"unknown format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
+    suffix = Path(path).suffix.lower() if path else ""
+    if not suffix:
+        return fmt or "npy"
+    by_suffix = SUFFIX_FORMATS.get(suffix)
+    if fmt is not None:
+        if by_suffix is not None and by_suffix != fmt:
+            raise UsageError(
+                f"output {path!r} ends in {suffix} but --format is {fmt}",
+                hint=f"name the file *.{fmt}, or pass --format {by_suffix}",
+            )
         return fmt
-    if path:
-        suf = Path(path).suffix.lower().lstrip(".")
-        if suf in FORMATS:
-            return suf
-    return "npy"
+    if by_suffix is None:
+        raise UsageError(
+            f"cannot tell the format of output {path!r} from its suffix {suffix!r}",
+            hint="name it *.npy (DataComp's uid list), *.parquet or *.txt (hex uids, one per line)"
+            + (f", or pass --format {'|'.join(FORMATS)}" if format_flag else ""),
+        )
+    return by_suffix
 
 
 def write_uids(path: str | Path, arr: np.ndarray, fmt: str) -> Path:
@@ -512,6 +531,21 @@ def save_subset(pool: Pool, name: str, result: FilterResult, *, force: bool = Fa
     return store_subset(pool, name, result.uids, result.manifest(output=str(npy), fmt="npy"), force=force)
 
 
+def check_save(pool: Pool, name: str, *, force: bool) -> Path:
+    """Before ``--save NAME`` runs anything: the subset's files in the pool (``.npy``, ``.parquet``,
+    ``.json``) are missing or regular files (see ``dcdb.io.write_target``), and an existing subset
+    is replaced only with ``force``. Returns the ``.npy`` path."""
+    from dcdb.io import write_target
+
+    d = pool.subsets_dir
+    npy = d / f"{name}.npy"
+    for p in (d / f"{name}.parquet", d / f"{name}.json", npy):
+        write_target(p, what="subset file")
+    if npy.exists() and not force:
+        raise OutputError(f"subset {name!r} already exists in the pool", hint="pass --force to replace it")
+    return npy
+
+
 def store_subset(pool: Pool, name: str, arr: np.ndarray, manifest: dict[str, Any], *, force: bool = False) -> Path:
     """Write ``subsets/<name>.npy`` + ``.json`` + ``.parquet`` (the uid table SQL sees)."""
     from dcdb.engine import check_subset_name
@@ -519,9 +553,7 @@ def store_subset(pool: Pool, name: str, arr: np.ndarray, manifest: dict[str, Any
     check_subset_name(name)
     d = pool.subsets_dir
     d.mkdir(exist_ok=True)
-    npy = d / f"{name}.npy"
-    if npy.exists() and not force:
-        raise OutputError(f"subset {name!r} already exists in the pool", hint="pass --force to replace it")
+    npy = check_save(pool, name, force=force)
     # parquet first, npy last: a subset is visible only once its .npy exists.
     write_uids(d / f"{name}.parquet", arr, "parquet")
     write_manifest(d / f"{name}.json", manifest)

@@ -51,6 +51,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -62,7 +63,7 @@ import numpy as np
 
 from dcdb import uids as U
 from dcdb.errors import DcdbError, OutputError, ReshardError, UsageError
-from dcdb.io import TMP_MARK, atomic_path, write_json
+from dcdb.io import TMP_MARK, atomic_path, check_folder, write_json, write_target
 from dcdb.shardindex import (
     BLOCK,
     IMAGE_EXTS,
@@ -88,6 +89,7 @@ RECORD = 20 * BLOCK  # tarfile pads an archive to a multiple of this
 TAR_TAIL = 2 * BLOCK + RECORD  # end-of-archive blocks + worst-case record padding
 WEBP_QUALITY = 100  # DataComp's --reencode-webp-quality default
 OUR_FILES = ("sample_ids.npy", "missing_uids.npy", "meta.json", STATE_FILE)
+_OUR_NAME = re.compile(r"\d{8}(\.tar|_stats\.json)")  # OUTPUT_SHARD_FORMAT, OUTPUT_STATS_FORMAT
 
 Log = Callable[[str], None]
 
@@ -803,11 +805,7 @@ class OutState:
 def check_output_dir(out: str | os.PathLike, *, overwrite: bool) -> OutState:
     """Check OUT without changing anything: a folder (or creatable), and either empty, a run of
     dcdb reshard (decided later against the plan), or ``overwrite`` given."""
-    path = Path(out).expanduser()
-    if path.exists() and not path.is_dir():
-        raise OutputError(
-            f"output {str(path)!r} is a file, not a folder", hint="give a folder for the shards"
-        )
+    path = check_folder(Path(out).expanduser(), what="output folder", hint="give a folder for the shards")
     if not path.exists():
         parent = next((p for p in path.absolute().parents if p.exists()), None)
         if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
@@ -817,6 +815,9 @@ def check_output_dir(out: str | os.PathLike, *, overwrite: bool) -> OutState:
             )
         return OutState(path, False, True, None)
     entries = [p for p in path.iterdir() if TMP_MARK not in p.name]
+    for p in entries:  # what we would write or replace: regular files only (never read a FIFO either)
+        if p.name in OUR_FILES or _OUR_NAME.fullmatch(p.name):
+            write_target(p, what="output file")
     state = _read_state(path)
     if entries and state is None and not overwrite:
         raise OutputError(

@@ -670,3 +670,38 @@ def test_cli_index_and_reshard(pool_template, world, subset, tmp_path):
         cli, ["reshard", "--uids", str(subset[0]), "-o", str(tmp_path / "o2")], env={"DCDB_POOL": ""}
     )
     assert r.exit_code == 2 and "nothing to reshard from" in r.stderr
+
+
+@pytest.mark.parametrize("name", ["sample_ids.npy", R.STATE_FILE, "00000000.tar", "00000000_stats.json"])
+def test_output_files_must_be_regular_files(pool, subset, tmp_path, name):
+    """Issue 12 item 4: a FIFO where reshard writes one of its files is refused before any work,
+    --overwrite or not, and left as it was (the run state is never read from it either)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / name)
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match="is a FIFO"):
+            R.reshard(subset[0], out, pool=pool, jobs=1, overwrite=overwrite, warn=quiet)
+    assert [p.name for p in out.iterdir()] == [name] and os.path.exists(out / name)
+    assert not (out / name).is_file() and not (out / name).is_symlink()
+
+
+def test_query_reshard_without_o_prints_the_uids(pool, tmp_path):
+    """Issue 12 item 6: `dcdb query --reshard OUT` without -o and --save prints the uids (as the
+    help says) and the log line says where everything went."""
+    from click.testing import CliRunner
+
+    from dcdb.cli import cli
+
+    out = tmp_path / "out"
+    sql = "SELECT uid FROM pool ORDER BY uid LIMIT 40"
+    r = CliRunner().invoke(cli, ["query", "-", "--pool", str(pool), "--reshard", str(out)], input=sql)
+    assert r.exit_code == 0, r.output
+    printed = r.stdout.split()
+    assert len(printed) == 40 and printed == sorted(printed)
+    written = U.to_hex(np.load(out / "sample_ids.npy"))
+    assert written and set(written) <= set(printed)
+    assert f"-> shards in {out}, stdout" in r.stderr
+    r = CliRunner().invoke(cli, ["query", "-", "--pool", str(pool), "--reshard", str(tmp_path / "o2"),
+                                 "--save", "first40"], input=sql)
+    assert r.exit_code == 0 and r.stdout == "" and f"-> subset first40, shards in {tmp_path / 'o2'}" in r.stderr
