@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dcdb.errors import OutputError, QueryError, UsageError
+from dcdb.errors import OutputError, UsageError
 from dcdb.query import check_statement
 from dcdb.store import Pool, open_pool
 
@@ -49,9 +49,8 @@ def run_sql(pool, sql: str, given: dict[str, str], *, fmt: str = "table", output
             max_rows: int = 40) -> str | None:
     """Run ``sql`` (one SELECT, EXPLAIN allowed) and return the text to print (or None when the
     result went to ``output``, written atomically in ``fmt``: see ``sql_format``)."""
-    import duckdb
 
-    from dcdb.engine import connect, pool_reader
+    from dcdb.engine import connect, is_statement_error, pool_reader, statement_errors
     from dcdb.query import bind_parameters, parse_filter
     from dcdb.sandbox import apply, path_values
 
@@ -77,15 +76,12 @@ def run_sql(pool, sql: str, given: dict[str, str], *, fmt: str = "table", output
             if fmt == "table":
                 return _text_out(_table(reader, max_rows), output)
             return _write(reader, fmt, output)
-    except duckdb.Error as exc:
-        from dcdb.engine import pool_damage, scan_error
-        from dcdb.filters import take_error
-        from dcdb.sandbox import refusal
+    except statement_errors() as exc:
+        if not is_statement_error(exc):
+            raise
+        from dcdb.query import translate_error
 
-        err = take_error(con) or scan_error(con) or refusal(con, exc) or pool_damage(pool, exc)
-        if err is not None:
-            raise err from None
-        raise QueryError(f"sql: {str(exc).strip()}") from None
+        raise translate_error(con, exc, "sql", pool) from None
 
 
 def _table(reader, max_rows: int) -> str:
@@ -127,7 +123,7 @@ def _write(reader, fmt: str, output: str | None) -> str | None:
     from dcdb.io import atomic_path
 
     if fmt == "parquet" and not output:
-        raise OutputError("--format parquet needs -o FILE")
+        raise OutputError("--format parquet needs -o FILE", hint="give -o FILE.parquet, or --format csv|json")
     if output is None:
         return _to_text(pa.Table.from_batches(list(reader), schema=reader.schema), fmt)
     with atomic_path(output) as tmp:

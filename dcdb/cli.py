@@ -523,7 +523,7 @@ def _combine_command(op: str, doc: str):
         from dcdb.subsets import combination_manifest, combine, save_combination
 
         if not output and not save_name:
-            raise UsageError(f"subsets {op}: give -o FILE or --save NAME")
+            raise UsageError(f"subsets {op}: give -o FILE or --save NAME", hint=f"e.g. dcdb subsets {op} A B -o out.npy")
         fmt = output_format(output, None, format_flag=False) if output else None
         if output:
             check_output(output, force=force)

@@ -490,9 +490,10 @@ def semantic_dedup(pool: Pool, space: str, threshold: float, *, clusters: int | 
                          f"{name!r})", hint="pass --force to recompute them")
     n, dim = pool.rows, int(spec["dim"])
     if clusters is not None and not (1 <= clusters <= max(n, 1)):
-        raise UsageError(f"--clusters must be between 1 and the pool's {n:,} rows, got {clusters}")
+        raise UsageError(f"--clusters must be between 1 and the pool's {n:,} rows, got {clusters}",
+                         hint="leave it out for the default, round(sqrt(rows / 2))")
     if iters < 1:
-        raise UsageError(f"--iters must be at least 1, got {iters}")
+        raise UsageError(f"--iters must be at least 1, got {iters}", hint="leave it out for the default")
     k = clusters or default_clusters(n)
     size = min(n, sample if sample is not None else max(SAMPLE_PER_CLUSTER * k, 1))
     if size < k:

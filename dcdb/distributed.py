@@ -214,15 +214,9 @@ def _connect(pool_path: str, group: list[int], allow: list[str] | None = None, n
 
 
 def _duck_error(con, exc: Exception, what: str):
-    from dcdb.engine import scan_error
-    from dcdb.filters import take_error
-    from dcdb.sandbox import refusal
+    from dcdb.query import translate_error
 
-    # the dcdb error a Python function or an embedding scan raised, or the sandbox's refusal
-    err = take_error(con) or scan_error(con) or refusal(con, exc)
-    if err is not None:
-        raise err from None
-    raise errors.QueryError(f"{what} failed on a bucket: {str(exc).strip()}") from None
+    raise translate_error(con, exc, f"{what} (on a bucket)", None) from None
 
 
 def _write_group(out_dir: str, group: list[int], ext: str, data, entries: list[dict[str, Any]]) -> None:
@@ -443,9 +437,8 @@ def _bucket_scores(pool_path: str, group: list[int], source: tuple, params: dict
                                        hint="the pool may be damaged; re-ingest it")
             yield b, n, numbers(col.combine_chunks() if col.num_chunks != 1 else col.chunk(0))
         return
-    import duckdb
 
-    from dcdb.engine import connect, pool_reader
+    from dcdb.engine import connect, is_statement_error, pool_reader, statement_errors
     from dcdb.sandbox import apply
 
     t0 = time.perf_counter()
@@ -455,7 +448,9 @@ def _bucket_scores(pool_path: str, group: list[int], source: tuple, params: dict
     try:  # a plain scan keeps the pool's row order, which is the buckets' order
         with pool_reader(con, f"SELECT score FROM ({source[1]})", params) as reader:
             col = reader.read_all().column(0)
-    except duckdb.Error as exc:
+    except statement_errors() as exc:
+        if not is_statement_error(exc):
+            raise
         _duck_error(con, exc, "the clip_cut score scan")
     con.close()
     if len(col) != sum(counts):
@@ -524,13 +519,12 @@ def _query_task(pool_path: str, group: list[int], sql: str, params: dict[str, An
     """Phase 2: the filter on this group of buckets -> their sorted uid lists, bucket after
     bucket, as raw 16-byte records (the .npy's records byte for byte), or, for a global top-k,
     the group's top rows with their sort keys and bucket (Parquet)."""
-    import duckdb
     import pyarrow as pa
 
     if fault and not os.path.exists(fault):  # test hook: this worker dies once, mid-run
         Path(fault).write_text(f"worker {os.getpid()} killed on buckets {group}\n")
         os._exit(137)
-    from dcdb.engine import pool_reader
+    from dcdb.engine import is_statement_error, pool_reader, statement_errors
 
     t0 = time.perf_counter()
     view, con = _connect(pool_path, group, allow, name)
@@ -543,7 +537,9 @@ def _query_task(pool_path: str, group: list[int], sql: str, params: dict[str, An
                 from dcdb.store import open_pool
 
                 arr, copies_parts, _nrows = _collect_into(reader, name, view.rows, open_pool(pool_path).rows)
-    except duckdb.Error as exc:
+    except statement_errors() as exc:
+        if not is_statement_error(exc):
+            raise
         _duck_error(con, exc, f"filter {name!r}")
     con.close()
     rows = [int(s["rows"]) for s in view.shards]

@@ -417,6 +417,20 @@ MACROS = (
 )
 
 
+def statement_errors() -> tuple[type[Exception], ...]:
+    """What running a statement through :func:`pool_reader` may raise: DuckDB's errors, and the
+    same errors re-raised by pyarrow as ``OSError`` (errno None) when they happen while batches
+    stream. Catch these, then let :func:`is_statement_error` tell a real file-system fault
+    (errno set, e.g. a full disk while writing) from them."""
+    import duckdb
+
+    return (duckdb.Error, OSError)
+
+
+def is_statement_error(exc: Exception) -> bool:
+    return not isinstance(exc, OSError) or exc.errno is None
+
+
 def pool_damage(pool: Pool, exc: Exception) -> PoolError | None:
     """The PoolError for a DuckDB error that comes from a damaged file of the pool (a truncated or
     overwritten Parquet file); None for any other error."""

@@ -286,7 +286,8 @@ def where_rows(pool, where: str) -> np.ndarray:
         raise QueryError(f"--where {where!r} failed: {str(exc).strip()}",
                          hint="give an SQL predicate on pool columns, e.g. \"original_width >= 200\"") from None
     if tbl.num_rows != pool.rows:  # pragma: no cover - DuckDB keeps insertion order
-        raise QueryError(f"--where returned {tbl.num_rows} rows for a pool of {pool.rows}")
+        raise QueryError(f"--where returned {tbl.num_rows} rows for a pool of {pool.rows}",
+                         hint="give a predicate on pool columns, not a query that adds or drops rows")
     keep = tbl.column(0).to_numpy(zero_copy_only=False).astype(bool)
     return np.flatnonzero(keep).astype(np.int64)
 

@@ -103,7 +103,8 @@ def load_filter(ref: str, *, text: str | None = None) -> FilterFile:
         try:
             return parse_filter(p.stem, p.read_text(), p)
         except UnicodeDecodeError as exc:
-            raise QueryError(f"filter file {ref!r} is not UTF-8 text") from exc
+            raise QueryError(f"filter file {ref!r} is not UTF-8 text",
+                             hint="a filter is a text file of SQL; save it as UTF-8") from exc
     if ref.endswith(".sql") or "/" in ref or p.suffix:
         raise FilterNotFoundError(f"filter file {ref!r} does not exist", hint="check the path")
     known = builtin_filters()
@@ -212,9 +213,10 @@ def check_statement(con, sql: str, name: str) -> list[str]:
     try:
         stmts = con.extract_statements(sql)
     except duckdb.ParserException as exc:
-        raise QueryError(f"SQL syntax error in filter {name!r}: {_clean(exc)}") from None
+        raise QueryError(f"SQL syntax error in filter {name!r}: {_clean(exc)}",
+                         hint=f"fix the SQL at that position; {SQL_HINT}") from None
     except duckdb.Error as exc:
-        raise QueryError(f"filter {name!r} cannot be parsed: {_clean(exc)}") from None
+        raise QueryError(f"filter {name!r} cannot be parsed: {_clean(exc)}", hint=SQL_HINT) from None
     if not stmts:
         raise QueryError(f"filter {name!r} contains no SQL statement", hint="write one SELECT with a uid column")
     if len(stmts) > 1:
@@ -321,9 +323,8 @@ def run_filter(pool: Pool, filt: FilterFile, given: dict[str, str] | None = None
     """Run a filter on a pool and return its sorted uid list (copies expanded). The connection it
     opens is sandboxed (dcdb.sandbox): the filter reads only the pool and its path parameters; a
     connection passed as ``con`` is the caller's and runs as it is."""
-    import duckdb
 
-    from dcdb.engine import connect, pool_reader
+    from dcdb.engine import connect, is_statement_error, pool_reader, statement_errors
 
     t0 = time.perf_counter()
     own = con is None
@@ -340,7 +341,9 @@ def run_filter(pool: Pool, filt: FilterFile, given: dict[str, str] | None = None
         sql = rewrite_sql(con, filt.text)
         with pool_reader(con, sql, params, 1 << 20) as reader:
             arr, copies_parts, nrows = _collect_into(reader, filt.name, pool.rows)
-    except duckdb.Error as exc:
+    except statement_errors() as exc:
+        if not is_statement_error(exc):
+            raise
         _reraise(con, filt, pool, exc)
     if copies_parts is not None:
         copies = np.concatenate(copies_parts) if copies_parts else np.empty(0, np.int64)
@@ -352,24 +355,40 @@ def run_filter(pool: Pool, filt: FilterFile, given: dict[str, str] | None = None
 
 
 def _reraise(con, filt: FilterFile, pool: Pool, exc: Exception):
-    """Turn a DuckDB error into dcdb's: first the dcdb error a registered Python function raised
-    (DuckDB wraps it), then by DuckDB's exception class."""
+    raise translate_error(con, exc, f"filter {filt.name!r}", pool) from None
+
+
+SQL_HINT = "a filter is one SELECT with a uid column; `dcdb filters` lists working examples"
+
+
+def translate_error(con, exc: Exception, what: str, pool: Pool | None) -> Exception:
+    """The dcdb error for a DuckDB error ``exc`` raised running ``what`` (e.g. "filter 'x'"): first
+    the dcdb error a registered Python function or embedding scan raised (DuckDB wraps it), the
+    sandbox's refusal, a damaged pool file; then by DuckDB's exception class. Every one has a hint."""
     import duckdb
 
     from dcdb.engine import pool_damage, scan_error
     from dcdb.filters import take_error
     from dcdb.sandbox import refusal
 
-    err = take_error(con) or scan_error(con) or refusal(con, exc) or pool_damage(pool, exc)
+    err = take_error(con) or scan_error(con) or refusal(con, exc)
+    if err is None and pool is not None:
+        err = pool_damage(pool, exc)
     if err is not None:
-        raise err from None
+        return err
     if isinstance(exc, duckdb.ParserException):
-        raise QueryError(f"SQL syntax error in filter {filt.name!r}: {_clean(exc)}") from None
+        return QueryError(f"SQL syntax error in {what}: {_clean(exc)}", hint=f"fix the SQL at that position; {SQL_HINT}")
     if isinstance(exc, (duckdb.BinderException, duckdb.CatalogException)):
-        raise QueryError(_binder_message(filt.name, exc, pool), hint=_binder_hint(exc, pool)) from None
+        return QueryError(f"{what}: {_clean(exc)}", hint=_binder_hint(exc, pool))
     if isinstance(exc, duckdb.ConversionException):
-        raise ParameterError(f"filter {filt.name!r}: a value has the wrong type: {_clean(exc)}") from None
-    raise QueryError(f"filter {filt.name!r} failed: {_clean(exc)}") from None
+        return ParameterError(f"{what}: a value has the wrong type: {_clean(exc)}",
+                              hint="CAST it in the SQL, or pass a -p value of the parameter's declared type")
+    if isinstance(exc, duckdb.OutOfMemoryException):
+        return QueryError(f"{what} ran out of memory: {_clean(exc)}",
+                          hint="select fewer columns or rows (a uid result needs little); DuckDB spills "
+                          "sorts and joins to disk within its memory_limit")
+    return QueryError(f"{what} failed: {_clean(exc)}",
+                      hint="DuckDB's message says what failed; try the statement with `dcdb sql` to see its rows")
 
 
 def copies_limit(pool_rows: int) -> int:
@@ -446,16 +465,16 @@ def _binder_message(name: str, exc: Exception, pool: Pool) -> str:
     return f"filter {name!r}: {_clean(exc)}"
 
 
-def _binder_hint(exc: Exception, pool: Pool) -> str | None:
+def _binder_hint(exc: Exception, pool: Pool | None) -> str:
     msg = str(exc)
     m = _EMB_COLS.search(msg)
-    if m and m.group(1) not in pool.spaces:
+    if pool is not None and m and m.group(1) not in pool.spaces:
         if not pool.spaces:
             return "this pool is metadata-only: re-ingest with the .npz embedding files beside the parquet"
         return f"this pool's embedding spaces are {', '.join(pool.spaces)}"
     if "does not exist" in msg or "not found" in msg:
         return "`dcdb info` lists the pool's columns; stored subsets are views named after the subset"
-    return None
+    return "check the names and types the message points at; `dcdb info` lists the pool's columns"
 
 
 # ------------------------------------------------------------------------------------ output
@@ -510,7 +529,7 @@ def write_uids(path: str | Path, arr: np.ndarray, fmt: str) -> Path:
                     f.write("\n".join(U.to_hex(arr[chunk : chunk + (1 << 20)])))
                     f.write("\n")
         else:  # pragma: no cover -- output_format validated it
-            raise OutputError(f"unknown format {fmt!r}")
+            raise OutputError(f"unknown format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
     return path
 
 

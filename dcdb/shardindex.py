@@ -678,7 +678,7 @@ def index_shards(
 
     log = log or _stderr
     if jobs < 1:
-        raise UsageError(f"jobs must be at least 1, got {jobs}")
+        raise UsageError(f"jobs must be at least 1, got {jobs}", hint="pass -j N with N >= 1, or leave it out")
     t0 = time.perf_counter()
     pool = open_pool(pool_path)
     tars = list_tars(shards_dir)

@@ -73,7 +73,8 @@ def from_hex(values: Iterable[str] | np.ndarray, source: str = "uids") -> np.nda
     try:
         buf = "".join(vals).encode("ascii")
     except UnicodeEncodeError as exc:
-        raise UidError(f"{source}: a uid contains non-ASCII characters; uids are 32 lowercase hex digits") from exc
+        raise UidError(f"{source}: a uid contains non-ASCII characters; uids are 32 lowercase hex digits",
+                       hint="fix or drop that row") from exc
     mat = np.frombuffer(buf, dtype=np.uint8).reshape(-1, UID_HEX_LEN)
     return _bytes_matrix_to_uids(mat, source)
 
@@ -106,7 +107,8 @@ def from_arrow(array, source: str = "uids", out: np.ndarray | None = None) -> np
         if pa.types.is_binary(array.type) or pa.types.is_large_binary(array.type):
             array = array.cast(pa.string())
         else:
-            raise UidError(f"{source}: the uid column has type {array.type}, expected strings")
+            raise UidError(f"{source}: the uid column has type {array.type}, expected strings",
+                       hint="select the uid as 32 hex characters: SELECT uid FROM pool ...")
     n = len(array)
     if n == 0:
         return empty() if out is None else out
@@ -195,7 +197,8 @@ def _check_dtype(uids: np.ndarray) -> np.ndarray:
             uids.dtype[f].kind == "u" and uids.dtype[f].itemsize == 8 for f in ("f0", "f1")
         ):
             return uids.astype(UID_DTYPE)
-        raise UidError(f"expected a uid array of dtype {UID_DTYPE}, got {uids.dtype}")
+        raise UidError(f"expected a uid array of dtype {UID_DTYPE}, got {uids.dtype}",
+                       hint="build it with dcdb.uids.from_hex, or np.array(pairs, np.dtype('u8,u8'))")
     return uids
 
 
