@@ -39,6 +39,10 @@ def run_sql(pool, sql: str, given: dict[str, str], *, fmt: str = "table", output
         if err is not None:
             raise err from None
         raise QueryError(f"sql: {str(exc).strip()}") from None
+    except (OSError, ValueError) as exc:  # pyarrow's, while streaming: it wraps a scan's error
+        from dcdb.query import _reraise_streamed
+
+        _reraise_streamed(con, exc)
 
 
 def _table(reader, max_rows: int) -> str:
@@ -66,13 +70,14 @@ def _table(reader, max_rows: int) -> str:
 def _write(reader, fmt: str, output: str | None) -> str | None:
     import pyarrow as pa
 
-    from dcdb.io import atomic_path
+    from dcdb.io import atomic_path, sweep_temps, writing
 
     if fmt == "parquet" and not output:
         raise OutputError("--format parquet needs -o FILE")
     if output is None:
         return _to_text(pa.Table.from_batches(list(reader), schema=reader.schema), fmt)
-    with atomic_path(output) as tmp:
+    sweep_temps(output)  # what a killed run left
+    with writing(output, "output", redo="then re-run the command"), atomic_path(output) as tmp:
         if fmt == "parquet":
             import pyarrow.parquet as pq
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 import time
 
@@ -36,11 +37,166 @@ def _handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except DcdbError as exc:
-            msg = exc.message if exc.hint is None else f"{exc.message}\n  hint: {exc.hint}"
-            click.echo(f"error: {msg}", err=True)
-            sys.exit(exc.exit_code)
+            _fail(exc)
+        except Exception as exc:  # faults no layer below turned into a DcdbError
+            err = _fault_error(exc)
+            if err is None:
+                raise
+            _fail(err)
 
     return wrapper
+
+
+def _fail(exc: DcdbError):
+    msg = exc.message if exc.hint is None else f"{exc.message}\n  hint: {exc.hint}"
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(exc.exit_code)
+
+
+def _fault_error(exc: Exception) -> DcdbError | None:
+    """A last resort for faults of the machine rather than of dcdb: a full or read-only disk, a
+    worker process killed, a damaged Lance file (Lance reports a panic)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from dcdb.errors import PoolError, WorkerError
+    from dcdb.io import write_error
+
+    err = write_error(exc, getattr(exc, "filename", None), "a file")
+    if err is not None:
+        return err
+    if isinstance(exc, BrokenProcessPool):
+        return WorkerError("a worker process died before finishing (killed, or out of memory)",
+                           hint="re-run the same command (with fewer -j if memory is short): finished work is kept")
+    text = str(exc)
+    if "panicked" in text or "LanceError" in text:
+        from dcdb.store import lance_failure
+
+        return PoolError(f"reading an embedding table failed: {lance_failure(exc)}",
+                         hint="a Lance file of the pool is damaged: re-ingest the pool (`dcdb ingest SRC NEW_POOL`)")
+    return None
+
+
+_PANIC_START = re.compile(rb"^thread '.*' (\(\d+\) )?panicked at ")
+
+
+class _NativeStderrFilter:
+    """Route what native code writes to file descriptor 2 through a small forked process that
+    drops Rust panic reports: a damaged Lance file makes Lance panic in a background thread, and
+    its report (with a backtrace under RUST_BACKTRACE) would reach the terminal besides dcdb's
+    one-line error. Everything else is passed on; Python's ``sys.stderr`` (progress bars, dcdb's
+    messages) keeps writing to the terminal directly. A separate process, not a thread, so that
+    what a crashing dcdb writes last still gets through."""
+
+    def __init__(self):
+        self.pid = None
+
+    def start(self) -> None:
+        try:
+            if not hasattr(os, "fork") or sys.stderr is None or sys.stderr.fileno() != 2:
+                return  # not a real process stderr (e.g. a test runner's capture)
+            sys.stderr.flush()
+            real = os.dup(2)
+            read, write = os.pipe()
+            pid = os.fork()
+        except (OSError, ValueError, AttributeError):
+            return
+        if pid == 0:  # the filter process: read the pipe until every writer is gone
+            try:
+                import signal
+
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: still pass on the last words
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1):  # hold no pipe of the pipeline dcdb's stdout is part of
+                    os.dup2(null, fd)
+                keep = sorted({read, real})
+                os.closerange(3, keep[0])
+                os.closerange(keep[0] + 1, keep[1])
+                os.closerange(keep[1] + 1, 1 << 16)
+                _pump_stderr(read, real)
+            finally:
+                os._exit(0)
+        os.close(read)
+        self.saved, self.real, self.pid = sys.stderr, real, pid
+        sys.stderr = open(os.dup(real), "w", buffering=1, encoding=self.saved.encoding,  # noqa: SIM115
+                          errors=self.saved.errors)  # line-buffered like Python's own stderr
+        os.dup2(write, 2)
+        os.close(write)
+
+    def stop(self) -> None:
+        if self.pid is None:
+            return
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(self.real, 2)  # closes this process's write end of the pipe
+        os.close(self.real)
+        ours, sys.stderr = sys.stderr, self.saved
+        ours.close()
+        # The filter exits once every writer is gone; multiprocessing's resource tracker (which
+        # also holds the pipe) only exits after this process does, so do not wait long for it.
+        for _ in range(20):
+            if os.waitpid(self.pid, os.WNOHANG)[0]:
+                break
+            time.sleep(0.01)
+        self.pid = None
+
+
+def _pump_stderr(read: int, real: int) -> None:
+    buf, dropping, traced, blank = b"", False, False, False
+
+    def emit(data: bytes) -> None:
+        try:
+            os.write(real, data)
+        except OSError:
+            pass
+
+    while True:
+        try:
+            chunk = os.read(read, 65536)
+        except InterruptedError:
+            continue
+        except OSError:
+            chunk = b""
+        if not chunk:
+            break
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        out = []
+        for line in lines:
+            if _PANIC_START.match(line):
+                dropping, traced, blank = True, False, False  # Rust opens the report with a blank line
+            elif not dropping:
+                if blank:
+                    out.append(b"\n")
+                blank = not line
+                if line:
+                    out.append(line + b"\n")
+            elif line.startswith(b"note: "):
+                dropping = False  # a panic report ends with a note ...
+            elif line.startswith(b"stack backtrace:"):
+                traced = True
+            elif traced and line and not line[:1].isspace():
+                dropping = False  # ... or, under RUST_BACKTRACE=full, with the last frame
+                out.append(line + b"\n")
+        if out:
+            emit(b"".join(out))
+    if not dropping:
+        emit(b"\n" * blank + buf)
+
+
+def hold_write_lock(folder, doing: str, *, what: str = "pool", create: bool = False) -> None:
+    """Hold the write lock of a pool (or output folder) until the command ends: a second dcdb
+    process writing it fails at once with one line. ``doing`` names the write for the hint when
+    the folder is read-only."""
+    from dcdb.errors import NotWritableError
+    from dcdb.io import write_lock
+
+    folder = getattr(folder, "path", folder)
+    try:
+        click.get_current_context().with_resource(write_lock(folder, what, create=create))
+    except NotWritableError as exc:
+        raise NotWritableError(exc.message, hint=f"{doing} writes into the {what}: {exc.hint}") from None
 
 
 def pool_option(fn):
@@ -103,7 +259,12 @@ def cli(ctx: click.Context, quiet: bool) -> None:
 
 
 def main(argv=None) -> None:
-    cli.main(args=argv, prog_name="dcdb")
+    filt = _NativeStderrFilter()
+    filt.start()
+    try:
+        cli.main(args=argv, prog_name="dcdb")
+    finally:
+        filt.stop()
 
 
 # ------------------------------------------------------------------------------------ synth
@@ -175,6 +336,7 @@ def ingest_cmd(c: Ctx, src, pool, jobs, shards_dir, buckets):
         from dcdb.shardindex import list_tars
 
         list_tars(shards_dir)  # refuse a folder without tars before ingesting
+        hold_write_lock(os.path.abspath(pool), "ingest", create=True)  # over ingest and indexing
     report = ingest(src, pool, jobs=jobs, progress=not c.quiet, buckets=buckets)
     c.log(report.summary())
     if shards_dir:
@@ -225,6 +387,17 @@ param_option = click.option(
 )
 
 
+def _unfinished(c: Ctx, output: str) -> bool:
+    """An OUTPUT without its OUTPUT.json: a killed run's, redone without --force (see README)."""
+    from dcdb.io import unfinished_output
+    from dcdb.query import manifest_path
+
+    if unfinished_output(output, manifest_path(output)):
+        c.log(f"{output} has no manifest ({manifest_path(output).name}): an unfinished earlier run; replacing it")
+        return True
+    return False
+
+
 def _read_filter(ref: str):
     from dcdb.query import load_filter
 
@@ -268,17 +441,19 @@ def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, reshard_
     """
     from dcdb.engine import check_subset_name
     from dcdb.io import check_output
-    from dcdb.query import manifest_path, output_format, run_filter, save_subset, write_manifest, write_uids
+    from dcdb.query import manifest_path, output_format, run_filter, save_subset, write_output
     from dcdb.store import open_pool
 
     given = _param_pairs(params)
     fmt = output_format(output, fmt) if (output or fmt) else None
     if output:
-        check_output(output, force=force)
+        check_output(output, force=force or _unfinished(c, output))
         check_output(manifest_path(output), force=True, what="manifest")
     if save_name:
         check_subset_name(save_name)
     p = open_pool(pool)
+    if save_name:
+        hold_write_lock(p, "--save")
     if reshard_out:
         from dcdb.reshard import preflight
 
@@ -296,8 +471,7 @@ def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, reshard_
         work_dir = work_dir or (f"{output}.dcdb-work" if output else None)
         res = run_distributed(p, filt, given, engine=engine, work_dir=work_dir, progress=not c.quiet, log=c.log)
     if output:
-        write_uids(output, res.uids, fmt)
-        write_manifest(manifest_path(output), res.manifest(output=output, fmt=fmt))
+        write_output(output, res.uids, fmt, res.manifest(output=output, fmt=fmt))
     if save_name:
         save_subset(p, save_name, res, force=force)
     if reshard_out:
@@ -438,20 +612,21 @@ def _combine_command(op: str, doc: str):
     def _cmd(c: Ctx, operands, pool, output, save_name, force):
         from dcdb.errors import UsageError
         from dcdb.io import check_output
-        from dcdb.query import manifest_path, write_manifest, write_uids
+        from dcdb.query import write_output
         from dcdb.store import open_pool
         from dcdb.subsets import combination_manifest, combine, save_combination
 
         if not output and not save_name:
             raise UsageError(f"subsets {op}: give -o FILE or --save NAME")
         if output:
-            check_output(output, force=force)
+            check_output(output, force=force or _unfinished(c, output))
         needs_pool = bool(save_name) or any(not os.path.isfile(r) for r in operands)
         p = open_pool(pool) if needs_pool else None
+        if save_name:
+            hold_write_lock(p, "--save")
         arr, names = combine(op, list(operands), p)
         if output:
-            write_uids(output, arr, "npy")
-            write_manifest(manifest_path(output), combination_manifest(op, list(operands), arr, p, output))
+            write_output(output, arr, "npy", combination_manifest(op, list(operands), arr, p, output))
         if save_name:
             save_combination(p, save_name, arr, combination_manifest(op, list(operands), arr, p, save_name), force=force)
         c.log(f"{op} of {', '.join(names)}: {len(arr):,} uids")

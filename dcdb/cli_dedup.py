@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dcdb.cli import Ctx, cli, command, pool_option
+from dcdb.cli import Ctx, cli, command, hold_write_lock, pool_option
 
 
 @command(cli, "dedup")
@@ -48,6 +48,7 @@ def dedup_cmd(c: Ctx, pool, space, threshold, clusters, seed, sample, iters, pro
             click.echo(f"{sp}\t{t:g}\t{info.get('groups', 0)} groups\t{info.get('dropped', 0)} to drop\t"
                        f"{km.get('clusters')} clusters, seed {km.get('seed')}, {km.get('probes', 1)} probe(s)\t{info['name']}{stale}")
         return
+    hold_write_lock(p, "dcdb dedup")
     report = semantic_dedup(p, space, threshold, clusters=clusters, seed=seed, sample=sample, iters=iters,
                             probes=probes, force=force, progress=not c.quiet)
     c.log(report.summary())

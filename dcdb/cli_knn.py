@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from dcdb.cli import Ctx, cli, command, pool_option
+from dcdb.cli import Ctx, _unfinished, cli, command, hold_write_lock, pool_option
 
 space_option = click.option("--space", required=True, help="Embedding space, e.g. l14_img (see `dcdb info`).")
 
@@ -50,18 +50,20 @@ def knn_cmd(c: Ctx, pool, space, seed_file, seed_column, seed_subset, texts, ima
     from dcdb import uids as U
     from dcdb.engine import check_subset_name
     from dcdb.io import check_output
-    from dcdb.query import manifest_path, store_subset, write_manifest, write_uids
+    from dcdb.query import manifest_path, store_subset, write_output
     from dcdb.seeds import load_seeds
     from dcdb.store import open_pool
 
-    for path in (output, pairs):
-        if path:
-            check_output(path, force=force)
+    if pairs:
+        check_output(pairs, force=force)
     if output:
+        check_output(output, force=force or _unfinished(c, output))
         check_output(manifest_path(output), force=True, what="manifest")
     if save_name:
         check_subset_name(save_name)
     p = open_pool(pool)
+    if save_name:
+        hold_write_lock(p, "--save")
     npy = parquet = None
     if seed_file:
         if seed_file.lower().endswith(".npy"):
@@ -77,8 +79,7 @@ def knn_cmd(c: Ctx, pool, space, seed_file, seed_column, seed_subset, texts, ima
     arr = K.result_uids(ds, res)
     manifest = K.manifest(p, space, seeds, res, arr, where=where, output=output)
     if output:
-        write_uids(output, arr, "npy")
-        write_manifest(manifest_path(output), manifest)
+        write_output(output, arr, "npy", manifest)
     if pairs:
         K.write_pairs(pairs, ds, res)
     if save_name:
@@ -108,7 +109,9 @@ def index_cmd(c: Ctx, pool, space, kind, partitions, sub_vectors, force):
     from dcdb.ann import build_index
     from dcdb.store import open_pool
 
-    rec = build_index(open_pool(pool), space, kind=kind, partitions=partitions, sub_vectors=sub_vectors,
+    p = open_pool(pool)
+    hold_write_lock(p, "dcdb index")
+    rec = build_index(p, space, kind=kind, partitions=partitions, sub_vectors=sub_vectors,
                       force=force, progress=not c.quiet)
     params = ", ".join(f"{k}={v}" for k, v in rec["params"].items())
     c.log(f"built {rec['kind']} index on {space} ({rec['rows']:,} rows, {params}) in {rec['build_seconds']:.1f}s")
@@ -127,5 +130,6 @@ def encoder_cmd(c: Ctx, pool, space, checkpoint):
 
     p = open_pool(pool)
     if checkpoint:
+        hold_write_lock(p, "dcdb encoder --checkpoint")
         set_checkpoint(p, space, checkpoint)
     click.echo(str(checkpoint_for(p, space)))

@@ -7,7 +7,7 @@ import os
 import click
 from click.core import ParameterSource
 
-from dcdb.cli import Ctx, cli, command, jobs_option, pool_option
+from dcdb.cli import Ctx, cli, command, hold_write_lock, jobs_option, pool_option
 
 
 @command(cli, "index-shards")
@@ -22,7 +22,9 @@ def index_shards_cmd(c: Ctx, shards_dir, pool, jobs):
     Resumable: a re-run reads only the tars that changed or were not indexed yet.
     """
     from dcdb.shardindex import index_shards
+    from dcdb.store import open_pool
 
+    hold_write_lock(open_pool(pool), "dcdb index-shards")
     report = index_shards(pool, shards_dir, jobs=jobs or os.cpu_count() or 1, progress=not c.quiet)
     c.log(report.summary())
 
