@@ -196,7 +196,9 @@ def hold_write_lock(folder, doing: str, *, what: str = "pool", create: bool = Fa
     try:
         click.get_current_context().with_resource(write_lock(folder, what, create=create))
     except NotWritableError as exc:
-        raise NotWritableError(exc.message, hint=f"{doing} writes into the {what}: {exc.hint}") from None
+        instead = "; or write the subset to a file with -o FILE instead" if doing == "--save" else ""
+        raise NotWritableError(exc.message, hint=f"{doing} writes into the {what}: make it writable or work on "
+                                                 f"a writable copy of it{instead}") from None
 
 
 def pool_option(fn):

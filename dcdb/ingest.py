@@ -979,8 +979,9 @@ def _ingest(plan: Plan, pool: Path, t0: float, *, jobs: int, progress: bool, buc
                 _run_inline(pool, tasks, bar)
             elif tasks:
                 _run_parallel(pool, tasks, min(jobs, len(tasks)), bar)
-    except BaseException:
+    except BaseException:  # every worker has exited: drop what a killed or failed one left
         _remove_orphan_fragments(pool, plan)
+        _remove_temp_files(pool)
         raise
     entries = [_read_json(_journal_path(pool, s.name)) for s in plan.shards]
     if any(e is None for e in entries):

@@ -1056,7 +1056,13 @@ def _reshard(sel: Selection, st: OutState, t0: float, *, pool, shards, shard_siz
     if not todo and state.get("complete") and (st.path / "meta.json").is_file():
         return _report_from_state(st.path, plan, state, sel, time.perf_counter() - t0, already=True)
     state["complete"] = False
-    _write_shards(st.path, plan, state, todo, strict, jobs, progress, engine)
+    try:
+        _write_shards(st.path, plan, state, todo, strict, jobs, progress, engine)
+    except BaseException:
+        if engine == "local":  # every worker has exited: a killed one's half tar is debris
+            for p in st.path.glob(f"*{TMP_MARK}*"):
+                p.unlink(missing_ok=True)
+        raise
     resumed = len(plan.bounds) - len(todo)
     report = _report_from_state(st.path, plan, state, sel, time.perf_counter() - t0, resumed=resumed)
     args = {
