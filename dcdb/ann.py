@@ -95,8 +95,11 @@ def build_index(pool, space: str, *, kind: str = DEFAULT_KIND, partitions: int |
         ds.create_index(space, KINDS[kind], name=index_name(space), metric="cosine", replace=True,
                         progress_callback=cb, **params)
     except Exception as exc:
-        raise PoolError(f"building the {kind} index of {space!r} failed: {exc}",
-                        hint="check the parameters (--partitions, --sub-vectors); the table is unchanged") from exc
+        from dcdb.io import write_error
+
+        err = write_error(exc, pool.path, "the index into pool", redo="the table is unchanged")
+        raise err or PoolError(f"building the {kind} index of {space!r} failed: {exc}",
+                               hint="check the parameters (--partitions, --sub-vectors); the table is unchanged") from exc
     finally:
         bar.close()
     seconds = time.perf_counter() - t0

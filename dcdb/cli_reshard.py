@@ -21,11 +21,14 @@ def index_shards_cmd(c: Ctx, shards_dir, pool, jobs):
     as the view `shard_index` (uid, downloaded, status, width, height, tar, byte_offset, ...).
     Resumable: a re-run reads only the tars that changed or were not indexed yet.
     """
+    from dcdb.io import writing
     from dcdb.shardindex import index_shards
     from dcdb.store import open_pool
 
-    hold_write_lock(open_pool(pool), "dcdb index-shards")
-    report = index_shards(pool, shards_dir, jobs=jobs or os.cpu_count() or 1, progress=not c.quiet)
+    p = open_pool(pool)
+    hold_write_lock(p, "dcdb index-shards")
+    with writing(p.path, "the shard index into pool", redo="then re-run: indexed tars are kept"):
+        report = index_shards(pool, shards_dir, jobs=jobs or os.cpu_count() or 1, progress=not c.quiet)
     c.log(report.summary())
 
 
