@@ -58,12 +58,19 @@ def _fault_error(exc: Exception) -> DcdbError | None:
     worker process killed, a damaged Lance file (Lance reports a panic)."""
     from concurrent.futures.process import BrokenProcessPool
 
-    from dcdb.errors import PoolError, WorkerError
-    from dcdb.io import write_error
+    from dcdb.errors import DiskFullError, NotWritableError, PoolError, WorkerError
+    from dcdb.io import write_fault
 
-    err = write_error(exc, getattr(exc, "filename", None), "a file")
-    if err is not None:
-        return err
+    kind = write_fault(exc)  # the layer below did not say which file: say what the OS said
+    path = getattr(exc, "filename", None)
+    where = f": {str(path)!r}" if path else ""
+    if kind == "full":
+        return DiskFullError(f"no space left on the device{where}",
+                             hint="free space on that file system or choose another location, then re-run")
+    if kind == "read-only":
+        return NotWritableError(f"read-only file system{where}", hint="choose a writable location, then re-run")
+    if kind == "denied":
+        return DcdbError(f"permission denied{where}", hint="check that path's permissions, then re-run")
     if isinstance(exc, BrokenProcessPool):
         return WorkerError("a worker process died before finishing (killed, or out of memory)",
                            hint="re-run the same command (with fewer -j if memory is short): finished work is kept")

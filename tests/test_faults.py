@@ -480,3 +480,26 @@ def test_second_reshard_into_one_folder_fails_at_once(shard_world, tmp_path):
     res = run(*args)
     assert res.exit_code == 0, res.output
     assert (out / "meta.json").is_file() and not (out / LOCK_NAME).exists()
+
+
+def test_faults_no_layer_named_still_become_one_line():
+    """The CLI's last resort: what the OS said, for errors raised where dcdb did not expect them."""
+    import errno
+    from concurrent.futures.process import BrokenProcessPool
+
+    from dcdb.cli import _fault_error
+    from dcdb.errors import DiskFullError, NotWritableError, PoolError, WorkerError
+
+    def fault(exc):
+        err = _fault_error(exc)
+        assert err is not None and err.hint
+        return err
+
+    assert isinstance(fault(OSError(errno.ENOSPC, "No space left on device", "/d/x")), DiskFullError)
+    assert isinstance(fault(OSError("LanceError(IO): No space left on device (os error 28)")), DiskFullError)
+    assert isinstance(fault(OSError(errno.EROFS, "Read-only file system", "/d/x")), NotWritableError)
+    assert fault(PermissionError(errno.EACCES, "Permission denied", "/d/f.sql")).message == "permission denied: '/d/f.sql'"
+    assert isinstance(fault(BrokenProcessPool("boom")), WorkerError)
+    lance = fault(ValueError('External error: task 9 panicked with message "range end index 9 out of range"'))
+    assert isinstance(lance, PoolError) and "panicked" not in lance.message
+    assert _fault_error(ValueError("a bug")) is None and _fault_error(KeyError("x")) is None
