@@ -104,6 +104,7 @@ class _NativeStderrFilter:
             sys.stderr.flush()
             real = os.dup(2)
             read, write = os.pipe()
+            done, finished = os.pipe()  # EOF on ``done`` once the filter process has exited
             pid = os.fork()
         except (OSError, ValueError, AttributeError):
             return
@@ -115,15 +116,14 @@ class _NativeStderrFilter:
                 null = os.open(os.devnull, os.O_RDWR)
                 for fd in (0, 1):  # hold no pipe of the pipeline dcdb's stdout is part of
                     os.dup2(null, fd)
-                keep = sorted({read, real})
-                os.closerange(3, keep[0])
-                os.closerange(keep[0] + 1, keep[1])
-                os.closerange(keep[1] + 1, 1 << 16)
+                os.close(write)  # else the pipe never ends
+                os.close(done)
                 _pump_stderr(read, real)
             finally:
                 os._exit(0)
         os.close(read)
-        self.saved, self.real, self.pid = sys.stderr, real, pid
+        os.close(finished)
+        self.saved, self.real, self.pid, self.done = sys.stderr, real, pid, done
         sys.stderr = open(os.dup(real), "w", buffering=1, encoding=self.saved.encoding,  # noqa: SIM115
                           errors=self.saved.errors)  # line-buffered like Python's own stderr
         os.dup2(write, 2)
@@ -140,12 +140,13 @@ class _NativeStderrFilter:
         os.close(self.real)
         ours, sys.stderr = sys.stderr, self.saved
         ours.close()
-        # The filter exits once every writer is gone; multiprocessing's resource tracker (which
-        # also holds the pipe) only exits after this process does, so do not wait long for it.
-        for _ in range(20):
-            if os.waitpid(self.pid, os.WNOHANG)[0]:
-                break
-            time.sleep(0.01)
+        # The filter exits once every writer is gone, normally at once; multiprocessing's resource
+        # tracker (which holds the pipe too) only exits after this process does: wait briefly.
+        import select
+
+        if select.select([self.done], [], [], 0.05)[0]:
+            os.waitpid(self.pid, 0)
+        os.close(self.done)
         self.pid = None
 
 
@@ -237,13 +238,30 @@ def _pass_ctx(fn):
     return wrapper
 
 
-def command(group, name=None, **kw):
-    """Register a command on ``group`` with error mapping and a Ctx first argument."""
+def command(group, name=None, *, reads_lance: bool = False, **kw):
+    """Register a command on ``group`` with error mapping and a Ctx first argument. A command
+    that ``reads_lance`` runs with Lance's panic reports kept off the terminal."""
 
     def deco(fn):
-        return group.command(name, **kw)(_pass_ctx(_handle_errors(fn)))
+        run = _handle_errors(fn)
+        if reads_lance:
+            run = _native_stderr_filtered(run)
+        return group.command(name, **kw)(_pass_ctx(run))
 
     return deco
+
+
+def _native_stderr_filtered(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        filt = _NativeStderrFilter()
+        filt.start()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            filt.stop()
+
+    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -268,12 +286,7 @@ def cli(ctx: click.Context, quiet: bool) -> None:
 
 
 def main(argv=None) -> None:
-    filt = _NativeStderrFilter()
-    filt.start()
-    try:
-        cli.main(args=argv, prog_name="dcdb")
-    finally:
-        filt.stop()
+    cli.main(args=argv, prog_name="dcdb")
 
 
 # ------------------------------------------------------------------------------------ synth
@@ -415,7 +428,7 @@ def _read_filter(ref: str):
     return load_filter(ref)
 
 
-@command(cli, "query")
+@command(cli, "query", reads_lance=True)
 @click.argument("filter_ref", metavar="FILE|NAME|-")
 @pool_option
 @param_option
@@ -503,7 +516,7 @@ def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, reshard_
     )
 
 
-@command(cli, "sql")
+@command(cli, "sql", reads_lance=True)
 @click.argument("sql_text", metavar="SQL")
 @pool_option
 @param_option
@@ -651,7 +664,7 @@ _combine_command("minus", "Uids of A that are not in B (all copies dropped).")
 # ------------------------------------------------------------------------------------- demo
 
 
-@command(cli, "demo")
+@command(cli, "demo", reads_lance=True)
 @click.argument("folder", default="dcdb-demo", type=click.Path(file_okay=False, path_type=str))
 @click.option("--samples", "--rows", "samples", type=click.IntRange(min=1000), default=12_000, show_default=True,
               help="Pool size of the demo world (--rows is the old name).")

@@ -7,7 +7,7 @@ import click
 from dcdb.cli import Ctx, _param_pairs, cli, command, hold_write_lock, jobs_option, param_option, pool_option
 
 
-@command(cli, "annotate")
+@command(cli, "annotate", reads_lance=True)
 @click.argument("name", required=False, metavar="[NAME]")
 @pool_option
 @param_option

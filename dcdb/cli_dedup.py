@@ -7,7 +7,7 @@ import click
 from dcdb.cli import Ctx, cli, command, hold_write_lock, pool_option
 
 
-@command(cli, "dedup")
+@command(cli, "dedup", reads_lance=True)
 @pool_option
 @click.option("--space", default="l14_img", show_default=True, help="Embedding space to deduplicate.")
 @click.option("--threshold", type=float, default=0.95, show_default=True,

@@ -11,7 +11,7 @@ from dcdb.cli import Ctx, _unfinished, cli, command, hold_write_lock, pool_optio
 space_option = click.option("--space", required=True, help="Embedding space, e.g. l14_img (see `dcdb info`).")
 
 
-@command(cli, "knn")
+@command(cli, "knn", reads_lance=True)
 @pool_option
 @space_option
 @click.option("--seeds", "seed_file", type=click.Path(dir_okay=False, path_type=str),
@@ -93,7 +93,7 @@ def knn_cmd(c: Ctx, pool, space, seed_file, seed_column, seed_subset, texts, ima
         c.log(f"exact path: {res.details['why_exact']}")
 
 
-@command(cli, "index")
+@command(cli, "index", reads_lance=True)
 @pool_option
 @space_option
 @click.option("--kind", type=click.Choice(["ivf_pq", "ivf_hnsw_sq"]), default="ivf_hnsw_sq", show_default=True,
