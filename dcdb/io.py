@@ -255,6 +255,8 @@ def write_error(exc: BaseException, path: str | os.PathLike | None, what: str = 
     kind = write_fault(exc)
     if kind is None:
         return None
+    if kind == "denied" and not _inside(getattr(exc, "filename", None), path):
+        return None  # reading can be denied too: only a file of ``path`` makes it a write error
     where = f" {str(path)!r}" if path is not None else ""
     then = f"; {redo}" if redo else ""
     if kind == "full":
@@ -267,6 +269,13 @@ def write_error(exc: BaseException, path: str | os.PathLike | None, what: str = 
         f"cannot write {what}{where}: {why}",
         hint=f"make it writable or choose another location{then}",
     )
+
+
+def _inside(name, folder) -> bool:
+    if name is None or folder is None:
+        return False
+    name, folder = os.path.abspath(os.fsdecode(name)), os.path.abspath(folder)
+    return name == folder or name.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 @contextmanager
