@@ -82,6 +82,10 @@ def run_sql(pool, sql: str, given: dict[str, str], *, fmt: str = "table", output
         from dcdb.query import translate_error
 
         raise translate_error(con, exc, "sql", pool) from None
+    except (OSError, ValueError) as exc:  # pyarrow's, while streaming: it wraps a scan's error
+        from dcdb.query import reraise_streamed
+
+        reraise_streamed(con, exc)
 
 
 def _table(reader, max_rows: int) -> str:
@@ -120,13 +124,14 @@ def _text_out(text: str, output: str | None) -> str | None:
 def _write(reader, fmt: str, output: str | None) -> str | None:
     import pyarrow as pa
 
-    from dcdb.io import atomic_path
+    from dcdb.io import atomic_path, sweep_temps, writing
 
     if fmt == "parquet" and not output:
         raise OutputError("--format parquet needs -o FILE", hint="give -o FILE.parquet, or --format csv|json")
     if output is None:
         return _to_text(pa.Table.from_batches(list(reader), schema=reader.schema), fmt)
-    with atomic_path(output) as tmp:
+    sweep_temps(output)  # what a killed run left
+    with writing(output, "output", redo="then re-run the command"), atomic_path(output) as tmp:
         if fmt == "parquet":
             import pyarrow.parquet as pq
 

@@ -96,14 +96,17 @@ def build_index(pool, space: str, *, kind: str = DEFAULT_KIND, partitions: int |
         ds.create_index(space, KINDS[kind], name=index_name(space), metric="cosine", replace=True,
                         progress_callback=cb, **params)
     except Exception as exc:
-        raise PoolError(f"building the {kind} index of {space!r} failed: {exc}",
-                        hint="check the parameters (--partitions, --sub-vectors); the table is unchanged") from exc
+        from dcdb.io import write_error
+
+        err = write_error(exc, pool.path, "the index into pool", redo="the table is unchanged")
+        raise err or PoolError(f"building the {kind} index of {space!r} failed: {exc}",
+                               hint="check the parameters (--partitions, --sub-vectors); the table is unchanged") from exc
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    import lance
+    from dcdb.store import open_lance
 
-    ds = lance.dataset(str(pool.lance_path(space)))
+    ds = open_lance(pool.lance_path(space))
     idx = _lance_index(ds, space)
     record = {
         "space": space, "kind": kind, "metric": "cosine", "params": params, "name": index_name(space),
@@ -179,14 +182,14 @@ def index_state(pool, space: str) -> dict[str, Any] | None:
 
 def check_fresh(pool, space: str, state: dict[str, Any]) -> None:
     """PoolError when the index no longer matches the pool (re-ingested or rewritten table)."""
-    import lance
+    from dcdb.store import open_lance
 
     rec = state["record"]
     hint = f"rebuild it: dcdb index --pool {pool.path} --space {space} --force (or use --exact)"
     if rec.get("pool_manifest_sha256") != pool.manifest_hash or rec.get("rows") != pool.rows:
         raise PoolError(f"the ANN index of {space!r} is stale: it was built for another version of the pool "
                         f"({rec.get('rows')} rows; the pool was re-ingested since)", hint=hint)
-    ds = lance.dataset(str(pool.lance_path(space)))
+    ds = open_lance(pool.lance_path(space))
     idx = _lance_index(ds, space)
     if idx is None or idx["uuid"] != rec.get("uuid") or idx["rows"] != pool.rows:
         raise PoolError(f"the ANN index of {space!r} is stale: the embedding table no longer holds it", hint=hint)
@@ -256,14 +259,13 @@ def ann_search(pool, space: str, seeds: np.ndarray, k: int, *, rows: np.ndarray 
                refine_factor: int | None = None, seed: int = 0, progress: bool = False,
                log: Callable[[str], None] | None = None):
     """ANN top-k of every seed with recall measured on a sample (see the module doc)."""
-    import lance
-
     from dcdb.knn import KnnResult, exact_search, exact_topk, rows_bar, scan_vectors
+    from dcdb.store import open_lance
 
     say = log or (lambda _m: None)
     state = index_state(pool, space)
     rec = state["record"]
-    ds = lance.dataset(str(pool.lance_path(space)))
+    ds = open_lance(pool.lance_path(space))
     dim = int(pool.spaces[space]["dim"])
     to_rows = _row_mapper(ds)
     keep = None

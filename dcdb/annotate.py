@@ -276,11 +276,11 @@ def _vector_block(tbl, column: str):
 
 
 def annotate_centroids(pool: Pool, params: dict[str, str], *, force: bool, progress: bool) -> Report:
-    import lance
     import pyarrow as pa
 
     from dcdb.filters.assets import existing_file, fingerprint, load_centroids
     from dcdb.filters.centroids import assign
+    from dcdb.store import lance_batches, open_lance
 
     _conflicts(pool, "centroids", [ANNOTATORS["centroids"].column], force)
     if "l14_img" not in pool.spaces:
@@ -293,8 +293,9 @@ def annotate_centroids(pool: Pool, params: dict[str, str], *, force: bool, progr
                             "assignment": "argmax of float32 dot product, first maximum"}
     if params.get("imagenet_embeddings"):
         info["targets"] = _targets_info(cpath, params["imagenet_embeddings"], dim)
-    ds = lance.dataset(str(pool.lance_path("l14_img")))
-    feeder = _RowFeeder(iter(ds.to_batches(columns=["l14_img"], batch_size=8192)))
+    table = pool.lance_path("l14_img")
+    ds = open_lance(table)
+    feeder = _RowFeeder(lance_batches(ds.to_batches(columns=["l14_img"], batch_size=8192), table))
     with _progress(pool.rows, "annotate centroids", progress) as bar:
 
         def compute(shard):
@@ -422,8 +423,11 @@ def import_columns(pool: Pool, source: str | os.PathLike, *, group: str | None =
     src = Path(source).expanduser()
     if not src.is_file():
         raise SourceError(f"import file {str(src)!r} does not exist", hint="give a Parquet file with a uid column")
+    from dcdb.io import sweep_pid_dirs
+
     con = duckdb.connect()
-    tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=pool.path))
+    sweep_pid_dirs(pool.path, ".import-*")  # DuckDB spill folders of killed imports
+    tmp = Path(tempfile.mkdtemp(prefix=".import-", suffix=f"-{os.getpid()}", dir=pool.path))
     try:
         con.execute(f"SET temp_directory = {sql_string(str(tmp))}")
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 import time
 
@@ -64,19 +65,177 @@ def _handle_errors(fn):
             raise
         except KeyboardInterrupt:
             _fail("interrupted", "re-run the command: it resumes or redoes cleanly", 130)
-        except OSError as exc:  # a file system fault nothing below turned into a DcdbError
+        except Exception as exc:  # noqa: BLE001
+            err = _fault_error(exc)  # faults of the machine no layer below turned into a DcdbError
+            if err is not None:
+                _fail(err.message, err.hint, err.exit_code)
             if os.environ.get(DEBUG_ENV) == "1":
                 raise
-            what = exc.strerror or type(exc).__name__
-            where = f": {exc.filename!r}" if exc.filename else ""
-            _fail(f"{what}{where}", _os_hint(exc), 1)
-        except Exception as exc:  # noqa: BLE001 -- a bug: one line, the traceback on request
-            if os.environ.get(DEBUG_ENV) == "1":
-                raise
+            if isinstance(exc, OSError):  # a file system fault: what the OS said, and where
+                what = exc.strerror or type(exc).__name__
+                where = f": {exc.filename!r}" if exc.filename else ""
+                _fail(f"{what}{where}", _os_hint(exc), 1)
+            # a bug: one line, the traceback on request
             _fail(f"internal error: {type(exc).__name__}: {exc}",
                   f"this is a bug in dcdb; re-run with {DEBUG_ENV}=1 for the traceback and report it", 70)
 
     return wrapper
+
+
+def _fault_error(exc: Exception) -> DcdbError | None:
+    """A last resort for faults of the machine rather than of dcdb: a full or read-only disk, a
+    worker process killed, a damaged Lance file (Lance reports a panic)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    from dcdb.errors import DiskFullError, NotWritableError, PoolError, WorkerError
+    from dcdb.io import write_fault
+
+    kind = write_fault(exc)  # the layer below did not say which file: say what the OS said
+    path = getattr(exc, "filename", None)
+    where = f": {str(path)!r}" if path else ""
+    if kind == "full":
+        return DiskFullError(f"no space left on the device{where}",
+                             hint="free space on that file system or choose another location, then re-run")
+    if kind == "read-only":
+        return NotWritableError(f"read-only file system{where}", hint="choose a writable location, then re-run")
+    if kind == "denied":
+        return DcdbError(f"permission denied{where}", hint="check that path's permissions, then re-run")
+    if isinstance(exc, BrokenProcessPool):
+        return WorkerError("a worker process died before finishing (killed, or out of memory)",
+                           hint="re-run the same command (with fewer -j if memory is short): finished work is kept")
+    text = str(exc)
+    if "panicked" in text or "LanceError" in text:
+        from dcdb.store import lance_failure
+
+        return PoolError(f"reading an embedding table failed: {lance_failure(exc)}",
+                         hint="a Lance file of the pool is damaged: re-ingest the pool (`dcdb ingest SRC NEW_POOL`)")
+    return None
+
+
+_PANIC_START = re.compile(rb"^thread '.*' (\(\d+\) )?panicked at ")
+
+
+class _NativeStderrFilter:
+    """Route what native code writes to file descriptor 2 through a small forked process that
+    drops Rust panic reports: a damaged Lance file makes Lance panic in a background thread, and
+    its report (with a backtrace under RUST_BACKTRACE) would reach the terminal besides dcdb's
+    one-line error. Everything else is passed on; Python's ``sys.stderr`` (progress bars, dcdb's
+    messages) keeps writing to the terminal directly. A separate process, not a thread, so that
+    what a crashing dcdb writes last still gets through."""
+
+    def __init__(self):
+        self.pid = None
+
+    def start(self) -> None:
+        try:
+            if not hasattr(os, "fork") or sys.stderr is None or sys.stderr.fileno() != 2:
+                return  # not a real process stderr (e.g. a test runner's capture)
+            sys.stderr.flush()
+            real = os.dup(2)
+            read, write = os.pipe()
+            done, finished = os.pipe()  # EOF on ``done`` once the filter process has exited
+            pid = os.fork()
+        except (OSError, ValueError, AttributeError):
+            return
+        if pid == 0:  # the filter process: read the pipe until every writer is gone
+            try:
+                import signal
+
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: still pass on the last words
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1):  # hold no pipe of the pipeline dcdb's stdout is part of
+                    os.dup2(null, fd)
+                os.close(write)  # else the pipe never ends
+                os.close(done)
+                _pump_stderr(read, real)
+            finally:
+                os._exit(0)
+        os.close(read)
+        os.close(finished)
+        self.saved, self.real, self.pid, self.done = sys.stderr, real, pid, done
+        sys.stderr = open(os.dup(real), "w", buffering=1, encoding=self.saved.encoding,  # noqa: SIM115
+                          errors=self.saved.errors)  # line-buffered like Python's own stderr
+        os.dup2(write, 2)
+        os.close(write)
+
+    def stop(self) -> None:
+        if self.pid is None:
+            return
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(self.real, 2)  # closes this process's write end of the pipe
+        os.close(self.real)
+        ours, sys.stderr = sys.stderr, self.saved
+        ours.close()
+        # The filter exits once every writer is gone, normally at once; multiprocessing's resource
+        # tracker (which holds the pipe too) only exits after this process does: wait briefly.
+        import select
+
+        if select.select([self.done], [], [], 0.05)[0]:
+            os.waitpid(self.pid, 0)
+        os.close(self.done)
+        self.pid = None
+
+
+def _pump_stderr(read: int, real: int) -> None:
+    buf, dropping, traced, blank = b"", False, False, False
+
+    def emit(data: bytes) -> None:
+        try:
+            os.write(real, data)
+        except OSError:
+            pass
+
+    while True:
+        try:
+            chunk = os.read(read, 65536)
+        except InterruptedError:
+            continue
+        except OSError:
+            chunk = b""
+        if not chunk:
+            break
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        out = []
+        for line in lines:
+            if _PANIC_START.match(line):
+                dropping, traced, blank = True, False, False  # Rust opens the report with a blank line
+            elif not dropping:
+                if blank:
+                    out.append(b"\n")
+                blank = not line
+                if line:
+                    out.append(line + b"\n")
+            elif line.startswith(b"note: "):
+                dropping = False  # a panic report ends with a note ...
+            elif line.startswith(b"stack backtrace:"):
+                traced = True
+            elif traced and line and not line[:1].isspace():
+                dropping = False  # ... or, under RUST_BACKTRACE=full, with the last frame
+                out.append(line + b"\n")
+        if out:
+            emit(b"".join(out))
+    if not dropping:
+        emit(b"\n" * blank + buf)
+
+
+def hold_write_lock(folder, doing: str, *, what: str = "pool", create: bool = False) -> None:
+    """Hold the write lock of a pool (or output folder) until the command ends: a second dcdb
+    process writing it fails at once with one line. ``doing`` names the write for the hint when
+    the folder is read-only."""
+    from dcdb.errors import NotWritableError
+    from dcdb.io import write_lock
+
+    folder = getattr(folder, "path", folder)
+    try:
+        click.get_current_context().with_resource(write_lock(folder, what, create=create))
+    except NotWritableError as exc:
+        instead = "; or write the subset to a file with -o FILE instead" if doing == "--save" else ""
+        raise NotWritableError(exc.message, hint=f"{doing} writes into the {what}: make it writable or work on "
+                                                 f"a writable copy of it{instead}") from None
 
 
 def pool_option(fn):
@@ -112,14 +271,33 @@ _quiet_option = click.option("-q", "--quiet", "_quiet", is_flag=True,
                              help="No progress bars or summaries on stderr (same as `dcdb -q`).")
 
 
-def command(group, name=None, **kw):
+def command(group, name=None, *, reads_lance: bool = False, **kw):
     """Register a command on ``group`` with error mapping, ``-q/--quiet`` (also accepted after the
-    command name) and a Ctx first argument."""
+    command name) and a Ctx first argument. A command that ``reads_lance`` runs with Lance's panic
+    reports kept off the terminal."""
 
     def deco(fn):
-        return group.command(name, **kw)(_quiet_option(_pass_ctx(_handle_errors(fn))))
+        run = _handle_errors(fn)
+        if reads_lance:
+            run = _native_stderr_filtered(run)
+        return group.command(name, **kw)(_quiet_option(_pass_ctx(run)))
 
     return deco
+
+
+def _native_stderr_filtered(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        filt = _NativeStderrFilter()
+        filt.start()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            filt.stop()
+
+    return wrapper
+
+
 
 
 class DcdbGroup(click.Group):
@@ -242,6 +420,7 @@ def ingest_cmd(c: Ctx, src, pool, jobs, shards_dir, buckets):
         from dcdb.shardindex import list_tars
 
         list_tars(shards_dir)  # refuse a folder without tars before ingesting
+        hold_write_lock(os.path.abspath(pool), "ingest", create=True)  # over ingest and indexing
     report = ingest(src, pool, jobs=jobs, progress=not c.quiet, buckets=buckets)
     c.log(report.summary())
     if shards_dir:
@@ -292,6 +471,17 @@ param_option = click.option(
 )
 
 
+def _unfinished(c: Ctx, output: str) -> bool:
+    """An OUTPUT without its OUTPUT.json: a killed run's, redone without --force (see README)."""
+    from dcdb.io import unfinished_output
+    from dcdb.query import manifest_path
+
+    if unfinished_output(output, manifest_path(output)):
+        c.log(f"{output} has no manifest ({manifest_path(output).name}): an unfinished earlier run; replacing it")
+        return True
+    return False
+
+
 def _read_filter(ref: str):
     from dcdb.query import load_filter
 
@@ -300,7 +490,7 @@ def _read_filter(ref: str):
     return load_filter(ref)
 
 
-@command(cli, "query")
+@command(cli, "query", reads_lance=True)
 @click.argument("filter_ref", metavar="FILE|NAME|-")
 @pool_option
 @param_option
@@ -338,7 +528,7 @@ def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, reshard_
     """
     from dcdb.engine import check_subset_name
     from dcdb.io import check_output
-    from dcdb.query import check_save, manifest_path, output_format, run_filter, save_subset, write_manifest, write_uids
+    from dcdb.query import check_save, manifest_path, output_format, run_filter, save_subset, write_output
     from dcdb.store import open_pool
 
     given = _param_pairs(params)
@@ -349,11 +539,13 @@ def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, reshard_
                          hint=f"give -o FILE.{fmt}, or leave --format out to print hex uids")
     fmt = output_format(output, fmt) if output else None
     if output:
-        check_output(output, force=force)
+        check_output(output, force=force or _unfinished(c, output))
         check_output(manifest_path(output), force=True, what="manifest")
     if save_name:
         check_subset_name(save_name)
     p = open_pool(pool)
+    if save_name:
+        hold_write_lock(p, "--save")
     if reshard_out:
         from dcdb.reshard import preflight
 
@@ -369,8 +561,7 @@ def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, reshard_
         work_dir = work_dir or (f"{output}{WORK_SUFFIX}" if output else None)
         res = run_distributed(p, filt, given, engine=engine, work_dir=work_dir, progress=not c.quiet, log=c.log)
     if output:
-        write_uids(output, res.uids, fmt)
-        write_manifest(manifest_path(output), res.manifest(output=output, fmt=fmt))
+        write_output(output, res.uids, fmt, res.manifest(output=output, fmt=fmt))
     if save_name:
         save_subset(p, save_name, res, force=force)
     if reshard_out:
@@ -395,7 +586,7 @@ def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, reshard_
     )
 
 
-@command(cli, "sql")
+@command(cli, "sql", reads_lance=True)
 @click.argument("sql_text", metavar="SQL")
 @pool_option
 @param_option
@@ -518,7 +709,7 @@ def _combine_command(op: str, doc: str):
     def _cmd(c: Ctx, operands, pool, output, save_name, force):
         from dcdb.errors import UsageError
         from dcdb.io import check_output
-        from dcdb.query import check_save, manifest_path, output_format, write_manifest, write_uids
+        from dcdb.query import check_save, manifest_path, output_format, write_output
         from dcdb.store import open_pool
         from dcdb.subsets import combination_manifest, combine, save_combination
 
@@ -526,16 +717,16 @@ def _combine_command(op: str, doc: str):
             raise UsageError(f"subsets {op}: give -o FILE or --save NAME", hint=f"e.g. dcdb subsets {op} A B -o out.npy")
         fmt = output_format(output, None, format_flag=False) if output else None
         if output:
-            check_output(output, force=force)
+            check_output(output, force=force or _unfinished(c, output))
             check_output(manifest_path(output), force=True, what="manifest")
         needs_pool = bool(save_name) or any(not os.path.isfile(r) for r in operands)
         p = open_pool(pool) if needs_pool else None
         if save_name:
+            hold_write_lock(p, "--save")
             check_save(p, save_name, force=force)
         arr, names = combine(op, list(operands), p)
         if output:
-            write_uids(output, arr, fmt)
-            write_manifest(manifest_path(output), combination_manifest(op, list(operands), arr, p, output))
+            write_output(output, arr, fmt, combination_manifest(op, list(operands), arr, p, output))
         if save_name:
             save_combination(p, save_name, arr, combination_manifest(op, list(operands), arr, p, save_name), force=force)
         c.log(f"{op} of {', '.join(names)}: {len(arr):,} uids")
@@ -551,7 +742,7 @@ _combine_command("minus", "Uids of A that are not in B (all copies dropped).")
 # ------------------------------------------------------------------------------------- demo
 
 
-@command(cli, "demo")
+@command(cli, "demo", reads_lance=True)
 @click.argument("folder", default="dcdb-demo", type=click.Path(file_okay=False, path_type=str))
 @click.option("--samples", "--rows", "samples", type=click.IntRange(min=1000), default=12_000, show_default=True,
               help="Pool size of the demo world (--rows is the old name).")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
-from dcdb.cli import Ctx, _param_pairs, cli, command, jobs_option, param_option, pool_option
+from dcdb.cli import Ctx, _param_pairs, cli, command, hold_write_lock, jobs_option, param_option, pool_option
 
 
-@command(cli, "annotate")
+@command(cli, "annotate", reads_lance=True)
 @click.argument("name", required=False, metavar="[NAME]")
 @pool_option
 @param_option
@@ -51,6 +51,7 @@ def annotate_cmd(c: Ctx, name, pool, params, source, group, columns, allow_unkno
             stale = "" if g["current"] else "  (pool changed since)"
             click.echo(f"{g['group']}: {', '.join(g['columns'])}  [{g['annotator']}, {g['created']}]{stale}")
         return
+    hold_write_lock(p, "dcdb annotate")
     if drop:
         from dcdb.derived import drop_group
 

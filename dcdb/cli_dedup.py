@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
-from dcdb.cli import Ctx, cli, command, pool_option
+from dcdb.cli import Ctx, cli, command, hold_write_lock, pool_option
 
 
-@command(cli, "dedup")
+@command(cli, "dedup", reads_lance=True)
 @pool_option
 @click.option("--space", default="l14_img", show_default=True, help="Embedding space to deduplicate.")
 @click.option("--threshold", type=float, default=0.95, show_default=True,
@@ -48,6 +48,7 @@ def dedup_cmd(c: Ctx, pool, space, threshold, clusters, seed, sample, iters, pro
             click.echo(f"{sp}\t{t:g}\t{info.get('groups', 0)} groups\t{info.get('dropped', 0)} to drop\t"
                        f"{km.get('clusters')} clusters, seed {km.get('seed')}, {km.get('probes', 1)} probe(s)\t{info['name']}{stale}")
         return
+    hold_write_lock(p, "dcdb dedup")
     report = semantic_dedup(p, space, threshold, clusters=clusters, seed=seed, sample=sample, iters=iters,
                             probes=probes, force=force, progress=not c.quiet)
     c.log(report.summary())

@@ -6,12 +6,12 @@ import sys
 
 import click
 
-from dcdb.cli import Ctx, cli, command, pool_option
+from dcdb.cli import Ctx, _unfinished, cli, command, hold_write_lock, pool_option
 
 space_option = click.option("--space", required=True, help="Embedding space, e.g. l14_img (see `dcdb info`).")
 
 
-@command(cli, "knn")
+@command(cli, "knn", reads_lance=True)
 @pool_option
 @space_option
 @click.option("--seeds", "seed_file", type=click.Path(dir_okay=False, path_type=str),
@@ -51,20 +51,21 @@ def knn_cmd(c: Ctx, pool, space, seed_file, seed_column, seed_subset, texts, ima
     from dcdb import uids as U
     from dcdb.engine import check_subset_name
     from dcdb.io import check_output
-    from dcdb.query import check_save, manifest_path, output_format, store_subset, write_manifest, write_uids
+    from dcdb.query import check_save, manifest_path, output_format, store_subset, write_output
     from dcdb.seeds import load_seeds
     from dcdb.store import open_pool
 
     fmt = output_format(output, None, format_flag=False) if output else None
-    for path in (output, pairs):
-        if path:
-            check_output(path, force=force)
+    if pairs:
+        check_output(pairs, force=force)
     if output:
+        check_output(output, force=force or _unfinished(c, output))
         check_output(manifest_path(output), force=True, what="manifest")
     if save_name:
         check_subset_name(save_name)
     p = open_pool(pool)
     if save_name:
+        hold_write_lock(p, "--save")
         check_save(p, save_name, force=force)
     npy = parquet = None
     if seed_file:
@@ -81,8 +82,7 @@ def knn_cmd(c: Ctx, pool, space, seed_file, seed_column, seed_subset, texts, ima
     arr = K.result_uids(ds, res)
     manifest = K.manifest(p, space, seeds, res, arr, where=where, output=output)
     if output:
-        write_uids(output, arr, fmt)
-        write_manifest(manifest_path(output), manifest)
+        write_output(output, arr, fmt, manifest)
     if pairs:
         K.write_pairs(pairs, ds, res)
     if save_name:
@@ -96,7 +96,7 @@ def knn_cmd(c: Ctx, pool, space, seed_file, seed_column, seed_subset, texts, ima
         c.log(f"exact path: {res.details['why_exact']}")
 
 
-@command(cli, "index")
+@command(cli, "index", reads_lance=True)
 @pool_option
 @space_option
 @click.option("--kind", type=click.Choice(["ivf_pq", "ivf_hnsw_sq"]), default="ivf_hnsw_sq", show_default=True,
@@ -112,7 +112,9 @@ def index_cmd(c: Ctx, pool, space, kind, partitions, sub_vectors, force):
     from dcdb.ann import build_index
     from dcdb.store import open_pool
 
-    rec = build_index(open_pool(pool), space, kind=kind, partitions=partitions, sub_vectors=sub_vectors,
+    p = open_pool(pool)
+    hold_write_lock(p, "dcdb index")
+    rec = build_index(p, space, kind=kind, partitions=partitions, sub_vectors=sub_vectors,
                       force=force, progress=not c.quiet)
     params = ", ".join(f"{k}={v}" for k, v in rec["params"].items())
     c.log(f"built {rec['kind']} index on {space} ({rec['rows']:,} rows, {params}) in {rec['build_seconds']:.1f}s")
@@ -131,5 +133,6 @@ def encoder_cmd(c: Ctx, pool, space, checkpoint):
 
     p = open_pool(pool)
     if checkpoint:
+        hold_write_lock(p, "dcdb encoder --checkpoint")
         set_checkpoint(p, space, checkpoint)
     click.echo(str(checkpoint_for(p, space)))

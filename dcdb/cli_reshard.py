@@ -7,7 +7,7 @@ import os
 import click
 from click.core import ParameterSource
 
-from dcdb.cli import Ctx, cli, command, jobs_option, pool_option
+from dcdb.cli import Ctx, cli, command, hold_write_lock, jobs_option, pool_option
 
 
 @command(cli, "index-shards")
@@ -21,9 +21,14 @@ def index_shards_cmd(c: Ctx, shards_dir, pool, jobs):
     as the view `shard_index` (uid, downloaded, status, width, height, tar, byte_offset, ...).
     Resumable: a re-run reads only the tars that changed or were not indexed yet.
     """
+    from dcdb.io import writing
     from dcdb.shardindex import index_shards
+    from dcdb.store import open_pool
 
-    report = index_shards(pool, shards_dir, jobs=jobs or os.cpu_count() or 1, progress=not c.quiet)
+    p = open_pool(pool)
+    hold_write_lock(p, "dcdb index-shards")
+    with writing(p.path, "the shard index into pool", redo="then re-run: indexed tars are kept"):
+        report = index_shards(pool, shards_dir, jobs=jobs or os.cpu_count() or 1, progress=not c.quiet)
     c.log(report.summary())
 
 

@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 
 from dcdb.errors import PoolError, UsageError
-from dcdb.store import Pool
+from dcdb.store import Pool, lance_batches
 
 TOLERANCE = 1e-6
 THRESHOLD_DECIMALS = 6
@@ -199,7 +199,7 @@ def _batch_vectors(batch, column: str) -> np.ndarray:
 def _scan(ds, space: str):
     """(first row, stored vectors) for every batch of the Lance table, in pool order."""
     row = 0
-    for batch in ds.to_batches(columns=[space], batch_size=SCAN_ROWS):
+    for batch in lance_batches(ds.to_batches(columns=[space], batch_size=SCAN_ROWS), ds.uri):
         v = _batch_vectors(batch, space)
         yield row, v
         row += len(v)
@@ -469,12 +469,11 @@ def semantic_dedup(pool: Pool, space: str, threshold: float, *, clusters: int | 
                    probes: int = 1, progress: bool = False, chunk_bytes: int = CHUNK_BYTES) -> DedupReport:
     """Compute near-duplicate groups of ``space`` at cosine ``threshold`` and store them as the
     derived group ``neardup_<space>_<t>`` (see the module docstring for the exact rule)."""
-    import lance
     import pyarrow as pa
 
     from dcdb import uids as U
     from dcdb.derived import write_group
-    from dcdb.store import DERIVED_DIR
+    from dcdb.store import DERIVED_DIR, open_lance
 
     t_start = time.perf_counter()
     spec = check_space(pool, space)
@@ -502,7 +501,7 @@ def semantic_dedup(pool: Pool, space: str, threshold: float, *, clusters: int | 
         raise UsageError(f"--probes must be between 1 and the {k:,} clusters, got {probes}",
                          hint="1 compares rows within their nearest cluster (SemDeDup); 2 also the second nearest")
     params = {"clusters": k, "seed": seed, "sample": size, "iters": iters, "probes": probes}
-    ds = lance.dataset(str(pool.lance_path(space)))
+    ds = open_lance(pool.lance_path(space))
     phases: dict[str, float] = {}
 
     # 1-2. clusters: reuse an earlier run's, or sample + spherical k-means + streaming assignment

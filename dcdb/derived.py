@@ -65,14 +65,30 @@ def write_group(
     shards: Iterable[dict[str, Any]] | None = None,
 ) -> Path:
     """Write a derived group: ``compute(shard)`` returns a pyarrow Table with exactly the shard's
-    row count (shard = an entry of the manifest's ``shards``). Atomic: temp folder, then rename."""
-    import pyarrow.parquet as pq
+    row count (shard = an entry of the manifest's ``shards``). Atomic: temp folder, then rename.
+    Holds the pool's write lock; removes the temp folders of killed runs first."""
+    from dcdb.io import write_lock, writing
 
     if not GROUP_RE.match(group):
         raise UsageError(f"invalid derived group name {group!r}", hint="lowercase letters, digits, underscores")
+    with write_lock(pool.path, "pool"), writing(pool.path, f"derived group {group!r} into pool",
+                                                redo="the pool is unchanged; then re-run the command"):
+        return _write_group(pool, group, compute, info=info, replace=replace, shards=shards)
+
+
+def _write_group(pool: Pool, group: str, compute, *, info, replace: bool, shards) -> Path:
+    import pyarrow.parquet as pq
+
+    from dcdb.io import kill_point, sweep_pid_dirs
+
     root = pool.path / DERIVED_DIR
+    made = not root.is_dir()
     root.mkdir(exist_ok=True)
     final = root / group
+    if not final.exists() and (old := _newest_old(root, group)) is not None:
+        os.replace(old, final)  # a run killed between moving the group aside and moving the new one in
+    for kind in ("tmp", "old"):  # full copies of the group that killed runs left
+        sweep_pid_dirs(root, f".{group}.{kind}-*")
     if final.exists() and not replace:
         raise UsageError(f"derived group {group!r} already exists", hint="pass --force to recompute it")
     tmp = root / f".{group}.tmp-{os.getpid()}"
@@ -101,6 +117,7 @@ def write_group(
             **(info or {}),
         }
         (tmp / GROUP_FILE).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        kill_point(f"group:{group}")
         if final.exists():
             old = root / f".{group}.old-{os.getpid()}"
             os.replace(final, old)
@@ -110,8 +127,16 @@ def write_group(
             os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if made:
+            shutil.rmtree(root, ignore_errors=True)  # it held only our temp folder
         raise
     return final
+
+
+def _newest_old(root: Path, group: str) -> Path | None:
+    """A complete group a killed ``--force`` run moved aside (``.<group>.old-PID``), if any."""
+    olds = [d for d in root.glob(f".{group}.old-*") if (d / GROUP_FILE).is_file()]
+    return max(olds, key=lambda d: d.stat().st_mtime) if olds else None
 
 
 def _is_float(t) -> bool:
@@ -123,7 +148,10 @@ def _is_float(t) -> bool:
 
 
 def drop_group(pool: Pool, group: str) -> None:
+    from dcdb.io import write_lock
+
     d = pool.path / DERIVED_DIR / group
-    if not (d / GROUP_FILE).is_file():
-        raise UsageError(f"pool has no derived group {group!r}")
-    shutil.rmtree(d)
+    with write_lock(pool.path, "pool"):
+        if not (d / GROUP_FILE).is_file():
+            raise UsageError(f"pool has no derived group {group!r}")
+        shutil.rmtree(d)

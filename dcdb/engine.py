@@ -84,6 +84,7 @@ def _embedding_scan_class():
             self.error = None  # the PoolError a scan raised (DuckDB wraps it; see scan_error)
             self._rows = int(rows) if rows is not None else self._table_rows()
             self._checked = rows is None  # the table's rows were counted, not taken on trust
+            self._files_checked = False  # data files end in intact footers (store.check_lance_files)
 
         @property
         def schema(self):
@@ -102,6 +103,15 @@ def _embedding_scan_class():
                                            hint="the pool is damaged or was changed by hand; re-ingest it")
                     raise self.error
                 self._checked = True
+            if not self._files_checked:
+                from dcdb.store import check_lance_files
+
+                try:
+                    check_lance_files(self._path or lds.uri, lds, self._open_fragments())
+                except PoolError as exc:
+                    self.error = exc
+                    raise
+                self._files_checked = True
             return lds
 
         def _open(self):
@@ -155,7 +165,17 @@ def _embedding_scan_class():
             if frags is not None and not frags:
                 return
             scanner = lds.scanner(columns=[self._column], batch_size=BATCH_ROWS, fragments=frags, scan_in_order=True)
-            for batch in scanner.to_batches():
+            from dcdb.store import lance_batches
+
+            batches = lance_batches(scanner.to_batches(), self._path or lds.uri)
+            while True:
+                try:
+                    batch = next(batches, None)
+                except PoolError as exc:
+                    self.error = exc
+                    raise
+                if batch is None:
+                    break
                 vec = batch.column(0)
                 self.vector_bytes_read += vec.nbytes
                 flat = vec.flatten()

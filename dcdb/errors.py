@@ -64,6 +64,27 @@ class OutputError(DcdbError):
     """The output path exists (and ``--force`` was not given) or cannot be written."""
 
 
+class DiskFullError(OutputError):
+    """The file system ran out of space (or quota) while dcdb wrote; the message names the path.
+    Nothing half-written is left: temp files are removed, a pool keeps its earlier state."""
+
+
+class NotWritableError(OutputError):
+    """A file or folder dcdb must write is on a read-only file system or denied by permissions
+    (a read-only pool given to ``--save``, ``annotate``, ``dedup``, ``index`` ...)."""
+
+
+class BusyError(DcdbError):
+    """Another dcdb process is writing the same pool or output folder (it holds the lock file
+    ``.dcdb-lock`` there); the message gives its pid."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later
+
+
+class WorkerError(DcdbError):
+    """A worker process died (killed, out of memory) before finishing its part of the work."""
+
+
 class SubsetError(DcdbError):
     """A stored subset is unknown, or a subset name is invalid."""
 

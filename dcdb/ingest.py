@@ -44,8 +44,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dcdb import errors, uids
-from dcdb.errors import DcdbError, OutputError, PoolError, SourceError, UsageError
-from dcdb.io import TMP_MARK, atomic_path, dir_size, write_json
+from dcdb.errors import DcdbError, OutputError, PoolError, SourceError, UsageError, WorkerError
+from dcdb.io import (
+    LOCK_NAME,
+    TMP_MARK,
+    atomic_path,
+    dir_size,
+    kill_point,
+    write_error,
+    write_json,
+    write_lock,
+    writing,
+)
 from dcdb.store import (
     DATACOMP_SPACES,
     EMBEDDINGS_DIR,
@@ -426,7 +436,7 @@ def _prepare_pool(pool: Path, plan: Plan) -> dict[str, Any] | None:
     if (pool / MANIFEST).exists():
         return _check_complete(pool, plan)
     staging = _staging(pool)
-    if pool.is_dir() and any(pool.iterdir()) and not staging.is_dir():
+    if pool.is_dir() and any(p.name != LOCK_NAME for p in pool.iterdir()) and not staging.is_dir():
         raise OutputError(
             f"{str(pool)!r} is not empty and is not a dcdb pool",
             hint="give a new or empty folder as POOL; dcdb never deletes files it did not write",
@@ -710,16 +720,22 @@ def process_shard(task: ShardTask) -> dict[str, Any]:
 
 def _run_task(task: ShardTask) -> dict[str, Any]:
     """Worker entry point: errors travel back as data so the parent re-raises the same type."""
+    kill_point(f"ingest-shard:{task.name}")
     try:
         return {"ok": True, "entry": process_shard(task)}
-    except DcdbError as exc:
-        return {"ok": False, "error": type(exc).__name__, "message": exc.message, "hint": exc.hint}
+    except Exception as exc:
+        err = exc if isinstance(exc, DcdbError) else write_error(exc, task.pool, "pool")
+        if err is None:
+            raise
+        return {"ok": False, "error": type(err).__name__, "message": err.message, "hint": err.hint}
 
 
 def _raise_worker_error(result: dict[str, Any]) -> None:
     """Re-raise a worker's DcdbError in the parent, adding how to resume."""
     cls = getattr(errors, result["error"], DcdbError)
     resume = "fix or remove that shard, then re-run the same command: finished shards are kept"
+    if issubclass(cls, OutputError):  # disk full, read-only: nothing wrong with the shard
+        resume = "then re-run the same command: finished shards are kept"
     hint = resume if result["hint"] is None else f"{result['hint']}; {resume}"
     raise cls(result["message"], hint=hint)
 
@@ -785,15 +801,20 @@ def _run_parallel(pool: Path, tasks: list[ShardTask], jobs: int, bar: _Progress)
     """Shards on ``jobs`` spawned processes; on a bad shard, finish running ones, then raise."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
-    failure = None
+    failure = died = None
     executor = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"))
     try:
         futures = {executor.submit(_run_task, t): t for t in tasks}
         for fut in as_completed(futures):
             if fut.cancelled():
                 continue
-            result = fut.result()
+            try:
+                result = fut.result()
+            except BrokenProcessPool:  # a worker was killed (OOM killer, kill -9): keep what finished
+                died = died or futures[fut]
+                continue
             if result["ok"]:
                 _record(pool, result["entry"])
                 bar.shard_done(futures[fut].rows)
@@ -805,6 +826,11 @@ def _run_parallel(pool: Path, tasks: list[ShardTask], jobs: int, bar: _Progress)
         executor.shutdown(wait=True, cancel_futures=True)
     if failure is not None:
         _raise_worker_error(failure)
+    if died is not None:
+        raise WorkerError(
+            f"a worker process died while ingesting (killed, or out of memory), around shard {died.name}",
+            hint="re-run the same command (with a smaller -j if memory is short): finished shards are kept",
+        )
 
 
 # ----------------------------------------------------------------------------------- commit
@@ -865,6 +891,22 @@ def _commit_space(pool: Path, plan: Plan, space: str, entries: list[dict[str, An
     for f in (uri / "data").glob("*"):
         if f.is_file() and f.name not in keep:  # fragments of a killed or redone shard
             f.unlink()
+
+
+def _remove_orphan_fragments(pool: Path, plan: Plan) -> None:
+    """After a failed run: Lance data files no journaled shard refers to (a shard that failed or
+    was being written when a worker died, or a half file on a full disk). Frees their space now
+    rather than at the next commit."""
+    keep = set()
+    for shard in plan.shards:
+        entry = _read_json(_journal_path(pool, shard.name)) or {}
+        for space in (entry.get("spaces") or {}).values():
+            keep.update(Path(rel).name for rel in (space or {}).get("files", {}))
+    for space in plan.spaces:
+        data = pool / EMBEDDINGS_DIR / f"{space}.lance" / "data"
+        for f in data.glob("*") if data.is_dir() else ():
+            if f.is_file() and f.name not in keep:
+                f.unlink(missing_ok=True)
 
 
 def _remove_stale_metadata(pool: Path, plan: Plan) -> None:
@@ -946,6 +988,15 @@ def ingest(
     t0 = time.perf_counter()
     plan = plan_source(src)
     pool = Path(pool).expanduser().resolve()
+    if pool.exists() and not pool.is_dir():
+        raise OutputError(f"pool path {str(pool)!r} is a file", hint="give a folder path as POOL")
+    resume = "then re-run the same command: finished shards are kept"
+    with write_lock(pool, "pool", create=True), writing(pool, "pool", redo=resume):
+        return _ingest(plan, pool, t0, jobs=jobs, progress=progress, buckets=buckets)
+
+
+def _ingest(plan: Plan, pool: Path, t0: float, *, jobs: int, progress: bool, buckets: int | None) -> IngestReport:
+    """``ingest`` once POOL is locked."""
     complete = _prepare_pool(pool, plan)
     if complete is not None:
         from dcdb.buckets import check_same_buckets
@@ -972,11 +1023,16 @@ def ingest(
     todo = [s for s in plan.shards if s.name not in done]
     tasks = _tasks(pool, plan, todo)
     rows_todo = sum(s.rows for s in todo)
-    with _Progress(rows_todo, len(done), len(plan.shards), progress) as bar:
-        if tasks and (jobs == 1 or len(tasks) == 1 or not can_spawn()):
-            _run_inline(pool, tasks, bar)
-        elif tasks:
-            _run_parallel(pool, tasks, min(jobs, len(tasks)), bar)
+    try:
+        with _Progress(rows_todo, len(done), len(plan.shards), progress) as bar:
+            if tasks and (jobs == 1 or len(tasks) == 1 or not can_spawn()):
+                _run_inline(pool, tasks, bar)
+            elif tasks:
+                _run_parallel(pool, tasks, min(jobs, len(tasks)), bar)
+    except BaseException:  # every worker has exited: drop what a killed or failed one left
+        _remove_orphan_fragments(pool, plan)
+        _remove_temp_files(pool)
+        raise
     entries = [_read_json(_journal_path(pool, s.name)) for s in plan.shards]
     if any(e is None for e in entries):
         raise PoolError(

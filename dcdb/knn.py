@@ -94,13 +94,10 @@ class TopK:
 
 def open_space(pool, space: str):
     """The Lance dataset of ``space`` (checked against the pool's row count) and its dim."""
-    import lance
+    from dcdb.store import open_lance
 
     path = pool.lance_path(space)  # PoolError naming the pool's spaces when unknown
-    try:
-        ds = lance.dataset(str(path))
-    except Exception as exc:
-        raise PoolError(f"embedding table {str(path)!r} cannot be opened: {exc}", hint="re-ingest the pool") from exc
+    ds = open_lance(path)  # PoolError when a data file is missing or damaged
     if ds.count_rows() != pool.rows:
         raise PoolError(
             f"embedding table {space!r} has {ds.count_rows()} rows, the pool {pool.rows}",
@@ -153,7 +150,10 @@ def scan_vectors(ds, space: str, dim: int, rows: np.ndarray | None = None,
         keep = np.zeros(n_total, dtype=bool)
         keep[rows] = True
     start = 0
-    for col in _gathered(ds.to_batches(columns=[space], batch_size=batch_rows, scan_in_order=True), batch_rows):
+    from dcdb.store import lance_batches
+
+    batches = lance_batches(ds.to_batches(columns=[space], batch_size=batch_rows, scan_in_order=True), ds.uri)
+    for col in _gathered(batches, batch_rows):
         n = len(col)
         mat, valid = _to_matrix(col, dim)
         if keep is not None:
@@ -379,7 +379,7 @@ def write_pairs(path, ds, result: KnnResult) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dcdb.io import atomic_path
+    from dcdb.io import atomic_path, sweep_temps, writing
 
     s, k = result.rows.shape
     seed_id = np.repeat(np.arange(s, dtype=np.int32), k)
@@ -390,7 +390,8 @@ def write_pairs(path, ds, result: KnnResult) -> None:
         "seed": seed_id[ok], "uid": uids_of(ds, rows[ok]), "rank": rank[ok],
         "similarity": result.sims.ravel()[ok].astype(np.float32), "row": rows[ok],
     })
-    with atomic_path(path) as tmp:
+    sweep_temps(path)  # what a killed run left
+    with writing(path, "output", redo="then re-run the command"), atomic_path(path) as tmp:
         pq.write_table(tbl, tmp)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import math
 import re
 import time
@@ -345,6 +346,8 @@ def run_filter(pool: Pool, filt: FilterFile, given: dict[str, str] | None = None
         if not is_statement_error(exc):
             raise
         _reraise(con, filt, pool, exc)
+    except (OSError, ValueError) as exc:  # pyarrow's, while streaming: it wraps a scan's error
+        reraise_streamed(con, exc)
     if copies_parts is not None:
         copies = np.concatenate(copies_parts) if copies_parts else np.empty(0, np.int64)
         arr = np.repeat(arr, copies)
@@ -405,6 +408,18 @@ def check_copies_total(total: int, pool_rows: int, name: str) -> None:
             f"{COPIES_TOTAL_MIN:,})",
             hint="lower the copies column (the resharder writes every copy as a sample)",
         )
+
+
+def reraise_streamed(con, exc: Exception):
+    """The dcdb error behind an error pyarrow raised while the result streamed (an embedding
+    scan that found a damaged file, a Python function's error), else ``exc`` itself."""
+    from dcdb.engine import scan_error
+    from dcdb.filters import take_error
+
+    err = take_error(con) or scan_error(con)
+    if err is None:
+        raise exc
+    raise err from None
 
 
 def _collect_into(reader, name: str, capacity: int, pool_rows: int | None = None):
@@ -518,25 +533,58 @@ def write_uids(path: str | Path, arr: np.ndarray, fmt: str) -> Path:
     if fmt == "npy":
         return U.save(path, arr, sorted_=True)
     with atomic_path(path) as tmp:
-        if fmt == "parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            pq.write_table(pa.table({"uid": U.to_arrow(arr)}), tmp)
-        elif fmt == "txt":
-            with open(tmp, "w") as f:
-                for chunk in range(0, len(arr), 1 << 20):
-                    f.write("\n".join(U.to_hex(arr[chunk : chunk + (1 << 20)])))
-                    f.write("\n")
-        else:  # pragma: no cover -- output_format validated it
-            raise OutputError(f"unknown format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
+        _write_uid_file(tmp, arr, fmt)
     return path
+
+
+def _write_uid_file(path: Path, arr: np.ndarray, fmt: str) -> None:
+    """A sorted uid list into ``path`` (a temp name: the caller renames it)."""
+    if fmt == "npy":
+        with open(path, "wb") as f:
+            np.save(f, U._check_dtype(arr))
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"uid": U.to_arrow(arr)}), path)
+    elif fmt == "txt":
+        with open(path, "w") as f:
+            for chunk in range(0, len(arr), 1 << 20):
+                f.write("\n".join(U.to_hex(arr[chunk : chunk + (1 << 20)])))
+                f.write("\n")
+    else:  # pragma: no cover -- output_format validated it
+        raise OutputError(f"unknown format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
+
+
+def _manifest_text(manifest: dict[str, Any]) -> str:
+    return json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n"  # as io.write_json
 
 
 def write_manifest(path: str | Path, manifest: dict[str, Any]) -> Path:
     from dcdb.io import write_json
 
     return write_json(path, manifest)
+
+
+def write_output(path: str | Path, arr: np.ndarray, fmt: str, manifest: dict[str, Any]) -> Path:
+    """A uid file and its manifest (OUTPUT.json) as one unit: both are written under temp names,
+    the old manifest is removed, then the uid file and the manifest are renamed into place. A
+    failure while writing (a full disk) leaves an earlier output as it was; a run killed between
+    the renames leaves a uid file without a manifest, which the next run redoes without --force
+    (``dcdb.io.unfinished_output``)."""
+    from dcdb.io import atomic_path, sweep_temps, writing
+
+    path = Path(path)
+    mpath = manifest_path(path)
+    sweep_temps(path)  # what a killed run left
+    sweep_temps(mpath)
+    with writing(path, "output", redo="then re-run the command"), atomic_path(mpath) as mtmp:
+        mtmp.write_text(_manifest_text(manifest))
+        with atomic_path(path) as tmp:
+            _write_uid_file(tmp, arr, fmt)
+            if not mpath.is_symlink():  # (a link is written through: its target is replaced)
+                mpath.unlink(missing_ok=True)
+    return path
 
 
 def manifest_path(out: str | Path) -> Path:
@@ -568,15 +616,32 @@ def check_save(pool: Pool, name: str, *, force: bool) -> Path:
 def store_subset(pool: Pool, name: str, arr: np.ndarray, manifest: dict[str, Any], *, force: bool = False) -> Path:
     """Write ``subsets/<name>.npy`` + ``.json`` + ``.parquet`` (the uid table SQL sees)."""
     from dcdb.engine import check_subset_name
+    from dcdb.io import atomic_path, sweep_temps, write_lock, writing
 
     check_subset_name(name)
     d = pool.subsets_dir
-    d.mkdir(exist_ok=True)
-    npy = check_save(pool, name, force=force)
-    # parquet first, npy last: a subset is visible only once its .npy exists.
-    write_uids(d / f"{name}.parquet", arr, "parquet")
-    write_manifest(d / f"{name}.json", manifest)
-    write_uids(npy, arr, "npy")
+    with write_lock(pool.path, "pool"), writing(pool.path, f"subset {name!r} into pool",
+                                                redo="the pool is unchanged; then re-run the command"):
+        npy = check_save(pool, name, force=force)  # regular files only; an existing one needs force
+        made = not d.is_dir()
+        d.mkdir(exist_ok=True)
+        for suffix in (".npy", ".json", ".parquet"):
+            sweep_temps(d / f"{name}{suffix}")  # what a killed run left
+        try:
+            # Every file under a temp name first (a full disk fails here and changes nothing), then
+            # renamed: parquet first, npy last -- a subset is visible only once its .npy exists.
+            with (atomic_path(npy) as npy_tmp, atomic_path(d / f"{name}.json") as json_tmp,
+                  atomic_path(d / f"{name}.parquet") as parquet_tmp):
+                _write_uid_file(parquet_tmp, arr, "parquet")
+                json_tmp.write_text(_manifest_text(manifest))
+                _write_uid_file(npy_tmp, arr, "npy")
+        except BaseException:
+            if made:
+                try:
+                    d.rmdir()  # the temps are gone already
+                except OSError:
+                    pass
+            raise
     return npy
 
 

@@ -63,7 +63,8 @@ import numpy as np
 
 from dcdb import uids as U
 from dcdb.errors import DcdbError, OutputError, ReshardError, UsageError
-from dcdb.io import TMP_MARK, atomic_path, check_folder, write_json, write_target
+from dcdb.io import (LOCK_NAME, TMP_MARK, atomic_path, check_folder, kill_point, write_error, write_json, write_lock,
+                     write_target, writing)
 from dcdb.shardindex import (
     BLOCK,
     IMAGE_EXTS,
@@ -814,7 +815,7 @@ def check_output_dir(out: str | os.PathLike, *, overwrite: bool) -> OutState:
                 hint="choose another output folder",
             )
         return OutState(path, False, True, None)
-    entries = [p for p in path.iterdir() if TMP_MARK not in p.name]
+    entries = [p for p in path.iterdir() if TMP_MARK not in p.name and p.name != LOCK_NAME]
     for p in entries:  # what we would write or replace: regular files only (never read a FIFO either)
         if p.name in OUR_FILES or _OUR_NAME.fullmatch(p.name):
             write_target(p, what="output file")
@@ -894,10 +895,14 @@ def _shard_done(out: Path, k: int, entry: dict[str, Any] | None) -> bool:
 
 def _run_task(task: ShardTask) -> dict[str, Any]:
     """Worker entry point: errors travel back as data so the parent re-raises the same type."""
+    kill_point(f"reshard-shard:{task.index}")
     try:
         return {"ok": True, "result": asdict(write_shard(task))}
-    except DcdbError as exc:
-        return {"ok": False, "error": type(exc).__name__, "message": exc.message, "hint": exc.hint}
+    except Exception as exc:
+        err = exc if isinstance(exc, DcdbError) else write_error(exc, task.out_dir, "output folder")
+        if err is None:
+            raise
+        return {"ok": False, "error": type(err).__name__, "message": err.message, "hint": err.hint}
 
 
 def _raise_worker_error(result: dict[str, Any], resume: str) -> None:
@@ -922,6 +927,9 @@ def _map_parallel(fn, items, jobs: int, window: int) -> Iterator[Any]:
     import multiprocessing as mp
     from collections import deque
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    from dcdb.errors import WorkerError
 
     with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
         pending: deque = deque()
@@ -933,6 +941,11 @@ def _map_parallel(fn, items, jobs: int, window: int) -> Iterator[Any]:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
+        except BrokenProcessPool:
+            raise WorkerError(
+                "a worker process died (killed, or out of memory)",
+                hint="re-run the same command (with a smaller -j if memory is short): finished shards are kept",
+            ) from None
         finally:
             for f in pending:
                 f.cancel()
@@ -1011,12 +1024,24 @@ def reshard(
     ``subset_label`` names an in-memory subset in meta.json (e.g. the filter that made it). See
     the module docstring for the output contract, order, resumability and blurring. Raises
     UidError (bad uid file), ShardIndexError (no or stale index), OutputError (OUT unusable),
-    ReshardError (a corrupt sample with ``strict``).
+    ReshardError (a corrupt sample with ``strict``), BusyError (another run writes ``out``),
+    DiskFullError / NotWritableError (``out`` fills up or cannot be written).
     """
     t0 = time.perf_counter()
     _check_args(pool, shards, shard_size, jobs, max_shard_bytes)
     sel = load_selection(subset, warn)
     st = check_output_dir(out, overwrite=overwrite)
+    resume = "then re-run the same command: finished shards are kept"
+    with write_lock(st.path, "output folder", create=True), writing(st.path, "output folder", redo=resume):
+        return _reshard(sel, st, t0, pool=pool, shards=shards, shard_size=shard_size, jobs=jobs, blur=blur,
+                        shuffle_seed=shuffle_seed, overwrite=overwrite, strict=strict, progress=progress,
+                        engine=engine, max_shard_bytes=max_shard_bytes, subset_label=subset_label, warn=warn)
+
+
+def _reshard(sel: Selection, st: OutState, t0: float, *, pool, shards, shard_size: int, jobs: int, blur: bool,
+             shuffle_seed: int | None, overwrite: bool, strict: bool, progress: bool, engine: str,
+             max_shard_bytes: int, subset_label: str | None, warn: Log) -> ReshardReport:
+    """``reshard`` once OUT is locked."""
     located, source = _locate(pool, shards, sel, blur, jobs, progress, warn)
     if strict and len(located.corrupt):
         raise ReshardError(
@@ -1033,7 +1058,13 @@ def reshard(
     if not todo and state.get("complete") and (st.path / "meta.json").is_file():
         return _report_from_state(st.path, plan, state, sel, time.perf_counter() - t0, already=True)
     state["complete"] = False
-    _write_shards(st.path, plan, state, todo, strict, jobs, progress, engine)
+    try:
+        _write_shards(st.path, plan, state, todo, strict, jobs, progress, engine)
+    except BaseException:
+        if engine == "local":  # every worker has exited: a killed one's half tar is debris
+            for p in st.path.glob(f"*{TMP_MARK}*"):
+                p.unlink(missing_ok=True)
+        raise
     resumed = len(plan.bounds) - len(todo)
     report = _report_from_state(st.path, plan, state, sel, time.perf_counter() - t0, resumed=resumed)
     args = {

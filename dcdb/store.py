@@ -114,6 +114,89 @@ class Pool:
         return hashlib.sha256((self.path / MANIFEST).read_bytes()).hexdigest()
 
 
+def damaged_table(table: str | os.PathLike, detail: str) -> PoolError:
+    """The error for a Lance embedding table whose files are damaged (``table``: its folder)."""
+    return PoolError(
+        f"embedding table {str(table)!r} is damaged: {detail}",
+        hint="re-ingest the pool from its source (`dcdb ingest SRC NEW_POOL`); copying the pool "
+        "back from a backup also works",
+    )
+
+
+def check_lance_files(table: str | os.PathLike, dataset, fragments=None) -> None:
+    """Check that every data file of the Lance ``dataset`` at ``table`` (or of ``fragments``)
+    exists and ends in an intact Lance footer, before anything reads it: Lance panics on a
+    truncated or overwritten file (in a background thread, with its report on stderr) instead of
+    raising an error. One ``pread`` of 16 bytes per file; raises PoolError naming the file."""
+    import struct
+
+    table = Path(table)
+    for frag in fragments if fragments is not None else dataset.get_fragments():
+        for df in frag.data_files():
+            path = table / "data" / df.path
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise damaged_table(table, f"its data file {df.path!r} is missing") from None
+            except OSError as exc:
+                raise damaged_table(table, f"its data file {df.path!r} cannot be read: {exc}") from None
+            try:
+                size = os.fstat(fd).st_size
+                tail = os.pread(fd, 16, size - 16) if size >= 16 else b""
+            finally:
+                os.close(fd)
+            if len(tail) < 16 or tail[-4:] != b"LANC":
+                raise damaged_table(table, f"its data file {df.path!r} ({size:,} bytes) is truncated or "
+                                           "overwritten: it does not end in a Lance footer")
+            meta_pos, major, minor = struct.unpack("<QHH", tail[:12])
+            if (major, minor) != (df.file_major_version, df.file_minor_version) or (
+                major == 0 and meta_pos >= size - 16
+            ):
+                raise damaged_table(table, f"its data file {df.path!r} has a corrupt Lance footer")
+
+
+def open_lance(table: str | os.PathLike, fragment_ids=None):
+    """Open the Lance table at ``table`` and check its data files (see check_lance_files); with
+    ``fragment_ids``, only those fragments' files. Returns the dataset."""
+    import lance
+
+    try:
+        ds = lance.dataset(str(table))
+    except Exception as exc:
+        raise damaged_table(table, f"it cannot be opened ({exc})") from exc
+    frags = None
+    if fragment_ids is not None:
+        by_id = {f.fragment_id: f for f in ds.get_fragments()}
+        frags = [by_id[i] for i in fragment_ids if i in by_id]
+    check_lance_files(table, ds, frags)
+    return ds
+
+
+def lance_batches(batches, table: str | os.PathLike):
+    """Iterate Lance's record batches, turning a read failure (a damaged file Lance did not
+    notice when the table was opened) into the PoolError of ``damaged_table``."""
+    it = iter(batches)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except (OSError, RuntimeError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
+            raise damaged_table(table, f"reading it failed: {lance_failure(exc)}") from exc
+        yield batch
+
+
+def lance_failure(exc: BaseException) -> str:
+    """What went wrong in Lance, in one line (a panic inside Lance becomes "could not decode")."""
+    import re
+
+    text = str(exc).strip()
+    m = re.search(r'panicked with message "([^"]*)"', text)
+    if m:
+        return f"Lance could not decode a data file ({m.group(1)[:200]})"
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
 def resolve_pool_path(path: str | os.PathLike | None) -> Path:
     if path is None or str(path) == "":
         env = os.environ.get(POOL_ENV)
