@@ -226,4 +226,12 @@ def test_unexpected_exceptions_are_one_line_unless_debugging(built, monkeypatch)
     monkeypatch.setattr(dcdb.store, "open_pool", denied)
     res = run(["info", "--pool", str(built / "pool")])
     assert res.exit_code == 1
-    assert res.stderr == "error: Permission denied: '/some/file'\n  hint: check the permissions, or write somewhere else\n"
+    assert res.stderr == "error: permission denied: '/some/file'\n  hint: check that path's permissions, then re-run\n"
+
+    def missing(*_a, **_k):
+        raise FileNotFoundError(2, "No such file or directory", "/some/file")
+
+    monkeypatch.setattr(dcdb.store, "open_pool", missing)
+    res = run(["info", "--pool", str(built / "pool")])
+    assert res.exit_code == 1
+    assert res.stderr == "error: No such file or directory: '/some/file'\n  hint: check the path\n"
