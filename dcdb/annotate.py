@@ -146,7 +146,7 @@ def text_task(task: tuple[str, str, str]) -> Any:
 
         wn = open_wordnet(os.environ.get("DCDB_WORDNET") or None)
         return pa.table({column: pa.array([wn.caption_offsets(t) for t in texts], pa.list_(pa.int32()))})
-    raise UsageError(f"no text annotator {name!r}")  # pragma: no cover -- names are checked first
+    raise UsageError(f"no text annotator {name!r}", hint="annotators: lang, lang_cld3, wordnet, centroids")  # pragma: no cover -- names are checked first
 
 
 def _worker_init(env: dict[str, str]) -> None:

@@ -100,7 +100,8 @@ def _write_group(pool: Pool, group: str, compute, *, info, replace: bool, shards
             tbl = compute(shard)
             if tbl.num_rows != shard["rows"]:
                 raise PoolError(
-                    f"derived group {group!r}: shard {shard['name']} got {tbl.num_rows} rows, expected {shard['rows']}"
+                    f"derived group {group!r}: shard {shard['name']} got {tbl.num_rows} rows, expected {shard['rows']}",
+                    hint="a derived column needs exactly one value per pool row, in the pool's order",
                 )
             from dcdb.ingest import nan_to_null
 
@@ -153,5 +154,6 @@ def drop_group(pool: Pool, group: str) -> None:
     d = pool.path / DERIVED_DIR / group
     with write_lock(pool.path, "pool"):
         if not (d / GROUP_FILE).is_file():
-            raise UsageError(f"pool has no derived group {group!r}")
+            raise UsageError(f"pool has no derived group {group!r}",
+                             hint="`dcdb annotate --pool POOL --list` lists its groups")
         shutil.rmtree(d)

@@ -235,7 +235,8 @@ def _check_npz(shard: ShardSource, headers: dict[str, tuple[tuple[int, ...], np.
                 f"{where}: not a usable embedding name", hint="rename the npz key to letters, digits and _"
             )
         if len(shape) != 2:
-            raise SourceError(f"{where} has shape {shape}; embeddings must be 2-d (rows, dim)")
+            raise SourceError(f"{where} has shape {shape}; embeddings must be 2-d (rows, dim)",
+                          hint="one row per sample of the same-stem parquet")
         if shape[0] != shard.rows:
             raise SourceError(
                 f"{where} has {shape[0]:,} rows but {shard.parquet.name} has {shard.rows:,}",
@@ -243,7 +244,8 @@ def _check_npz(shard: ShardSource, headers: dict[str, tuple[tuple[int, ...], np.
             )
         want = DATACOMP_SPACES.get(key, {}).get("dim")
         if want is not None and shape[1] != want:
-            raise SourceError(f"{where} has dim {shape[1]}, DataComp's {key} has dim {want}")
+            raise SourceError(f"{where} has dim {shape[1]}, DataComp's {key} has dim {want}",
+                          hint="name a space of another model differently (not b32_*/l14_*)")
         if dtype.name not in EMBEDDING_DTYPES:
             raise SourceError(
                 f"{where} has dtype {dtype}, expected float16 or float32",
@@ -266,7 +268,8 @@ def _unify(shards: list[ShardSource], schemas: list[pa.Schema]) -> pa.Schema:
     unified = unified.remove_metadata()
     uid_type = unified.field("uid").type
     if not (pa.types.is_string(uid_type) or pa.types.is_large_string(uid_type)):
-        raise SourceError(f"the uid column has type {uid_type}, expected strings of 32 hex characters")
+        raise SourceError(f"the uid column has type {uid_type}, expected strings of 32 hex characters",
+                          hint="DataComp's metadata keeps uids as 32-character hex strings")
     return unified
 
 
@@ -381,7 +384,8 @@ def _merge_spaces(spaces: dict[str, dict[str, Any]], headers, npz: Path) -> None
             continue
         if spaces[key]["dim"] != dim:
             raise SourceError(
-                f"{str(npz)!r} key {key!r} has dim {dim}, earlier shards have {spaces[key]['dim']}"
+                f"{str(npz)!r} key {key!r} has dim {dim}, earlier shards have {spaces[key]['dim']}",
+                hint="every shard's embeddings of one key must come from the same model",
             )
         if spaces[key]["dtype"] != dtype.name:
             spaces[key]["dtype"] = "float32"
@@ -550,7 +554,8 @@ def _read_shard_table(task: ShardTask) -> pa.Table:
             hint="the file is corrupt: re-download it or move the shard out of SRC",
         ) from exc
     if table.num_rows != task.rows:
-        raise SourceError(f"{task.parquet!r} has {table.num_rows:,} rows, its footer said {task.rows:,}")
+        raise SourceError(f"{task.parquet!r} has {table.num_rows:,} rows, its footer said {task.rows:,}",
+                          hint="the file changed or is damaged: restore it, then re-run the ingest (it resumes)")
     columns = []
     for f in task.schema:
         col = table.column(f.name) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
@@ -558,7 +563,8 @@ def _read_shard_table(task: ShardTask) -> pa.Table:
             columns.append(col.cast(f.type) if col.type != f.type else col)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
             raise SourceError(
-                f"{task.parquet!r}: column {f.name!r} cannot be cast to {f.type}: {exc}"
+                f"{task.parquet!r}: column {f.name!r} cannot be cast to {f.type}: {exc}",
+                hint="every shard must give a column the same type: fix that file",
             ) from exc
     return pa.Table.from_arrays([nan_to_null(c) for c in columns], schema=task.schema)
 
@@ -662,7 +668,8 @@ def _load_embedding(task: ShardTask, space: str) -> np.ndarray:
         ) from exc
     if arr.shape != (task.rows, info["dim"]):
         raise SourceError(
-            f"{task.npz!r} key {space!r} has shape {arr.shape}, expected {(task.rows, info['dim'])}"
+            f"{task.npz!r} key {space!r} has shape {arr.shape}, expected {(task.rows, info['dim'])}",
+            hint="row i of the .npz must be row i of the same-stem parquet: regenerate the .npz",
         )
     return arr.astype(info["dtype"], copy=False)
 
@@ -980,7 +987,7 @@ def ingest(
     another source.
     """
     if jobs < 1:
-        raise UsageError(f"jobs must be at least 1, got {jobs}")
+        raise UsageError(f"jobs must be at least 1, got {jobs}", hint="pass -j N with N >= 1, or leave it out")
     if buckets is not None:
         from dcdb.buckets import bucket_bits
 

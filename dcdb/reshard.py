@@ -1125,11 +1125,12 @@ def _check_args(pool, shards, shard_size: int, jobs: int, max_shard_bytes: int) 
             hint="give --pool POOL (with a shard index) or --shards DOWNLOAD/shards",
         )
     if shard_size < 1:
-        raise UsageError(f"--shard-size must be at least 1, got {shard_size}")
+        raise UsageError(f"--shard-size must be at least 1, got {shard_size}", hint="DataComp uses 10000")
     if jobs < 1:
-        raise UsageError(f"-j/--jobs must be at least 1, got {jobs}")
+        raise UsageError(f"-j/--jobs must be at least 1, got {jobs}", hint="pass -j N with N >= 1, or leave it out")
     if max_shard_bytes < 64 * BLOCK:
-        raise UsageError(f"max_shard_bytes must be at least {64 * BLOCK}, got {max_shard_bytes}")
+        raise UsageError(f"max_shard_bytes must be at least {64 * BLOCK}, got {max_shard_bytes}",
+                         hint="DataComp caps a tar at 3 GB")
 
 
 def _locate(pool, shards, sel: Selection, blur: bool, jobs: int, progress: bool, warn: Log):
