@@ -228,7 +228,8 @@ def check_statement(con, sql: str, name: str) -> list[str]:
     st = stmts[0]
     if st.type != duckdb.StatementType.SELECT:
         raise ReadOnlyError(
-            f"filter {name!r} is a {st.type.name} statement; filters may only read (one SELECT)",
+            f"filter {name!r} is {'an' if st.type.name[:1] in 'AEIOU' else 'a'} {st.type.name} statement; "
+            "filters may only read (one SELECT)",
             hint="COPY, ATTACH, INSTALL, CREATE, SET and other writes are not allowed in a filter",
         )
     return sorted(st.named_parameters)
