@@ -471,7 +471,7 @@ param_option = click.option(
 )
 
 
-def _unfinished(c: Ctx, output: str) -> bool:
+def replaces_unfinished(c: Ctx, output: str) -> bool:
     """An OUTPUT without its OUTPUT.json: a killed run's, redone without --force (see README)."""
     from dcdb.io import unfinished_output
     from dcdb.query import manifest_path
@@ -539,7 +539,7 @@ def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, reshard_
                          hint=f"give -o FILE.{fmt}, or leave --format out to print hex uids")
     fmt = output_format(output, fmt) if output else None
     if output:
-        check_output(output, force=force or _unfinished(c, output))
+        check_output(output, force=force or replaces_unfinished(c, output))
         check_output(manifest_path(output), force=True, what="manifest")
     if save_name:
         check_subset_name(save_name)
@@ -717,7 +717,7 @@ def _combine_command(op: str, doc: str):
             raise UsageError(f"subsets {op}: give -o FILE or --save NAME", hint=f"e.g. dcdb subsets {op} A B -o out.npy")
         fmt = output_format(output, None, format_flag=False) if output else None
         if output:
-            check_output(output, force=force or _unfinished(c, output))
+            check_output(output, force=force or replaces_unfinished(c, output))
             check_output(manifest_path(output), force=True, what="manifest")
         needs_pool = bool(save_name) or any(not os.path.isfile(r) for r in operands)
         p = open_pool(pool) if needs_pool else None

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from dcdb.cli import Ctx, _unfinished, cli, command, hold_write_lock, pool_option
+from dcdb.cli import Ctx, replaces_unfinished, cli, command, hold_write_lock, pool_option
 
 space_option = click.option("--space", required=True, help="Embedding space, e.g. l14_img (see `dcdb info`).")
 
@@ -59,7 +59,7 @@ def knn_cmd(c: Ctx, pool, space, seed_file, seed_column, seed_subset, texts, ima
     if pairs:
         check_output(pairs, force=force)
     if output:
-        check_output(output, force=force or _unfinished(c, output))
+        check_output(output, force=force or replaces_unfinished(c, output))
         check_output(manifest_path(output), force=True, what="manifest")
     if save_name:
         check_subset_name(save_name)

@@ -343,7 +343,7 @@ def _projection(con, source: str, alias: str, skip: set[str] = frozenset()) -> l
     return out
 
 
-def _parquet_list(files: list[Path]) -> str:
+def parquet_list(files: list[Path]) -> str:
     # files of one folder: resolve the folder once (realpath per file cost 0.1 s per 1,000 shards)
     folders: dict[Path, str] = {}
     out = []
@@ -536,7 +536,7 @@ def _connect(pool: Pool, *, threads: int | None, memory_limit: str | None, sandb
             hint="re-ingest the pool",
         )
     sources = list(files)
-    meta = f"read_parquet({_parquet_list(files)})"
+    meta = f"read_parquet({parquet_list(files)})"
     con.execute(f"CREATE VIEW pool_metadata AS SELECT * FROM {meta}")
     joins, emb_cols, join_columns = [], [], []
     for i, (space, spec) in enumerate(pool.spaces.items()):
@@ -559,7 +559,7 @@ def _connect(pool: Pool, *, threads: int | None, memory_limit: str | None, sandb
     for j, group in enumerate(derived_groups(pool)):
         group_files = derived_files(pool, group)
         sources += group_files
-        src = f"read_parquet({_parquet_list(group_files)})"
+        src = f"read_parquet({parquet_list(group_files)})"
         alias = f"d{j}"
         joins.append(f"POSITIONAL JOIN {src} AS {alias}")
         read = _projection(con, src, alias)

@@ -659,6 +659,15 @@ def _run_index_tasks(tasks: list[IndexTask], jobs: int, progress: bool) -> list[
     return [r["report"] for r in results]
 
 
+def _make_index_dir(d: Path) -> None:
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ShardIndexError(
+            f"cannot write the shard index in {str(d)!r}: {exc}", hint="check the pool's permissions"
+        ) from exc
+
+
 def index_shards(
     pool_path: str | os.PathLike,
     shards_dir: str | os.PathLike,
@@ -685,12 +694,7 @@ def index_shards(
     shards_dir = Path(shards_dir).expanduser().resolve()
     out_dir, stage = pool.path / INDEX_DIR, pool.path / STAGE_DIR
     made = [d for d in (pool.path / SHARDS_DIR, stage) if not d.exists()]
-    try:
-        stage.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ShardIndexError(
-            f"cannot write the shard index in {str(stage.parent)!r}: {exc}", hint="check the pool's permissions"
-        ) from exc
+    _make_index_dir(stage)
     for p in stage.iterdir():  # temp files of a killed run
         if TMP_MARK in p.name:
             p.unlink(missing_ok=True)
@@ -722,12 +726,7 @@ def index_shards(
         log(f"warning: {w}")
     if len(warnings) > 20:
         log(f"warning: ... and {len(warnings) - 20} more (see {INDEX_MANIFEST} in the pool)")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ShardIndexError(
-            f"cannot write the shard index in {str(out_dir)!r}: {exc}", hint="check the pool's permissions"
-        ) from exc
+    _make_index_dir(out_dir)
     (pool.path / INDEX_MANIFEST).unlink(missing_ok=True)  # incomplete until rewritten
     for tar in tars:
         if where[tar.name].parent == stage:
@@ -754,14 +753,14 @@ def _check_pool_uids(pool, files: list[Path], shards_dir: Path) -> list[str]:
     (returned) with the counts when some are not."""
     import duckdb
 
-    from dcdb.engine import _parquet_list
+    from dcdb.engine import parquet_list
 
     con = duckdb.connect(":memory:")
     try:
         indexed, known, example = con.execute(
             f"SELECT count(*), count(m.uid), any_value(i.uid) FILTER (WHERE m.uid IS NULL) "
-            f"FROM (SELECT DISTINCT uid FROM read_parquet({_parquet_list(files)}) WHERE uid IS NOT NULL) AS i "
-            f"LEFT JOIN (SELECT DISTINCT uid FROM read_parquet({_parquet_list(pool.metadata_files())})) AS m "
+            f"FROM (SELECT DISTINCT uid FROM read_parquet({parquet_list(files)}) WHERE uid IS NOT NULL) AS i "
+            f"LEFT JOIN (SELECT DISTINCT uid FROM read_parquet({parquet_list(pool.metadata_files())})) AS m "
             f"ON i.uid = m.uid"
         ).fetchone()
     except duckdb.Error as exc:
