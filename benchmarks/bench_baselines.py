@@ -201,9 +201,9 @@ def datacomp_way(name, paths, assets, workers, init_args):
 
 
 def build_pool(work: Path, rows: int, shards: int, embeddings: bool, name: str, buckets: int | None = None):
-    from dcdb.ingest import ingest
+    from dcdb.ingest.pool import ingest
     from dcdb.store import open_pool
-    from dcdb.synth import synth_pool
+    from dcdb.demo.synth import synth_pool
 
     src, pool = work / f"{name}_src", work / (f"{name}_b{buckets}" if buckets else name)
     if not (pool / "dcdb.json").is_file():

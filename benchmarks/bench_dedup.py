@@ -15,7 +15,7 @@ Exact dedup, ``SELECT count(*) FROM exact_duplicates(KEY)`` through ``dcdb.conne
 (``read_parquet`` of uid + key, ``sort_values('uid')``, ``duplicated(KEY)``; the text key
 normalised with pandas' vectorised str methods), median of --repeats runs, counts checked equal.
 
-Semantic dedup, ``dcdb dedup``'s library call (``dcdb.dedup.semantic_dedup``: k-means on a sample,
+Semantic dedup, ``dcdb dedup``'s library call (``dcdb.vectors.dedup.semantic_dedup``: k-means on a sample,
 streaming assignment, per-cluster blocks) vs a naive numpy SemDeDup over the *same* cluster ids:
 all vectors loaded into RAM as float32, one full similarity matrix per cluster, scipy
 connected components. The kept/dropped sets are checked equal. Peak RSS is read per phase
@@ -85,8 +85,8 @@ def build_pool(workdir: Path, rows: int, shards: int, seed: int = 0) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dcdb.ingest import ingest
-    from dcdb.synth import synth_pool, write_npz
+    from dcdb.ingest.pool import ingest
+    from dcdb.demo.synth import synth_pool, write_npz
 
     pool = workdir / f"pool-{rows}"
     if (pool / "dcdb.json").is_file():
@@ -189,7 +189,7 @@ def in_child(fn, *args):
 
 
 def semantic_dcdb(pool: str, threshold: float, clusters: int | None, seed: int, probes: int = 1):
-    from dcdb.dedup import computed, semantic_dedup
+    from dcdb.vectors.dedup import computed, semantic_dedup
     from dcdb.derived import drop_group
     from dcdb.store import open_pool
 
@@ -208,7 +208,7 @@ def semantic_naive(pool: str, threshold: float):
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    from dcdb.dedup import TOLERANCE, group_info
+    from dcdb.vectors.dedup import TOLERANCE, group_info
     from dcdb.store import open_pool
 
     p = open_pool(pool)
@@ -248,7 +248,7 @@ def semantic_naive(pool: str, threshold: float):
 def planted_pairs(rows: int, shards: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(row, its original's row, planted cosine) of every near duplicate ``build_pool`` planted,
     replaying its random draws (no vectors are made)."""
-    from dcdb.synth import _shard_rows
+    from dcdb.demo.synth import _shard_rows
 
     out_k, out_j, out_c, start = [], [], [], 0
     for i, n in enumerate(_shard_rows(rows, shards)):
@@ -274,7 +274,7 @@ def recall(pool: str, rows: int, shards: int, threshold: float, seed: int) -> st
     rest were split by a k-means boundary), and how many clearly below were linked directly."""
     import pyarrow.parquet as pq
 
-    from dcdb.dedup import group_info
+    from dcdb.vectors.dedup import group_info
     from dcdb.store import open_pool
 
     info = group_info(open_pool(pool), SPACE, threshold)

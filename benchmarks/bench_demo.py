@@ -13,7 +13,7 @@ import argparse
 import json
 import time
 
-from dcdb.demo import (
+from dcdb.demo.run import (
     DEMO_CONCEPTS,
     DEMO_SAMPLES,
     STUDENT_SAMPLES_SEEN,

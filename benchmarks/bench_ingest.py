@@ -3,7 +3,7 @@
     python benchmarks/bench_ingest.py                                  # 1M rows, float16 embeddings
     python benchmarks/bench_ingest.py --metadata-only --rows 12800000  # DataComp small's row count
 
-The source pool is generated once with ``dcdb.synth.synth_pool`` under ``--workdir`` and reused by
+The source pool is generated once with ``dcdb.demo.synth.synth_pool`` under ``--workdir`` and reused by
 later runs with the same arguments. Each ingest runs in a fresh child process while this process
 samples the resident memory of that child's whole process tree (workers included) from /proc, so
 "tree RSS" is the largest simultaneous sum, not one process's maximum. Beside it, from
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 DCDB_INGEST = """
 import json, sys
-from dcdb.ingest import ingest
+from dcdb.ingest.pool import ingest
 r = ingest(sys.argv[1], sys.argv[2], jobs=int(sys.argv[3]), progress=False)
 import resource
 ru = lambda who: resource.getrusage(who).ru_maxrss * 1024
@@ -146,7 +146,7 @@ def run_measured(code: str, args: list[str]) -> dict:
 
 def ensure_source(workdir: Path, rows: int, shards: int, embeddings: bool, dtype: str, seed: int) -> Path:
     """Generate the source pool once; reuse it when a finished one with these arguments exists."""
-    from dcdb.synth import synth_pool
+    from dcdb.demo.synth import synth_pool
 
     kind = dtype if embeddings else "meta"
     src = workdir / f"src-{rows}-{shards}-{kind}-{seed}"

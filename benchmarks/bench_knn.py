@@ -9,9 +9,9 @@ its peak RSS is its own:
 * ``numpy``: the baseline. Every vector loaded from the Lance table into one float32 matrix (load
   timed separately), normalised, then per chunk of 256 seeds one matmul + ``argpartition`` +
   sort of the top k. Needs the whole pool in RAM (rows x 768 x 4 bytes).
-* ``exact``: ``dcdb.knn.exact_search`` (streaming, bounded memory), the same seeds.
-* ``index``: ``dcdb.ann.build_index`` (``--kind``, ``--partitions``) build time.
-* ``ann``: ``dcdb.knn.search`` through the index with recall@k measured on 64 seeds, plus the
+* ``exact``: ``dcdb.vectors.knn.exact_search`` (streaming, bounded memory), the same seeds.
+* ``index``: ``dcdb.vectors.ann.build_index`` (``--kind``, ``--partitions``) build time.
+* ``ann``: ``dcdb.vectors.knn.search`` through the index with recall@k measured on 64 seeds, plus the
   recall against the full exact result.
 
 Seeds (``--seed-kind``): ``near`` = random pool rows plus Gaussian noise (cosine ~0.8 to their
@@ -55,7 +55,7 @@ def make_pool(d: Path, rows: int) -> Path:
 
 
 def make_seeds(pool: Path, n: int, kind: str, seed: int = 0) -> Path:
-    from dcdb.seeds import vectors_of_rows
+    from dcdb.vectors.seeds import vectors_of_rows
     from dcdb.store import open_pool
 
     out = pool.parent / f"seeds-{pool.name}-{kind}-{n}.npy"
@@ -106,7 +106,7 @@ def step_numpy(pool: str, seeds: str, k: int, out: str) -> dict:
 
 
 def step_exact(pool: str, seeds: str, k: int, out: str) -> dict:
-    from dcdb.knn import exact_search
+    from dcdb.vectors.knn import exact_search
     from dcdb.store import open_pool
 
     s = np.load(seeds).astype(np.float32)
@@ -118,7 +118,7 @@ def step_exact(pool: str, seeds: str, k: int, out: str) -> dict:
 
 
 def step_index(pool: str, kind: str, partitions: int | None) -> dict:
-    from dcdb.ann import build_index
+    from dcdb.vectors.ann import build_index
     from dcdb.store import open_pool
 
     t0 = time.perf_counter()
@@ -127,7 +127,7 @@ def step_index(pool: str, kind: str, partitions: int | None) -> dict:
 
 
 def step_ann(pool: str, seeds: str, k: int, out: str, min_recall: float | None) -> dict:
-    from dcdb.knn import search
+    from dcdb.vectors.knn import search
     from dcdb.store import open_pool
 
     s = np.load(seeds).astype(np.float32)

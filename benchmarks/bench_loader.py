@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     from dcdb.train import find_shards
     from dcdb.train.data import BatchTransform, sample_pipeline
     from dcdb.train.models import quiet_random_init, register_models
-    from dcdb.train.toy import write_toy_shards
+    from dcdb.demo.toy import write_toy_shards
 
     torch.set_num_threads(1)
     register_models()

@@ -162,9 +162,9 @@ def duckdb_hand(pool_dir, name):
 
 
 def build(workdir: Path, rows: int, shards: int, embeddings: bool, label: str):
-    from dcdb.ingest import ingest
+    from dcdb.ingest.pool import ingest
     from dcdb.store import open_pool
-    from dcdb.synth import synth_pool
+    from dcdb.demo.synth import synth_pool
 
     src, pool = workdir / f"{label}-src", workdir / f"{label}-pool"
     if not (src / "_DONE").exists():

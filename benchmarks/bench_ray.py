@@ -55,8 +55,8 @@ def reexec_in_netns() -> None:
 
 
 def build(root: Path, rows: int, buckets: int) -> Path:
-    from dcdb.ingest import ingest
-    from dcdb.synth import synth_pool
+    from dcdb.ingest.pool import ingest
+    from dcdb.demo.synth import synth_pool
 
     src, pool = root / f"src-{rows}", root / f"pool-{rows}-b{buckets}"
     if not (src / "_done").exists():
@@ -85,8 +85,8 @@ def main() -> None:
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     import numpy as np
 
-    from dcdb.buckets import bucket_view
-    from dcdb.distributed import run_distributed
+    from dcdb.ingest.buckets import bucket_view
+    from dcdb.dist.execute import run_distributed
     from dcdb.engine import connect
     from dcdb.query import load_filter, parse_filter, run_filter
     from dcdb.store import open_pool

@@ -7,7 +7,7 @@ Input: ``--shards`` img2dataset shards of small JPEGs (64x64, ~2-3 KB; ``%08d.ta
 ``.jpg/.txt/.json`` members, ``%08d.parquet`` with ~5 % failed downloads, ``%08d_stats.json``),
 made once under ``--workdir`` by a fast generator (pre-encoded images, no rendering), plus the
 matching DataComp metadata, ingested as a metadata-only pool whose shards are then indexed
-(``dcdb.shardindex.index_shards``; its time is printed too: it is paid once per pool).
+(``dcdb.shards.index.index_shards``; its time is printed too: it is paid once per pool).
 
 At each selectivity (a seeded random subset of the downloaded uids), in the same run:
 
@@ -15,7 +15,7 @@ At each selectivity (a seeded random subset of the downloaded uids), in the same
   over its share of the tars (every byte read, every sample grouped), the json parsed for the uid,
   ``np.searchsorted`` in the subset, selected samples written with ``webdataset.TarWriter`` as
   ``uid-j`` (10,000 per tar);
-* ``dcdb --pool``: ``dcdb.reshard.reshard(pool=...)``: the shard index, then only the selected
+* ``dcdb --pool``: ``dcdb.shards.reshard.reshard(pool=...)``: the shard index, then only the selected
   byte ranges (``--jobs`` processes);
 * ``dcdb --shards``: the same without a pool: tar headers and json walked, then selected ranges.
 
@@ -88,8 +88,8 @@ print(json.dumps({"seconds": secs, "written": sum(r[1] for r in res), "bytes": s
 
 DCDB_WAY = r"""
 import json, sys, time
-from dcdb.reshard import reshard
-import dcdb.shardindex, dcdb.store, pyarrow.compute, pyarrow.parquet, tqdm  # imported lazily by reshard
+from dcdb.shards.reshard import reshard
+import dcdb.shards.index, dcdb.store, pyarrow.compute, pyarrow.parquet, tqdm  # imported lazily by reshard
 mode, src, subset_path, out, jobs = sys.argv[1:6]
 kw = {"pool": src} if mode == "pool" else {"shards": src}
 t0 = time.perf_counter()
@@ -123,7 +123,7 @@ def generate(root: Path, shards: int, per_shard: int, seed: int = 0) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dcdb.reshard import TarOut
+    from dcdb.shards.reshard import TarOut
 
     rng = np.random.default_rng(seed)
     images = _images(256, seed)
@@ -228,8 +228,8 @@ def main() -> None:
     in_bytes = sum(os.path.getsize(t) for t in tars)
     pool = root / "pool"
     if not (pool / "shards" / "index.json").is_file():
-        from dcdb.ingest import ingest
-        from dcdb.shardindex import index_shards
+        from dcdb.ingest.pool import ingest
+        from dcdb.shards.index import index_shards
 
         shutil.rmtree(pool, ignore_errors=True)
         ingest(root / "metadata", pool, jobs=args.jobs)

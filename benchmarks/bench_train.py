@@ -115,7 +115,7 @@ def measure(args: argparse.Namespace) -> dict:
 
     from dcdb.train import LoaderPolicy, TrainSession, cpu_cores, find_shards, get_recipe, loader_policy
     from dcdb.train.data import stream_batches
-    from dcdb.train.toy import write_toy_shards
+    from dcdb.demo.toy import write_toy_shards
 
     device = "cuda" if _cuda() else "cpu"
     train_default = loader_policy(args.workers, device)

@@ -112,7 +112,7 @@ def _check_free(pool: Pool, group: str, force: bool) -> None:
 
 
 def _jobs(pool: Pool, jobs: int | None) -> int:
-    from dcdb.synth import can_spawn
+    from dcdb.demo.synth import can_spawn
 
     if jobs is not None:
         return max(1, jobs)

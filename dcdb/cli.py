@@ -375,7 +375,7 @@ def synth() -> None:
 @click.option("--force", is_flag=True, help="Write into OUT even if it is not empty.")
 def synth_pool_cmd(c: Ctx, out, rows, shards, seed, dtype, no_embeddings, force):
     """Write a DataComp metadata folder OUT: per shard a parquet and a row-aligned .npz."""
-    from dcdb.synth import synth_pool
+    from dcdb.demo.synth import synth_pool
 
     t0 = time.perf_counter()
     info = synth_pool(
@@ -413,18 +413,18 @@ def ingest_cmd(c: Ctx, src, pool, jobs, shards_dir, buckets):
 
     Streams shard by shard; a re-run after an interruption resumes where it stopped.
     """
-    from dcdb.ingest import ingest
+    from dcdb.ingest.pool import ingest
 
     jobs = jobs or os.cpu_count() or 1
     if shards_dir:
-        from dcdb.shardindex import list_tars
+        from dcdb.shards.index import list_tars
 
         list_tars(shards_dir)  # refuse a folder without tars before ingesting
         hold_write_lock(os.path.abspath(pool), "ingest", create=True)  # over ingest and indexing
     report = ingest(src, pool, jobs=jobs, progress=not c.quiet, buckets=buckets)
     c.log(report.summary())
     if shards_dir:
-        from dcdb.shardindex import index_shards
+        from dcdb.shards.index import index_shards
 
         c.log(index_shards(pool, shards_dir, jobs=jobs, progress=not c.quiet).summary())
 
@@ -547,7 +547,7 @@ def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, reshard_
     if save_name:
         hold_write_lock(p, "--save")
     if reshard_out:
-        from dcdb.reshard import preflight
+        from dcdb.shards.reshard import preflight
 
         preflight(reshard_out, pool=p, overwrite=force)
     if save_name:
@@ -556,7 +556,7 @@ def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, reshard_
     if engine == "local":
         res = run_filter(p, filt, given)
     else:
-        from dcdb.distributed import WORK_SUFFIX, run_distributed
+        from dcdb.dist.execute import WORK_SUFFIX, run_distributed
 
         work_dir = work_dir or (f"{output}{WORK_SUFFIX}" if output else None)
         res = run_distributed(p, filt, given, engine=engine, work_dir=work_dir, progress=not c.quiet, log=c.log)
@@ -565,7 +565,7 @@ def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, reshard_
     if save_name:
         save_subset(p, save_name, res, force=force)
     if reshard_out:
-        from dcdb.reshard import reshard
+        from dcdb.shards.reshard import reshard
 
         rep = reshard(res.uids, reshard_out, pool=p, jobs=os.cpu_count() or 1, overwrite=force,
                       progress=not c.quiet, subset_label=f"dcdb query {filt.name}", engine=engine)
@@ -754,7 +754,7 @@ _combine_command("minus", "Uids of A that are not in B (all copies dropped).")
 def demo_cmd(c: Ctx, folder, samples, seeds, samples_seen, force):
     """DataComp's loop on the demo world: world -> teachers -> ingest -> sql/ baselines -> reshard
     -> train a tiny CLIP per subset -> evaluate -> leaderboard.md + leaderboard.png."""
-    from dcdb.demo import run_demo
+    from dcdb.demo.run import run_demo
     from dcdb.io import check_folder
 
     check_folder(folder, what="demo folder")

@@ -37,7 +37,7 @@ def dedup_cmd(c: Ctx, pool, space, threshold, clusters, seed, sample, iters, pro
       SELECT * FROM near_duplicate_groups('l14_img', 0.95)
     Exact duplicates need no command: exact_duplicates('sha256' | 'url' | 'text').
     """
-    from dcdb.dedup import computed, semantic_dedup
+    from dcdb.vectors.dedup import computed, semantic_dedup
     from dcdb.store import open_pool
 
     p = open_pool(pool)

@@ -22,7 +22,7 @@ def index_shards_cmd(c: Ctx, shards_dir, pool, jobs):
     Resumable: a re-run reads only the tars that changed or were not indexed yet.
     """
     from dcdb.io import writing
-    from dcdb.shardindex import index_shards
+    from dcdb.shards.index import index_shards
     from dcdb.store import open_pool
 
     p = open_pool(pool)
@@ -86,7 +86,7 @@ def reshard_cmd(
     Samples are in input order (tar by tar), or shuffled with --shuffle-seed; the output is
     byte-identical whatever -j is. A killed run resumes when re-run with the same arguments.
     """
-    from dcdb.reshard import reshard
+    from dcdb.shards.reshard import reshard
 
     ctx = click.get_current_context()
     if shards_dir and ctx.get_parameter_source("pool") is ParameterSource.ENVIRONMENT:

@@ -83,7 +83,7 @@ def world_cmd(
     OUT/teacher       a clean split to train the teacher CLIP on
     OUT/eval          zero-shot tasks in the clip_benchmark layout + tasklist.json
     """
-    from dcdb.world import build_world
+    from dcdb.demo.world import build_world
 
     t0 = time.perf_counter()
     m = build_world(

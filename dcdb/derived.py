@@ -103,7 +103,7 @@ def _write_group(pool: Pool, group: str, compute, *, info, replace: bool, shards
                     f"derived group {group!r}: shard {shard['name']} got {tbl.num_rows} rows, expected {shard['rows']}",
                     hint="a derived column needs exactly one value per pool row, in the pool's order",
                 )
-            from dcdb.ingest import nan_to_null
+            from dcdb.ingest.pool import nan_to_null
 
             tbl = tbl.from_arrays([nan_to_null(c) for c in tbl.columns], schema=tbl.schema)
             if columns is None:

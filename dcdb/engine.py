@@ -6,7 +6,7 @@
   joined with one scan per embedding space (``b32_img``, ``b32_txt``, ``l14_img``, ``l14_txt`` as
   ``FLOAT[d]`` arrays). Row i of the metadata is row i of every Lance table (ingest guarantees and
   checks it), so a ``POSITIONAL JOIN`` lines them up without a uid hash join.
-  Float NaN is stored as NULL by ingest (see ``dcdb.ingest.nan_to_null``), so comparisons behave
+  Float NaN is stored as NULL by ingest (see ``dcdb.ingest.pool.nan_to_null``), so comparisons behave
   as in numpy: a NaN score never passes, and ``ORDER BY s DESC NULLS LAST`` sorts like numpy.
 * view ``pool_metadata``: the metadata alone.
 * one view per stored subset (``subsets/<name>.parquet``), with columns ``uid`` (one row per copy).
@@ -70,7 +70,7 @@ def _embedding_scan_class():
         def __init__(self, lance_dataset, column: str, dim: int, rows: int | None = None, fragment_ids=None):
             # ``lance_dataset``: an open Lance dataset, or its path, opened (importing lance, ~0.5 s)
             # only when a scan first reads vectors: metadata queries on a pool never import it.
-            # ``fragment_ids``: a bucket view (dcdb.buckets.bucket_view) scans only these fragments.
+            # ``fragment_ids``: a bucket view (dcdb.ingest.buckets.bucket_view) scans only these fragments.
             self._lance = None if isinstance(lance_dataset, (str, os.PathLike)) else lance_dataset
             self._path = None if self._lance is not None else str(lance_dataset)
             self._fragment_ids = None if fragment_ids is None else list(fragment_ids)
@@ -581,7 +581,7 @@ def _connect(pool: Pool, *, threads: int | None, memory_limit: str | None, sandb
         view.types = dict(con.execute("SELECT column_name, data_type FROM duckdb_columns() "
                                       "WHERE table_name = 'pool'").fetchall())
         _VIEWS[con] = view
-    from dcdb.buckets import uid_range_predicate
+    from dcdb.ingest.buckets import uid_range_predicate
 
     in_view = uid_range_predicate(pool)  # a bucket view sees the subset uids of its buckets only
     for name, path in stored_subsets(pool).items():
@@ -592,8 +592,8 @@ def _connect(pool: Pool, *, threads: int | None, memory_limit: str | None, sandb
             f"CREATE VIEW {quote_identifier(name)} AS SELECT uid FROM read_parquet({sql_string(str(path.resolve()))})"
             + (f" WHERE {in_view}" if in_view else "")
         )
-    from dcdb.shardindex import index_files
-    from dcdb.shardindex import view_sql as shard_index_view
+    from dcdb.shards.index import index_files
+    from dcdb.shards.index import view_sql as shard_index_view
 
     shard_index_sql = shard_index_view(pool)
     if shard_index_sql:

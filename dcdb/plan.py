@@ -1,6 +1,6 @@
 """Split a filter into per-bucket work plus global operations (for ``dcdb query --engine ray``).
 
-A filter runs on a uid-bucketed pool (dcdb/buckets.py) as one DuckDB query per bucket, and the
+A filter runs on a uid-bucketed pool (dcdb/ingest/buckets.py) as one DuckDB query per bucket, and the
 uid list is the concatenation of the per-bucket lists. That is right exactly when every row of the
 result depends only on rows of its own bucket. The planner reads the filter once with DuckDB's own
 parser (``json_serialize_sql``: the same parse tree the local engine runs), walks it, and decides:

@@ -1,4 +1,4 @@
-"""Dedup from SQL (registered on every pool connection; the rules are in ``dcdb/dedup.py``).
+"""Dedup from SQL (registered on every pool connection; the rules are in ``dcdb/vectors/dedup.py``).
 
 Table macros, each returning one row per pool row that has a duplicate:
 
@@ -40,7 +40,7 @@ def _q(name: str) -> str:
 def register(con, pool) -> None:
     import duckdb
 
-    from dcdb.dedup import computed
+    from dcdb.vectors.dedup import computed
     from dcdb.filters.baselines import _arrow_function
 
     columns = {name: typ for name, typ, *_ in con.execute("DESCRIBE SELECT * FROM pool").fetchall()}
@@ -74,7 +74,7 @@ def _const_sql(sql: str, like):
 
 
 def _norm_text(texts):
-    from dcdb.dedup import normalise_text_arrow
+    from dcdb.vectors.dedup import normalise_text_arrow
 
     return normalise_text_arrow(texts)
 
@@ -114,7 +114,7 @@ def exact_sql(key: str | None, what: str, facts: dict[str, Any]) -> str:
 
 def near_sql(space: str | None, threshold: float | None, what: str, facts: dict[str, Any]) -> str:
     """The SELECT behind ``near_duplicate_groups`` / ``near_duplicates`` for a computed result."""
-    from dcdb.dedup import check_space, check_threshold, group_info
+    from dcdb.vectors.dedup import check_space, check_threshold, group_info
 
     pool = facts["pool"]
     if space is None or threshold is None:

@@ -12,7 +12,7 @@ Registered on every pool connection (``dcdb.connect``), next to the engine's ``c
     ``cosine(l14_img, clip_text('a photo of a dog', 'l14')) > 0.22``.
 ``clip_image(path, model)`` -> ``FLOAT[]``: the same for an image file (image tower).
 ``knn(space, seeds, k)`` (table) -> ``seed, uid, rank, similarity, row``
-    exact top-k pool rows (cosine) of each seed, as :func:`dcdb.knn.exact_search` (ties: lower
+    exact top-k pool rows (cosine) of each seed, as :func:`dcdb.vectors.knn.exact_search` (ties: lower
     row first). ``seeds`` is a list of vectors (``[[...], ...]``, ``$seeds``) or a subquery with
     one vector per row: ``knn('l14_img', (SELECT emb FROM read_parquet('seeds.parquet')), 10)``
     (dcdb rewrites that scalar subquery into ``(SELECT array_agg(emb) FROM (...))`` before the
@@ -100,7 +100,7 @@ def _knn_function(pool, ann: bool):
 
 def _model_space(pool, model: str, modality: str) -> str:
     """A pool space of ``model`` ('l14' or a space name) -- used for its dim and checkpoint."""
-    from dcdb.seeds import model_key
+    from dcdb.vectors.seeds import model_key
 
     key = model_key(model)
     spaces = [s for s in pool.spaces if model_key(s) == key]
@@ -125,7 +125,7 @@ def _constant(arr, what: str):
 def _clip_text(pool, prompts, models):
     import pyarrow as pa
 
-    from dcdb.seeds import checkpoint_for, encode_texts
+    from dcdb.vectors.seeds import checkpoint_for, encode_texts
 
     out = {}
     values = prompts.to_pylist()
@@ -149,7 +149,7 @@ def _clip_text(pool, prompts, models):
 def _clip_image(pool, paths, models, access=None):
     import pyarrow as pa
 
-    from dcdb.seeds import encode_images, open_image
+    from dcdb.vectors.seeds import encode_images, open_image
 
     model = _constant(models, "model")
     space = _model_space(pool, model, "img")
@@ -170,8 +170,8 @@ def _clip_image(pool, paths, models, access=None):
 def _knn_rows(pool, spaces, seeds, ks, ann: bool):
     import pyarrow as pa
 
-    from dcdb import knn as K
-    from dcdb.seeds import check_vectors, list_column_to_matrix
+    from dcdb.vectors import knn as K
+    from dcdb.vectors.seeds import check_vectors, list_column_to_matrix
 
     space = _constant(spaces, "space")
     k = _constant(ks, "k")
@@ -208,7 +208,7 @@ def _row_list_type():
 
 
 def _rows_value(pool, space: str, res) -> list[dict[str, Any]]:
-    from dcdb.knn import open_space, uids_of
+    from dcdb.vectors.knn import open_space, uids_of
 
     ds, _ = open_space(pool, space)
     s, k = res.rows.shape
@@ -309,7 +309,7 @@ def eval_images(path: Path) -> list:
 
 def eval_embeddings(pool, source: str, dim: int) -> np.ndarray:
     """Normalised (m, dim) float32 eval embeddings from a .npy/.parquet or an eval task folder (cached)."""
-    from dcdb.seeds import check_vectors, encode_images, load_seed_file
+    from dcdb.vectors.seeds import check_vectors, encode_images, load_seed_file
 
     p = Path(os.path.expanduser(source))
     if not p.exists():
@@ -322,7 +322,7 @@ def eval_embeddings(pool, source: str, dim: int) -> np.ndarray:
         return got
     if p.is_dir():
         space = _space_of_dim(pool, dim)
-        from dcdb.seeds import checkpoint_for
+        from dcdb.vectors.seeds import checkpoint_for
 
         checkpoint_for(pool, space)  # a clear error before reading the images
         emb = encode_images(pool, space, eval_images(p))
@@ -339,7 +339,7 @@ def eval_embeddings(pool, source: str, dim: int) -> np.ndarray:
 
 
 def _space_of_dim(pool, dim: int) -> str:
-    from dcdb.seeds import model_key
+    from dcdb.vectors.seeds import model_key
 
     spaces = [s for s, spec in pool.spaces.items() if int(spec["dim"]) == dim]
     models = {model_key(s) for s in spaces}

@@ -27,7 +27,7 @@ TINY_ROWS, TINY_SHARDS, TINY_SEED = 10, 2, 11
 @pytest.fixture
 def make_src(tmp_path):
     """Factory: ``make_src(rows=200, shards=3, seed=0, name="src", **kwargs) -> Path``."""
-    from dcdb.synth import synth_pool
+    from dcdb.demo.synth import synth_pool
 
     def make(
         rows: int = SMALL_ROWS, shards: int = SMALL_SHARDS, seed: int = 0, name: str = "src", **kwargs
@@ -53,8 +53,8 @@ def small_src(make_src) -> Path:
 
 @pytest.fixture(scope="session")
 def _small_pool_template(tmp_path_factory) -> Path:
-    from dcdb.ingest import ingest
-    from dcdb.synth import synth_pool
+    from dcdb.ingest.pool import ingest
+    from dcdb.demo.synth import synth_pool
 
     root = tmp_path_factory.mktemp("small_pool_template")
     synth_pool(root / "src", rows=SMALL_ROWS, shards=SMALL_SHARDS, seed=SMALL_SEED, jobs=1)

@@ -30,7 +30,7 @@ def hexuid(i: int) -> str:
 @pytest.fixture
 def text_pool(tmp_path):
     """A metadata-only pool of the captions above, in two shards."""
-    from dcdb.ingest import ingest
+    from dcdb.ingest.pool import ingest
 
     src = tmp_path / "src"
     src.mkdir()
@@ -184,8 +184,8 @@ def test_import_refuses_a_column_of_another_group(text_pool, tmp_path):
 
 
 def test_centroid_annotation_streams_and_records_the_file(tmp_path):
-    from dcdb.ingest import ingest
-    from dcdb.synth import synth_pool
+    from dcdb.ingest.pool import ingest
+    from dcdb.demo.synth import synth_pool
 
     synth_pool(tmp_path / "src", rows=300, shards=3, seed=9, jobs=1)
     ingest(tmp_path / "src", tmp_path / "pool", jobs=1)

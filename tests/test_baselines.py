@@ -78,7 +78,7 @@ def write_source(folder, rows: list[dict], *, l14_img=None, shards: int = 1, see
 def build_pool(tmp_path, rows, *, lang=None, l14_img=None, shards=1, name="p"):
     """Ingest crafted rows; ``lang``: labels per row imported as column lang (and lang_cld3)."""
     from dcdb.annotate import import_columns
-    from dcdb.ingest import ingest
+    from dcdb.ingest.pool import ingest
 
     src = write_source(tmp_path / f"{name}_src", rows, l14_img=l14_img, shards=shards)
     ingest(src, tmp_path / name, jobs=1)
@@ -492,8 +492,8 @@ def synth_world(tmp_path_factory):
 
     from dcdb.annotate import annotate
     from dcdb.filters import wordnet
-    from dcdb.ingest import ingest
-    from dcdb.synth import synth_pool
+    from dcdb.ingest.pool import ingest
+    from dcdb.demo.synth import synth_pool
 
     root = tmp_path_factory.mktemp("synthworld")
     synth_pool(root / "src", rows=900, shards=3, seed=5, jobs=1)

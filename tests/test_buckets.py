@@ -1,5 +1,5 @@
 """uid-bucketed pools (ingest --buckets), the planner (dcdb/plan.py) and the bucket-group engine
-(dcdb/distributed.py): bucketed and unbucketed pools, and every engine, give byte-identical uid
+(dcdb/dist/execute.py): bucketed and unbucketed pools, and every engine, give byte-identical uid
 lists for every sql/ baseline; what cannot be split is refused by name.
 
 The Ray test starts a real 2-CPU Ray cluster in a subprocess inside a fresh network namespace that
@@ -43,8 +43,8 @@ def world(tmp_path_factory):
     with 8 buckets, both annotated with language ids; WordNet, centroid and ImageNet stand-ins."""
     from dcdb.annotate import annotate
     from dcdb.filters import wordnet
-    from dcdb.ingest import ingest
-    from dcdb.synth import synth_pool
+    from dcdb.ingest.pool import ingest
+    from dcdb.demo.synth import synth_pool
 
     root = tmp_path_factory.mktemp("buckets")
     src = root / "src"
@@ -122,7 +122,7 @@ def test_bucketed_layout(world):
 
 def test_bucket_view_sees_its_rows_and_subset_range(world, tmp_path):
     import dcdb
-    from dcdb.buckets import bucket_view
+    from dcdb.ingest.buckets import bucket_view
 
     root = tmp_path / "p"
     shutil.copytree(world["bucketed"], root)
@@ -138,7 +138,7 @@ def test_bucket_view_sees_its_rows_and_subset_range(world, tmp_path):
 
 
 def test_ingest_buckets_checks(world, tmp_path, small_src):
-    from dcdb.ingest import ingest
+    from dcdb.ingest.pool import ingest
 
     with pytest.raises(UsageError, match="power of two"):
         ingest(small_src, tmp_path / "x", buckets=3)
@@ -151,8 +151,8 @@ def test_ingest_buckets_checks(world, tmp_path, small_src):
 
 
 def test_interrupted_bucketed_ingest_resumes(small_src, tmp_path, monkeypatch):
-    from dcdb import buckets
-    from dcdb.ingest import ingest
+    from dcdb.ingest import buckets
+    from dcdb.ingest.pool import ingest
 
     real_merge, real_split = buckets._merge_bucket, buckets._split_shard
     calls = {"split": 0}
@@ -188,7 +188,7 @@ def test_interrupted_bucketed_ingest_resumes(small_src, tmp_path, monkeypatch):
 
 
 def test_every_baseline_identical_bucketed_and_serial_engine(world, tmp_path):
-    from dcdb.distributed import run_distributed
+    from dcdb.dist.execute import run_distributed
 
     env = world["env"]
     pool = open_pool(world["bucketed"])
@@ -261,7 +261,7 @@ def saved(world, tmp_path_factory):
 
 @pytest.mark.parametrize("sql", SPLIT)
 def test_split_constructs_match_local(saved, sql):
-    from dcdb.distributed import run_distributed
+    from dcdb.dist.execute import run_distributed
 
     filt = parse_filter("q", sql, None)
     given = {"f": saved["file"]} if "$f" in sql else {}
@@ -276,7 +276,7 @@ def test_split_constructs_match_local(saved, sql):
 def test_exact_cut_through_every_radix_round(world, monkeypatch, fraction):
     """With the candidate limit at 5, the threshold is narrowed 16 bits per round down to the full
     64-bit key; it must still be DataComp's value exactly."""
-    from dcdb import distributed
+    from dcdb.dist import execute as distributed
     from dcdb.filters.baselines import fraction_index
 
     monkeypatch.setattr(distributed, "COLLECT_LIMIT", 5)
@@ -292,7 +292,7 @@ def test_exact_cut_through_every_radix_round(world, monkeypatch, fraction):
 
 @pytest.mark.parametrize("chunk", [48, 4 << 20])  # 3 records: moves in many chunks, some overlapping
 def test_compact_moves_each_bucket_behind_the_previous(tmp_path, monkeypatch, chunk):
-    from dcdb import distributed as D
+    from dcdb.dist import execute as D
 
     monkeypatch.setattr(D, "COMPACT_CHUNK", chunk)
     rng = np.random.default_rng(0)
@@ -314,7 +314,7 @@ def test_compact_moves_each_bucket_behind_the_previous(tmp_path, monkeypatch, ch
 
 
 def test_sort_keys_order_like_floats():
-    from dcdb.distributed import _from_key, _sort_keys
+    from dcdb.dist.execute import _from_key, _sort_keys
 
     v = np.array([-np.inf, -3.5, -1e-300, -0.0, 0.0, 5e-324, 0.25, 0.2500001, 7.0, np.inf])
     keys = _sort_keys(v)
@@ -338,7 +338,7 @@ def test_unsplittable_filters_refused_by_name(driver_con, sql, says):
 
 
 def test_unbucketed_pool_and_bad_params(world):
-    from dcdb.distributed import run_distributed
+    from dcdb.dist.execute import run_distributed
     from dcdb.errors import ParameterError
 
     with pytest.raises(PoolError, match="not bucketed"):
@@ -352,7 +352,7 @@ def test_unbucketed_pool_and_bad_params(world):
 
 
 def test_rerun_redoes_only_missing_groups(world, tmp_path):
-    from dcdb.distributed import run_distributed
+    from dcdb.dist.execute import run_distributed
 
     pool = open_pool(world["bucketed"])
     filt, given = load_filter("clip_score"), {"arch": "l14", "fraction": "0.3"}
@@ -394,7 +394,7 @@ def test_resume_reuses_buckets_and_ignores_retried_copies(world, tmp_path, monke
     """Buckets finished twice (a retried task) count once; a lost score file is redone and the
     exact cut recomputed from old and new key files; the score pass through SQL (a pool without
     the score column in its Parquet files) gives the same cut as the direct column read."""
-    from dcdb import distributed
+    from dcdb.dist import execute as distributed
     from dcdb.plan import Cut
 
     pool = open_pool(world["bucketed"])
@@ -440,7 +440,7 @@ def test_bad_ray_address_fails_fast():
     only loopback sockets here, no Ray."""
     import socket
 
-    from dcdb.distributed import check_ray_address
+    from dcdb.dist.execute import check_ray_address
 
     for ok in (None, "", "auto", "local"):
         check_ray_address(ok)  # left to Ray: a local cluster
@@ -470,7 +470,7 @@ def _netns_works() -> str | None:
 
 def _reshard_inputs(tmp_path):
     """A tiny demo world's img2dataset shards, indexed in a pool, its uid list and a local reshard."""
-    from dcdb.world import build_world
+    from dcdb.demo.world import build_world
 
     build_world(tmp_path / "w", samples=60, concepts=3, seed=2, shard_size=20, eval_per_class=2,
                 retrieval_samples=10, workers=1)

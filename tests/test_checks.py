@@ -231,8 +231,8 @@ def test_copies_at_the_cap_and_zero(small_pool):
 
 @pytest.fixture(scope="module")
 def bucketed(tmp_path_factory):
-    from dcdb.ingest import ingest
-    from dcdb.synth import synth_pool
+    from dcdb.ingest.pool import ingest
+    from dcdb.demo.synth import synth_pool
 
     root = tmp_path_factory.mktemp("bucketed")
     synth_pool(root / "src", rows=300, shards=2, seed=3, jobs=1)
@@ -246,7 +246,7 @@ def bucketed(tmp_path_factory):
     ("SELECT uid, 1001 AS copies FROM pool ORDER BY uid LIMIT 5", "at most 1,000"),  # the top-k merge
 ])
 def test_copies_cap_on_the_bucket_engine(bucketed, tmp_path, sql, says):
-    from dcdb.distributed import run_distributed
+    from dcdb.dist.execute import run_distributed
 
     with pytest.raises(QueryError, match=says):
         run_distributed(bucketed, _filter(sql), engine="serial", per_task=1, work_dir=tmp_path / "w")
@@ -256,7 +256,7 @@ def test_copies_cap_on_the_bucket_engine(bucketed, tmp_path, sql, says):
 
 
 def test_finished_bucket_run_leaves_no_work_folder(bucketed, tmp_path):
-    from dcdb.distributed import run_distributed
+    from dcdb.dist.execute import run_distributed
 
     want = run_filter(bucketed, _filter("SELECT uid FROM pool")).uids
     work = tmp_path / "o.npy.dcdb-work"  # what `dcdb query -o o.npy --engine ray` uses
@@ -332,8 +332,8 @@ def test_space_on_a_metadata_only_pool_says_how_to_add_embeddings(make_src, tmp_
 def worlds(tmp_path_factory):
     """Two tiny demo worlds (img2dataset shards + metadata); world 1's metadata ingested whole
     and its first shard alone."""
-    from dcdb.ingest import ingest
-    from dcdb.world import build_world
+    from dcdb.ingest.pool import ingest
+    from dcdb.demo.world import build_world
 
     root = tmp_path_factory.mktemp("index_worlds")
     for i, seed in ((1, 2), (2, 3)):

@@ -14,7 +14,7 @@ from dcdb.cli import cli
 def test_ingest_shards_then_query_reshard(tmp_path):
     import webdataset as wds
 
-    from dcdb.world import build_world
+    from dcdb.demo.world import build_world
 
     build_world(tmp_path / "world", samples=240, concepts=6, workers=1)
     r = CliRunner()

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-import dcdb.dedup as D
+import dcdb.vectors.dedup as D
 from dcdb.engine import connect
 from dcdb.errors import ParameterError, PoolError, QueryError, UsageError
 from dcdb.query import load_filter, run_filter
@@ -40,7 +40,7 @@ def rotate(a, b, cos):
 def write_pool(tmp_path, vectors, *, texts=None, sha=None, urls=None, shards=2, dtype=np.float32, name="pool",
                more_spaces=()):
     """A pool whose rows are ``vectors`` (space ``emb``) with the given metadata, in ``shards`` shards."""
-    from dcdb.ingest import ingest
+    from dcdb.ingest.pool import ingest
 
     n = len(vectors)
     src = tmp_path / f"{name}_src"
@@ -498,8 +498,8 @@ def test_cli(tmp_path):
 
 
 def test_dedup_does_not_break_metadata_only_pools(tmp_path):
-    from dcdb.ingest import ingest
-    from dcdb.synth import synth_pool
+    from dcdb.ingest.pool import ingest
+    from dcdb.demo.synth import synth_pool
 
     synth_pool(tmp_path / "src", rows=30, shards=1, seed=0, embeddings=False, jobs=1)
     ingest(tmp_path / "src", tmp_path / "pool", jobs=1)

@@ -1,4 +1,4 @@
-"""The demo world's teachers (dcdb.teacher) and the whole `dcdb demo` loop (dcdb.demo), miniature."""
+"""The demo world's teachers (dcdb.demo.teacher) and the whole `dcdb demo` loop (dcdb.demo.run), miniature."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 
 @pytest.fixture(scope="module")
 def taught_world(tmp_path_factory):
-    from dcdb.teacher import build_teachers
-    from dcdb.world import build_world
+    from dcdb.demo.teacher import build_teachers
+    from dcdb.demo.world import build_world
 
     out = tmp_path_factory.mktemp("teacher") / "w"
     build_world(out, concepts=8, samples=1200, shard_size=600, teacher_samples=1000, eval_per_class=4,
@@ -22,7 +22,7 @@ def taught_world(tmp_path_factory):
 
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 def test_teacher_scores_separate_matched_from_mismatched(taught_world):
-    from dcdb.teacher import scores_by_defect
+    from dcdb.demo.teacher import scores_by_defect
 
     table = scores_by_defect(taught_world)
     for space in ("b32", "l14"):
@@ -38,7 +38,7 @@ def test_teacher_scores_separate_matched_from_mismatched(taught_world):
 
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 def test_teacher_steps_are_reused(taught_world):
-    from dcdb.teacher import encode_pool, train_teachers
+    from dcdb.demo.teacher import encode_pool, train_teachers
 
     before = (taught_world / "metadata" / "00000000.npz").stat().st_mtime_ns
     res = train_teachers(taught_world, samples_seen=1280, workers=0)
@@ -50,7 +50,7 @@ def test_teacher_steps_are_reused(taught_world):
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 def test_run_demo_end_to_end(tmp_path):
-    from dcdb.demo import run_demo
+    from dcdb.demo.run import run_demo
 
     lines: list[str] = []
     kw = {"samples": 1200, "concepts": 8, "samples_seen": 320, "teacher_samples_seen": 320, "workers": 0,

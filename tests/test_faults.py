@@ -211,9 +211,9 @@ def test_save_on_a_full_disk_leaves_the_pool_unchanged(small_pool, tmp_path, tmp
 @pytest.fixture(scope="module")
 def shard_world(tmp_path_factory) -> Path:
     """A tiny img2dataset world (60 samples in 2 tars) ingested with its shards indexed."""
-    from dcdb.ingest import ingest
-    from dcdb.shardindex import index_shards
-    from dcdb.world import build_world
+    from dcdb.ingest.pool import ingest
+    from dcdb.shards.index import index_shards
+    from dcdb.demo.world import build_world
 
     root = tmp_path_factory.mktemp("fault_world")
     build_world(root / "w", workers=1, samples=60, concepts=4, seed=5, shard_size=30, teacher_samples=10,

@@ -1,4 +1,4 @@
-"""dcdb.ingest: DataComp metadata folder -> pool store; validation, atomicity, resume."""
+"""dcdb.ingest.pool: DataComp metadata folder -> pool store; validation, atomicity, resume."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-import dcdb.ingest as ingest_mod
+import dcdb.ingest.pool as ingest_mod
 from dcdb.errors import OutputError, PoolError, SourceError, UidError
-from dcdb.ingest import IngestReport, count_duplicates, ingest
+from dcdb.ingest.pool import IngestReport, count_duplicates, ingest
 from dcdb.store import DATACOMP_SPACES, FORMAT, FORMAT_VERSION, MANIFEST, STAGING_DIR, open_pool
-from dcdb.synth import write_npz
+from dcdb.demo.synth import write_npz
 from dcdb.uids import from_hex
 
 REAL_PROCESS_SHARD = ingest_mod.process_shard

@@ -37,7 +37,7 @@ def pool_vectors(pool, space=SPACE):
 
 def brute(vec, seeds, k, rows=None):
     """numpy reference: cosine, similarity desc then row asc."""
-    from dcdb.knn import numpy_bruteforce
+    from dcdb.vectors.knn import numpy_bruteforce
 
     if rows is None:
         return numpy_bruteforce(vec, seeds, k)
@@ -66,7 +66,7 @@ def seeds_npy(tmp_path):
 
 
 def test_topk_blocks_match_numpy_with_ties():
-    from dcdb.knn import exact_topk, numpy_bruteforce
+    from dcdb.vectors.knn import exact_topk, numpy_bruteforce
 
     rng = np.random.default_rng(0)
     p = rng.standard_normal((3000, 16)).astype(np.float32)
@@ -84,7 +84,7 @@ def test_topk_blocks_match_numpy_with_ties():
 
 @pytest.mark.parametrize("space,k", [("l14_img", 5), ("b32_txt", 1), ("l14_img", 200)])
 def test_exact_search_matches_numpy(small_pool, space, k):
-    from dcdb.knn import exact_search
+    from dcdb.vectors.knn import exact_search
     from dcdb.store import open_pool
 
     vec, _ = pool_vectors(small_pool, space)
@@ -141,8 +141,8 @@ def test_where_is_a_prefilter(small_pool, seeds_npy, tmp_path):
 
 
 def test_seed_sources(small_pool, tmp_path):
-    from dcdb.knn import exact_search
-    from dcdb.seeds import load_seeds
+    from dcdb.vectors.knn import exact_search
+    from dcdb.vectors.seeds import load_seeds
     from dcdb.store import open_pool
 
     _, uids = pool_vectors(small_pool)
@@ -238,8 +238,8 @@ def test_ann_index_recall_and_staleness(small_pool, seeds_npy, tmp_path):
     man = json.loads((tmp_path / "near.npy.json").read_text())
     assert man["mode"] == "exact" and "exact over them" in man["details"]["why_exact"]
     # re-ingested pool (deleted, ingested again from a changed source) that kept indexes/: stale
-    from dcdb.ingest import ingest
-    from dcdb.synth import synth_pool
+    from dcdb.ingest.pool import ingest
+    from dcdb.demo.synth import synth_pool
 
     synth_pool(tmp_path / "src2", rows=200, shards=3, seed=99, jobs=1)
     ingest(tmp_path / "src2", tmp_path / "pool2", jobs=1)
@@ -257,8 +257,8 @@ def test_ann_index_recall_and_staleness(small_pool, seeds_npy, tmp_path):
 
 def test_ann_query_rows_map_to_pool_rows(small_pool):
     """Each pool vector's ANN top-1 is its own row (row addresses -> pool rows across fragments)."""
-    from dcdb.ann import build_index
-    from dcdb.knn import search
+    from dcdb.vectors.ann import build_index
+    from dcdb.vectors.knn import search
     from dcdb.store import open_pool
 
     p = open_pool(small_pool)
@@ -381,7 +381,7 @@ def l14_checkpoint(tmp_path_factory):
 def test_prompts_encoded_by_the_configured_model(small_pool, l14_checkpoint, tmp_path):
     from PIL import Image
 
-    from dcdb.teacher import Encoder
+    from dcdb.demo.teacher import Encoder
 
     res = run("sql", "SELECT clip_text('a dog', 'l14')", "--pool", small_pool, ok=False)
     assert res.exit_code != 0 and "dcdb encoder --pool" in res.output
@@ -429,8 +429,8 @@ def test_prompts_encoded_by_the_configured_model(small_pool, l14_checkpoint, tmp
 
 def test_checkpoint_from_demo_world_or_encoder_command(make_src, tmp_path):
     """A pool ingested from WORLD/metadata finds the world's teacher; `dcdb encoder` overrides it."""
-    from dcdb.ingest import ingest
-    from dcdb.seeds import checkpoint_for
+    from dcdb.ingest.pool import ingest
+    from dcdb.vectors.seeds import checkpoint_for
     from dcdb.store import open_pool
 
     world = tmp_path / "world"
@@ -456,7 +456,7 @@ def test_checkpoint_from_demo_world_or_encoder_command(make_src, tmp_path):
 
 
 def test_seed_validation_messages():
-    from dcdb.seeds import check_vectors
+    from dcdb.vectors.seeds import check_vectors
 
     with pytest.raises(SourceError, match="dim 3, the space has dim 4"):
         check_vectors(np.ones((2, 3)), 4, "x")

@@ -26,8 +26,8 @@ from dcdb.store import open_pool
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    from dcdb.ingest import ingest
-    from dcdb.synth import synth_pool
+    from dcdb.ingest.pool import ingest
+    from dcdb.demo.synth import synth_pool
 
     root = tmp_path_factory.mktemp("qpool")
     synth_pool(root / "src", rows=300, shards=3, seed=3)
@@ -305,8 +305,8 @@ def test_derived_columns_join_and_override(tmp_path):
 
     from dcdb.derived import groups, write_group
     from dcdb.errors import PoolError
-    from dcdb.ingest import ingest
-    from dcdb.synth import synth_pool
+    from dcdb.ingest.pool import ingest
+    from dcdb.demo.synth import synth_pool
 
     synth_pool(tmp_path / "src", rows=90, shards=3, seed=11)
     ingest(tmp_path / "src", tmp_path / "pool", jobs=1)

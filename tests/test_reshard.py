@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dcdb import reshard as R
-from dcdb import shardindex as S
+from dcdb.shards import reshard as R
+from dcdb.shards import index as S
 from dcdb import uids as U
 from dcdb.errors import OutputError, ReshardError, ShardIndexError, UidError, UsageError
 
@@ -40,7 +40,7 @@ WDS_UNCLOSED = pytest.mark.filterwarnings("ignore:unclosed file:ResourceWarning"
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """A demo world: 3 img2dataset shards of 100 attempted samples (some failed, some faces)."""
-    from dcdb.world import build_world
+    from dcdb.demo.world import build_world
 
     out = tmp_path_factory.mktemp("reshard_world") / "w"
     build_world(out, workers=1, **WORLD)
@@ -50,7 +50,7 @@ def world(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def pool_template(world, tmp_path_factory) -> Path:
     """The world's metadata ingested (metadata-only pool) with its shards indexed."""
-    from dcdb.ingest import ingest
+    from dcdb.ingest.pool import ingest
 
     pool = tmp_path_factory.mktemp("reshard_pool") / "pool"
     ingest(world / "metadata", pool, jobs=1)

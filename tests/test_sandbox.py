@@ -306,8 +306,8 @@ def test_no_extension_is_installed_or_loaded(site, tmp_path, extension_server):
 
 @pytest.fixture(scope="module")
 def bucketed(tmp_path_factory):
-    from dcdb.ingest import ingest
-    from dcdb.synth import synth_pool
+    from dcdb.ingest.pool import ingest
+    from dcdb.demo.synth import synth_pool
 
     root = tmp_path_factory.mktemp("sandbox_buckets")
     synth_pool(root / "src", rows=64, shards=2, seed=5, jobs=1)
@@ -319,8 +319,8 @@ def bucketed(tmp_path_factory):
 def test_ray_task_connection_is_sandboxed(bucketed, tmp_path):
     """The connection a --engine ray task opens (distributed._connect) and the tasks themselves:
     the pool and the filter's path parameters only; refusals come back as SandboxError data."""
-    from dcdb import distributed
-    from dcdb.buckets import pool_buckets
+    from dcdb.dist import execute as distributed
+    from dcdb.ingest.buckets import pool_buckets
     from dcdb.query import parse_filter
     from dcdb.sandbox import refusal
 

@@ -1,4 +1,4 @@
-"""dcdb.synth: random but valid DataComp metadata folders."""
+"""dcdb.demo.synth: random but valid DataComp metadata folders."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from dcdb.errors import OutputError
 from dcdb.store import DATACOMP_COLUMNS, DATACOMP_SPACES
-from dcdb.synth import synth_pool
+from dcdb.demo.synth import synth_pool
 from dcdb.uids import from_arrow
 
 

@@ -33,7 +33,7 @@ SHORT = {"samples_seen": 320, "batch_size": 32, "workers": 0, "progress": False}
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Toy training shards and evaluation tasks."""
-    from dcdb.train.toy import write_toy_shards, write_toy_tasks
+    from dcdb.demo.toy import write_toy_shards, write_toy_tasks
 
     root = tmp_path_factory.mktemp("toy")
     data = write_toy_shards(root / "data", 160, seed=0, shard_size=64)

@@ -204,7 +204,7 @@ def test_read_tar_samples_skips_damage_and_reads_compressed(tmp_path, caplog):
     path.write_bytes(bytes(raw))
     with caplog.at_level("WARNING"):
         keys = [s["__key__"] for s in read_tar_samples(str(path))]
-    # b.jpg's header cannot be trusted, so neither can the sample before it (dcdb.shardindex rules)
+    # b.jpg's header cannot be trusted, so neither can the sample before it (dcdb.shards.index rules)
     assert keys == ["c", "d"] and "damaged" in caplog.text
     gz = tmp_path / "z.tar"
     _write_tar(tmp_path / "plain.tar", members)
@@ -218,7 +218,7 @@ def test_read_tar_samples_skips_damage_and_reads_compressed(tmp_path, caplog):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     from dcdb.train import find_shards
-    from dcdb.train.toy import write_toy_shards
+    from dcdb.demo.toy import write_toy_shards
 
     return find_shards(write_toy_shards(tmp_path_factory.mktemp("toy") / "data", 96, seed=0, shard_size=32))
 

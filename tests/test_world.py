@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dcdb import world as W
+from dcdb.demo import world as W
 from dcdb.errors import OutputError, SourceError, UsageError
 from dcdb.store import DATACOMP_COLUMNS
 

@@ -201,13 +201,13 @@ def read_tar_samples(url: str, handler: Callable[[Exception], bool] = _log_and_c
     """The image+caption samples of one local shard: ``{"__key__", "__url__", <image ext>, "txt"}``
     with the raw bytes of the sample's first image member and its caption, nothing else read.
 
-    Headers are walked with :func:`dcdb.shardindex.walk_tar` (``pread`` of 512-byte blocks, about 6x
+    Headers are walked with :func:`dcdb.shards.index.walk_tar` (``pread`` of 512-byte blocks, about 6x
     faster than ``tarfile``) and grouped into samples as webdataset groups them (key = the name up
     to the first dot, extensions lower-cased). A damaged stretch costs the samples it touches,
     with a log line. A file that does not start with a tar header (say a compressed tar) is read by
     webdataset's own reader instead.
     """
-    from dcdb.shardindex import BLOCK, TarHeaderError, WindowReader, group_samples, parse_header, walk_tar
+    from dcdb.shards.index import BLOCK, TarHeaderError, WindowReader, group_samples, parse_header, walk_tar
 
     try:
         fd = os.open(url, os.O_RDONLY)

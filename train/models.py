@@ -8,7 +8,7 @@ image transforms work as for any built-in model, and checkpoints load with
 ``open_clip.create_model_and_transforms("dcdb-tiny", pretrained=path)``.
 
 ``dcdb-teacher-b32`` (dcdb-tiny with a 512-d joint embedding) and ``dcdb-teacher-l14`` (wider and
-deeper: 4 layers, width 160, 768-d embedding) are the demo world's two teachers (:mod:`dcdb.teacher`),
+deeper: 4 layers, width 160, 768-d embedding) are the demo world's two teachers (:mod:`dcdb.demo.teacher`),
 standing in for OpenAI's ViT-B/32 and ViT-L/14 with DataComp's embedding dims.
 """
 
@@ -29,7 +29,7 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
         "vision_cfg": {"image_size": 64, "layers": 3, "width": 128, "patch_size": 8, "head_width": 32},
         "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
     },
-    # The demo world's teachers (dcdb.teacher), stand-ins for OpenAI's ViT-B/32 and ViT-L/14: their
+    # The demo world's teachers (dcdb.demo.teacher), stand-ins for OpenAI's ViT-B/32 and ViT-L/14: their
     # joint embeddings have DataComp's dims (512, 768) so the pool's .npz look like DataComp's.
     "dcdb-teacher-b32": {
         "embed_dim": 512,

@@ -115,7 +115,7 @@ RECIPES: dict[str, Recipe] = {
     "medium": _datacomp("medium", "ViT-B-32", 4096, 5e-4, 128_000_000),
     "large": _datacomp("large", "ViT-B-16", 8192, 5e-4, 1_280_000_000),
     "xlarge": _datacomp("xlarge", "ViT-L-14", 90112, 1e-3, 12_800_000_000, warmup=10_000, beta2=0.95),
-    # The demo world's teachers (dcdb.teacher): tiny's recipe with the teacher models.
+    # The demo world's teachers (dcdb.demo.teacher): tiny's recipe with the teacher models.
     "teacher-b32": Recipe(scale="teacher-b32", model="dcdb-teacher-b32", batch_size=64, learning_rate=1e-3,
                           warmup=50, samples_seen=32_000, image_size=64, grad_checkpointing=False),
     "teacher-l14": Recipe(scale="teacher-l14", model="dcdb-teacher-l14", batch_size=64, learning_rate=1e-3,

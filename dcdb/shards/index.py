@@ -628,7 +628,7 @@ def _run_index_tasks(tasks: list[IndexTask], jobs: int, progress: bool) -> list[
     from tqdm import tqdm
 
     from dcdb import errors
-    from dcdb.synth import can_spawn
+    from dcdb.demo.synth import can_spawn
 
     results, failure = [], None
     with tqdm(

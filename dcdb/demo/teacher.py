@@ -8,7 +8,7 @@ them in with two small CLIPs trained by :func:`dcdb.train.train` on the world's 
     ``b32`` <- ``dcdb-teacher-b32`` (scale ``teacher-b32``: dcdb-tiny's towers, 512-d like B/32)
     ``l14`` <- ``dcdb-teacher-l14`` (scale ``teacher-l14``: wider and deeper, 768-d like L/14)
 
-then encodes the pool with them (:func:`dcdb.world.write_pool_embeddings`, batched, on the CPU), so
+then encodes the pool with them (:func:`dcdb.demo.world.write_pool_embeddings`, batched, on the CPU), so
 a CLIP score means what it means in DataComp: a model that has learnt which captions go with which
 images finds mismatched, junk and foreign-language captions less similar to their images.
 
@@ -56,7 +56,7 @@ def train_teachers(
 ) -> dict[str, Any]:
     """Train (or finish, or reuse) one teacher per space on ``OUT/teacher/shards``; space -> TrainResult."""
     from dcdb.train import train
-    from dcdb.world import load_world
+    from dcdb.demo.world import load_world
 
     say = log or (lambda msg: None)
     load_world(world_dir)  # a clear error when the folder is not a world
@@ -120,7 +120,7 @@ def encode_pool(
     import torch
 
     from dcdb.train.checkpoint import LATEST
-    from dcdb.world import load_world, write_pool_embeddings
+    from dcdb.demo.world import load_world, write_pool_embeddings
 
     world_dir = Path(world_dir)
     say = log or (lambda msg: None)
@@ -157,7 +157,7 @@ def encode_pool(
             checkpoint_stamp=stamps[s],
         )
     from dcdb.io import write_json
-    from dcdb.world import MANIFEST
+    from dcdb.demo.world import MANIFEST
 
     write_json(world_dir / MANIFEST, manifest)
     say(f"encoded the pool with {len(spaces)} teachers in {time.perf_counter() - t0:.0f}s ({threads} threads)")
@@ -177,7 +177,7 @@ def scores_by_defect(world_dir: str | os.PathLike) -> dict[str, dict[str, float]
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dcdb.world import load_world, read_truth
+    from dcdb.demo.world import load_world, read_truth
 
     world_dir = Path(world_dir)
     manifest = load_world(world_dir)
@@ -201,7 +201,7 @@ def format_scores(table: Mapping[str, Mapping[str, float]]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m dcdb.teacher WORLD: scores per defect
+if __name__ == "__main__":  # python -m dcdb.demo.teacher WORLD: scores per defect
     import sys
 
     print(format_scores(scores_by_defect(sys.argv[1])))

@@ -2,7 +2,7 @@
 the tests use to check plans without a cluster).
 
 The driver plans the filter once (dcdb/plan.py), then runs phases of tasks; one task handles a
-*group* of consecutive buckets of a bucketed pool (dcdb/buckets.py, one group per worker)
+*group* of consecutive buckets of a bucketed pool (dcdb/ingest/buckets.py, one group per worker)
 with one DuckDB connection on those buckets' files only. A task writes its output to the work
 folder as one raw file (its buckets one after another) and then a marker listing every bucket in
 it with its offset and counts; before a phase the driver lists the markers and gives tasks only
@@ -202,7 +202,7 @@ def _guarded(fn, *args) -> dict[str, Any]:
 def _connect(pool_path: str, group: list[int], allow: list[str] | None = None, name: str = "query"):
     """A task's connection on a bucket view of the pool, sandboxed as the local engine's
     (dcdb.sandbox): it reads only the pool and ``allow`` (the filter's path parameter values)."""
-    from dcdb.buckets import bucket_view
+    from dcdb.ingest.buckets import bucket_view
     from dcdb.engine import connect
     from dcdb.sandbox import apply
     from dcdb.store import open_pool
@@ -304,7 +304,7 @@ def _by_bucket(uid_arr: np.ndarray, todo: list[int], bits: int, name: str) -> di
     pool keeps its uid order: no copy), else an index array. A uid outside them (made up by the
     filter, not a row's own uid) cannot be placed, so it is refused rather than put in the wrong
     bucket."""
-    from dcdb.buckets import bucket_of
+    from dcdb.ingest.buckets import bucket_of
 
     todo = sorted(todo)
     if U.is_sorted(uid_arr):
@@ -416,7 +416,7 @@ def _bucket_scores(pool_path: str, group: list[int], source: tuple, params: dict
     on a bucket view of the group, split by the buckets' row counts."""
     import pyarrow as pa
 
-    from dcdb.buckets import bucket_name, bucket_view
+    from dcdb.ingest.buckets import bucket_name, bucket_view
     from dcdb.store import open_pool
 
     view = bucket_view(open_pool(pool_path), group)
@@ -788,7 +788,7 @@ def run_distributed(
 ) -> FilterResult:
     """Run ``filt`` on the bucketed ``pool`` group by group on ``engine`` ("ray" or "serial").
     Same result as ``dcdb.query.run_filter``; PlanError when the filter cannot be split."""
-    from dcdb.buckets import pool_buckets
+    from dcdb.ingest.buckets import pool_buckets
     from dcdb.engine import connect, stored_subsets
     from dcdb.plan import plan_filter
     from dcdb.query import bind_parameters, check_statement

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from dcdb.io import write_json
-from dcdb.world import encode_image
+from dcdb.demo.world import encode_image
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -103,7 +103,7 @@ def write_toy_shards(folder: str | os.PathLike, n: int = 256, *, seed: int = 0, 
     for k, c in enumerate(counts):
         write_json(folder / f"{k:08d}_stats.json", {"successes": c})
     write_json(folder / "meta.json", {"output_shard_count": len(counts), "output_shard_format": "{:08d}.tar",
-                                      "samples": n, "generator": "dcdb.train.toy", "seed": seed})
+                                      "samples": n, "generator": "dcdb.demo.toy", "seed": seed})
     return folder
 
 

@@ -15,7 +15,7 @@ bucket 42's bits, **sorted by uid** (rows with the same uid keep their source or
 The manifest records ``"buckets": {"count": N, "bits": b, "key": "uid"}``.
 
 Ingest stages the repartition inside ``POOL/.ingest/`` in two resumable phases before the normal
-ingest runs on the buckets (dcdb/ingest.py):
+ingest runs on the buckets (dcdb/ingest/pool.py):
 
 A. per source shard (parallel): read parquet + npz, split the rows by bucket into one Arrow IPC
    file (one record batch per bucket present) and journal it;
@@ -161,7 +161,7 @@ def _split_shard(task: _SplitTask) -> dict[str, Any]:
     """Phase A: one source shard -> an Arrow IPC file, one record batch per bucket present."""
     import pyarrow as pa
 
-    from dcdb.ingest import _load_embedding, _read_shard_table
+    from dcdb.ingest.pool import _load_embedding, _read_shard_table
 
     shard = task.shard
     table = _read_shard_table(shard)
@@ -229,7 +229,7 @@ def _run_all(fn, tasks: list, jobs: int, label: str, progress: bool) -> list:
     """``fn`` over ``tasks`` on ``jobs`` spawned processes (in this process when jobs == 1)."""
     from tqdm import tqdm
 
-    from dcdb.synth import can_spawn
+    from dcdb.demo.synth import can_spawn
 
     out = []
     with tqdm(total=len(tasks), desc=label, unit="part", file=sys.stderr, disable=not progress) as bar:
@@ -251,7 +251,7 @@ def _run_all(fn, tasks: list, jobs: int, label: str, progress: bool) -> list:
 def repartition(plan, pool: Path, buckets: int, *, jobs: int = 2, progress: bool = False):
     """Stage SRC as N uid buckets (phases A and B above) and return the ingest plan whose shards
     are the buckets, with SRC's fingerprint and the bucketing record. Resumable."""
-    from dcdb.ingest import Plan, plan_source
+    from dcdb.ingest.pool import Plan, plan_source
 
     bits = bucket_bits(buckets)
     stage = _stage_dir(pool, bits, plan.fingerprint)
@@ -287,7 +287,7 @@ def repartition(plan, pool: Path, buckets: int, *, jobs: int = 2, progress: bool
 
 def _split_and_merge(plan, pool: Path, parts: Path, src: Path, buckets: int, bits: int, jobs: int,
                      progress: bool) -> None:
-    from dcdb.ingest import _read_json, _tasks
+    from dcdb.ingest.pool import _read_json, _tasks
 
     # Phase A: split every source shard not split yet (journal = parts/<shard>.json).
     journals: dict[str, dict[str, Any]] = {}

@@ -65,7 +65,7 @@ from dcdb.store import (
     METADATA_DIR,
     STAGING_DIR,
 )
-from dcdb.synth import can_spawn
+from dcdb.demo.synth import can_spawn
 
 # Metadata parquet written into the pool. Measured on synthetic 100k-row shards (best of 5):
 # snappy 18.1 MB / 0.112 s to write, zstd-1 11.5 MB / 0.119 s, zstd-1 without dictionaries on the
@@ -154,7 +154,7 @@ class Plan:
     shards: list[ShardSource]
     schema: pa.Schema
     spaces: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # Bucketed ingest (dcdb/buckets.py): shards are the uid buckets staged from SRC; the
+    # Bucketed ingest (dcdb/ingest/buckets.py): shards are the uid buckets staged from SRC; the
     # fingerprint and manifest stay those of SRC, and the manifest records the bucketing.
     source_fingerprint: str | None = None
     buckets: dict[str, Any] | None = None
@@ -982,14 +982,14 @@ def ingest(
 
     ``jobs`` worker processes handle one shard each at a time (``jobs=1`` runs in this process).
     ``buckets`` (a power of two) lays the pool out by the top bits of the uid, each bucket sorted
-    by uid (see dcdb/buckets.py). Resumable: re-run after an interruption to finish. Raises SourceError for bad input,
+    by uid (see dcdb/ingest/buckets.py). Resumable: re-run after an interruption to finish. Raises SourceError for bad input,
     OutputError when POOL is a non-pool folder, PoolError when POOL is a complete pool of
     another source.
     """
     if jobs < 1:
         raise UsageError(f"jobs must be at least 1, got {jobs}", hint="pass -j N with N >= 1, or leave it out")
     if buckets is not None:
-        from dcdb.buckets import bucket_bits
+        from dcdb.ingest.buckets import bucket_bits
 
         bucket_bits(buckets)  # refuse a bad count before reading anything
     t0 = time.perf_counter()
@@ -1006,7 +1006,7 @@ def _ingest(plan: Plan, pool: Path, t0: float, *, jobs: int, progress: bool, buc
     """``ingest`` once POOL is locked."""
     complete = _prepare_pool(pool, plan)
     if complete is not None:
-        from dcdb.buckets import check_same_buckets
+        from dcdb.ingest.buckets import check_same_buckets
 
         check_same_buckets(pool, complete, buckets)
         shutil.rmtree(_staging(pool), ignore_errors=True)  # left if killed right after the manifest
@@ -1023,7 +1023,7 @@ def _ingest(plan: Plan, pool: Path, t0: float, *, jobs: int, progress: bool, buc
         )
     bytes_read = sum(s.source_bytes for s in plan.shards)
     if buckets is not None:
-        from dcdb.buckets import repartition
+        from dcdb.ingest.buckets import repartition
 
         plan = repartition(plan, pool, buckets, jobs=jobs, progress=progress)
     done = _done_entries(pool, plan)

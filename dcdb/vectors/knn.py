@@ -344,7 +344,7 @@ def search(pool, space: str, seeds: np.ndarray, k: int, *, exact: bool = False, 
     exact); otherwise the ANN index, whose recall@k is measured on ``recall_sample`` seeds
     re-run exactly, with nprobes/refine raised (or the exact path taken) until ``min_recall``.
     """
-    from dcdb import ann
+    from dcdb.vectors import ann
 
     say = log or (lambda _m: None)
     if min_recall is not None and not (0.0 < min_recall <= 1.0):

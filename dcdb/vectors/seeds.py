@@ -156,7 +156,7 @@ def subset_rows(pool, name: str) -> np.ndarray:
 
     from dcdb import uids as U
     from dcdb.engine import check_subset_name
-    from dcdb.knn import open_space
+    from dcdb.vectors.knn import open_space
     from dcdb.subsets import read_manifest
 
     check_subset_name(name)
@@ -176,7 +176,7 @@ def subset_rows(pool, name: str) -> np.ndarray:
 
 def vectors_of_rows(pool, space: str, rows: np.ndarray) -> np.ndarray:
     """Raw float32 vectors of pool rows ``rows`` in ``space``."""
-    from dcdb.knn import open_space
+    from dcdb.vectors.knn import open_space
 
     ds, dim = open_space(pool, space)
     parts = []
@@ -260,12 +260,12 @@ _encoders: dict[tuple, Any] = {}
 
 
 def encoder_for(pool, space: str):
-    """A cached :class:`dcdb.teacher.Encoder` for ``space``'s model (imports torch)."""
+    """A cached :class:`dcdb.demo.teacher.Encoder` for ``space``'s model (imports torch)."""
     ckpt = checkpoint_for(pool, space)
     st = ckpt.stat()
     key = (str(ckpt.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _encoders:
-        from dcdb.teacher import Encoder
+        from dcdb.demo.teacher import Encoder
 
         _encoders.clear()
         _encoders[key] = Encoder(ckpt)

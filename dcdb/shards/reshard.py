@@ -22,7 +22,7 @@ order inside each tar, the copies of a uid next to each other (``uid-0``, ``uid-
 byte-identical whatever ``jobs`` is, and the same from ``--pool`` (shard index) and ``--shards``
 (scan) mode.
 
-**Reading only what is selected.** With a pool, the shard index (``dcdb.shardindex``) gives each
+**Reading only what is selected.** With a pool, the shard index (``dcdb.shards.index``) gives each
 sample's byte range; a worker reads the ranges of its output tar's samples with ``os.pread``,
 merging ranges less than 16 KiB apart into one read (at most 8 MiB), so the bytes read grow with
 the selection, not the pool. Without a pool the tars' headers and json members are walked first
@@ -65,7 +65,7 @@ from dcdb import uids as U
 from dcdb.errors import DcdbError, OutputError, ReshardError, UsageError
 from dcdb.io import (LOCK_NAME, TMP_MARK, atomic_path, check_folder, kill_point, write_error, write_json, write_lock,
                      write_target, writing)
-from dcdb.shardindex import (
+from dcdb.shards.index import (
     BLOCK,
     IMAGE_EXTS,
     LOST_STATUS,
@@ -335,7 +335,7 @@ def locate_in_index(index, sel: Selection, blur: bool, pool_boxes: dict[int, lis
 
 def _scan_one(tar: str) -> dict[str, Any]:
     """Worker: walk one tar (headers and json only) into shard index rows."""
-    from dcdb.shardindex import TarFiles, rows_table, scan_tar
+    from dcdb.shards.index import TarFiles, rows_table, scan_tar
 
     try:
         rows, report = scan_tar(TarFiles(Path(tar)))
@@ -348,7 +348,7 @@ def locate_by_scan(shards_dir, sel: Selection, blur: bool, jobs: int, progress: 
     """Find the selected uids by walking every tar of ``shards_dir`` (no pool, no index)."""
     from tqdm import tqdm
 
-    from dcdb.shardindex import list_tars
+    from dcdb.shards.index import list_tars
 
     tars = list_tars(shards_dir)
     loc = _Locator(sel, blur)
@@ -577,7 +577,7 @@ def split_members(view: memoryview) -> list[tuple[str, Any]]:
             raise SampleError(f"member truncated ({len(data)} of {size} bytes)")
         pos += BLOCK + pad(size)
         if typ in (b"x", b"X"):
-            from dcdb.shardindex import _pax_path
+            from dcdb.shards.index import _pax_path
 
             long_name = _pax_path(bytes(data)) or long_name
             continue
@@ -915,7 +915,7 @@ def _raise_worker_error(result: dict[str, Any], resume: str) -> None:
 def _map(fn, items: list, jobs: int, window: int | None = None) -> Iterator[Any]:
     """``fn`` over ``items`` in order: in this process for one job, else on ``jobs`` spawned
     processes with at most ``window`` items in flight (bounded memory)."""
-    from dcdb.synth import can_spawn
+    from dcdb.demo.synth import can_spawn
 
     if jobs == 1 or len(items) < 2 or not can_spawn():
         yield from map(fn, items)
@@ -1104,7 +1104,7 @@ def preflight(out: str | os.PathLike, *, pool=None, shards=None, overwrite: bool
     """Cheap checks before a long job that ends in a reshard (``dcdb query --reshard OUT``): OUT is
     usable, and the pool has a current shard index (or the shards folder has tars). Raises the
     error ``reshard`` would raise later."""
-    from dcdb.shardindex import list_tars, open_index
+    from dcdb.shards.index import list_tars, open_index
 
     if pool is None and shards is None:
         raise UsageError(
@@ -1138,7 +1138,7 @@ def _locate(pool, shards, sel: Selection, blur: bool, jobs: int, progress: bool,
     if pool is None:
         located = locate_by_scan(shards, sel, blur, jobs, progress, warn)
         return located, {"input_dir": str(Path(shards).resolve()), "pool": None, "mode": "scan"}
-    from dcdb.shardindex import open_index
+    from dcdb.shards.index import open_index
     from dcdb.store import Pool, open_pool
 
     p = pool if isinstance(pool, Pool) else open_pool(pool)
@@ -1165,12 +1165,12 @@ def _write_shards(
     engine: str = "local",
 ) -> None:
     """Write the output tars in ``todo``; record each in the state file as it finishes. With
-    ``engine="ray"`` each tar is a Ray task (dcdb/distributed.py), same bytes."""
+    ``engine="ray"`` each tar is a Ray task (dcdb/dist/execute.py), same bytes."""
     from tqdm import tqdm
 
     mapper = _map
     if engine == "ray":
-        from dcdb.distributed import ray_map as mapper
+        from dcdb.dist.execute import ray_map as mapper
 
     done = state["done"]
     for k in todo:

@@ -6,7 +6,7 @@
 
 Folder layout::
 
-    FOLDER/world/        the demo world (dcdb.world) with its teachers in world/teacher/{b32,l14}
+    FOLDER/world/        the demo world (dcdb.demo.world) with its teachers in world/teacher/{b32,l14}
     FOLDER/pool/         the pool store (ingested metadata + embeddings, shard index, lang column)
     FOLDER/subsets/      one DataComp uid list (.npy) per baseline, with its manifest
     FOLDER/shards/NAME/  the resharded subset (webdataset tars + meta.json)
@@ -68,9 +68,9 @@ def run_demo(
     world-building processes and training dataloader processes (default 1; 0 loads in-process).
     """
     from dcdb.eval import collect, evaluate, plot, to_markdown
-    from dcdb.teacher import build_teachers, format_scores, scores_by_defect
+    from dcdb.demo.teacher import build_teachers, format_scores, scores_by_defect
     from dcdb.train import train
-    from dcdb.world import build_world
+    from dcdb.demo.world import build_world
 
     if rows is not None:
         samples = int(rows)
@@ -149,8 +149,8 @@ class _Timer:
 
 def _ingest(world: Path, pool_dir: Path, progress: bool, log: Callable[[str], None]):
     from dcdb.annotate import annotate, list_groups
-    from dcdb.ingest import ingest
-    from dcdb.shardindex import index_shards
+    from dcdb.ingest.pool import ingest
+    from dcdb.shards.index import index_shards
     from dcdb.store import open_pool
 
     if not (pool_dir / "dcdb.json").exists():
@@ -183,7 +183,7 @@ def _filters(pool, names: Sequence[str], out: Path, log: Callable[[str], None]) 
 
 
 def _reshard(pool, uids: Path, out: Path, label: str, progress: bool) -> None:
-    from dcdb.reshard import reshard
+    from dcdb.shards.reshard import reshard
 
     if (out / "meta.json").is_file():
         return
