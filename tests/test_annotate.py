@@ -205,7 +205,7 @@ def test_centroid_annotation_streams_and_records_the_file(tmp_path):
 
 
 def cli(*args):
-    from dcdb import cli_annotate  # noqa: F401  (registers the command)
+    from dcdb.cli import annotate  # noqa: F401  (registers the command)
     from dcdb.cli import cli as root
 
     return CliRunner().invoke(root, list(args))

@@ -319,7 +319,7 @@ def test_corrupt_lance_metadata_panics_inside_lance_but_the_user_sees_one_line(s
 
 
 def test_native_stderr_filter_passes_everything_but_panic_reports():
-    from dcdb.cli import _pump_stderr
+    from dcdb.cli.base import _pump_stderr
 
     panic = (b"\nthread 'lance_background_thread' (77) panicked at src/x.rs:1:2:\nrange end index 9 out of range\n"
              b"stack backtrace:\n   0: f\n             at x.rs:1\nnote: Some details are omitted.\n")
@@ -487,7 +487,7 @@ def test_faults_no_layer_named_still_become_one_line():
     import errno
     from concurrent.futures.process import BrokenProcessPool
 
-    from dcdb.cli import _fault_error
+    from dcdb.cli.base import _fault_error
     from dcdb.errors import DiskFullError, NotWritableError, PoolError, WorkerError
 
     def fault(exc):

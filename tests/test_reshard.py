@@ -637,7 +637,7 @@ def test_unwritable_output_is_refused_before_any_work(pool, subset, tmp_path):
 def test_cli_index_and_reshard(pool_template, world, subset, tmp_path):
     from click.testing import CliRunner
 
-    import dcdb.cli_reshard  # noqa: F401  (registers the commands)
+    import dcdb.cli.reshard  # noqa: F401  (registers the commands)
     from dcdb.cli import cli
 
     p = tmp_path / "p"

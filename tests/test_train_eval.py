@@ -259,7 +259,7 @@ def test_resume_continues_and_refuses_changes(run, world, tmp_path):
 def test_cli_train_is_seeded_like_the_library(run, world, tmp_path):
     from click.testing import CliRunner
 
-    import dcdb.cli_train  # noqa: F401  (registers the commands)
+    import dcdb.cli.train  # noqa: F401  (registers the commands)
     from dcdb.cli import cli
 
     data, _ = world
@@ -278,7 +278,7 @@ def test_cli_train_is_seeded_like_the_library(run, world, tmp_path):
 def test_cli_train_bad_input(world, tmp_path):
     from click.testing import CliRunner
 
-    import dcdb.cli_train  # noqa: F401
+    import dcdb.cli.train  # noqa: F401
     from dcdb.cli import cli
 
     data, _ = world
@@ -290,7 +290,7 @@ def test_cli_train_bad_input(world, tmp_path):
 
 
 def test_cli_module_does_not_import_torch():
-    code = ("import sys, dcdb.cli, dcdb.cli_train; "
+    code = ("import sys, dcdb.cli, dcdb.cli.train; "
             "bad = [m for m in ('torch', 'open_clip', 'webdataset') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -397,7 +397,7 @@ def test_cli_eval_and_leaderboard(run, world, tmp_path):
     from click.testing import CliRunner
     from PIL import Image
 
-    import dcdb.cli_train  # noqa: F401
+    import dcdb.cli.train  # noqa: F401
     from dcdb.cli import cli
 
     out, _ = run

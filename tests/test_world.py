@@ -394,7 +394,7 @@ def test_load_world_says_what_to_do(tmp_path):
 def test_cli_world(tmp_path):
     from click.testing import CliRunner
 
-    import dcdb.cli_world  # noqa: F401  (registers the command)
+    import dcdb.cli.demo  # noqa: F401  (registers the command)
     from dcdb.cli import cli
 
     out = tmp_path / "w"

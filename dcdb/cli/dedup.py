@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from dcdb.cli import Ctx, cli, command, hold_write_lock, pool_option
+from dcdb.cli.base import Ctx, cli, command, hold_write_lock, pool_option
 
 
 @command(cli, "dedup", reads_lance=True)
@@ -37,8 +37,8 @@ def dedup_cmd(c: Ctx, pool, space, threshold, clusters, seed, sample, iters, pro
       SELECT * FROM near_duplicate_groups('l14_img', 0.95)
     Exact duplicates need no command: exact_duplicates('sha256' | 'url' | 'text').
     """
-    from dcdb.vectors.dedup import computed, semantic_dedup
     from dcdb.store import open_pool
+    from dcdb.vectors.dedup import computed, semantic_dedup
 
     p = open_pool(pool)
     if list_:

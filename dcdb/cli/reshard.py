@@ -7,7 +7,7 @@ import os
 import click
 from click.core import ParameterSource
 
-from dcdb.cli import Ctx, cli, command, hold_write_lock, jobs_option, pool_option
+from dcdb.cli.base import Ctx, cli, command, hold_write_lock, jobs_option, pool_option
 
 
 @command(cli, "index-shards")

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from dcdb.cli import Ctx, replaces_unfinished, cli, command, hold_write_lock, pool_option
+from dcdb.cli.base import Ctx, cli, command, hold_write_lock, pool_option, replaces_unfinished
 
 space_option = click.option("--space", required=True, help="Embedding space, e.g. l14_img (see `dcdb info`).")
 
@@ -47,13 +47,13 @@ def knn_cmd(c: Ctx, pool, space, seed_file, seed_column, seed_subset, texts, ima
     measured by re-running --recall-sample seeds exactly. Ties: higher similarity first, then the
     lower pool row. A manifest (mode, recall, seeds, parameters) is written beside -o as OUTPUT.json.
     """
-    from dcdb.vectors import knn as K
     from dcdb import uids as U
     from dcdb.engine import check_subset_name
     from dcdb.io import check_output
     from dcdb.query import check_save, manifest_path, output_format, store_subset, write_output
-    from dcdb.vectors.seeds import load_seeds
     from dcdb.store import open_pool
+    from dcdb.vectors import knn as K
+    from dcdb.vectors.seeds import load_seeds
 
     fmt = output_format(output, None, format_flag=False) if output else None
     if pairs:
@@ -109,8 +109,8 @@ def index_cmd(c: Ctx, pool, space, kind, partitions, sub_vectors, force):
 
     The build is one Lance commit: a killed build leaves the table and any older index as they were.
     """
-    from dcdb.vectors.ann import build_index
     from dcdb.store import open_pool
+    from dcdb.vectors.ann import build_index
 
     p = open_pool(pool)
     hold_write_lock(p, "dcdb index")
@@ -128,8 +128,8 @@ def index_cmd(c: Ctx, pool, space, kind, partitions, sub_vectors, force):
 def encoder_cmd(c: Ctx, pool, space, checkpoint):
     """Show or set the CLIP checkpoint that encodes text prompts and images for a space's model
     (used by `dcdb knn --text/--image`, clip_text() and clip_image() in SQL, contaminated())."""
-    from dcdb.vectors.seeds import checkpoint_for, set_checkpoint
     from dcdb.store import open_pool
+    from dcdb.vectors.seeds import checkpoint_for, set_checkpoint
 
     p = open_pool(pool)
     if checkpoint:

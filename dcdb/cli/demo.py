@@ -1,4 +1,4 @@
-"""``dcdb world``: build the demo world (a small DataComp-like pool, its shards and eval tasks)."""
+"""The demo world's commands: ``dcdb synth pool``, ``dcdb world``, ``dcdb demo``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,75 @@ import time
 
 import click
 
-from dcdb.cli import Ctx, cli, command
+from dcdb.cli.base import Ctx, cli, command
+
+# ------------------------------------------------------------------------------------ synth
+
+
+@cli.group()
+def synth() -> None:
+    """Generate random but valid DataComp-format data (for tests and benchmarks)."""
+
+
+@command(synth, "pool")
+@click.argument("out", type=click.Path(file_okay=False, path_type=str))
+@click.option("--rows", type=click.IntRange(min=1), default=10_000, show_default=True)
+@click.option("--shards", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float16", "float32"]),
+    default="float16",
+    show_default=True,
+    help="Embedding dtype in the .npz files.",
+)
+@click.option("--no-embeddings", is_flag=True, help="Write metadata parquet only (no .npz).")
+@click.option("--force", is_flag=True, help="Write into OUT even if it is not empty.")
+def synth_pool_cmd(c: Ctx, out, rows, shards, seed, dtype, no_embeddings, force):
+    """Write a DataComp metadata folder OUT: per shard a parquet and a row-aligned .npz."""
+    from dcdb.demo.synth import synth_pool
+
+    t0 = time.perf_counter()
+    info = synth_pool(
+        out,
+        rows=rows,
+        shards=shards,
+        seed=seed,
+        dtype=dtype,
+        embeddings=not no_embeddings,
+        force=force,
+        progress=not c.quiet,
+    )
+    c.log(f"wrote {info['rows']:,} rows in {info['shards']} shards to {out} ({time.perf_counter() - t0:.1f}s)")
+
+
+
+
+# ------------------------------------------------------------------------------------- demo
+
+
+@command(cli, "demo", reads_lance=True)
+@click.argument("folder", default="dcdb-demo", type=click.Path(file_okay=False, path_type=str))
+@click.option("--samples", "--rows", "samples", type=click.IntRange(min=1000), default=12_000, show_default=True,
+              help="Pool size of the demo world (--rows is the old name).")
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train each subset with this many seeds; the table gives mean and spread.")
+@click.option("--samples-seen", type=click.IntRange(min=5), default=6_400, show_default=True,
+              help="Samples seen by each subset's tiny CLIP (the same for every subset).")
+@click.option("--force", is_flag=True, help="Rebuild the demo folder from scratch.")
+def demo_cmd(c: Ctx, folder, samples, seeds, samples_seen, force):
+    """DataComp's loop on the demo world: world -> teachers -> ingest -> sql/ baselines -> reshard
+    -> train a tiny CLIP per subset -> evaluate -> leaderboard.md + leaderboard.png."""
+    from dcdb.demo.run import run_demo
+    from dcdb.io import check_folder
+
+    check_folder(folder, what="demo folder")
+    click.echo(run_demo(folder, samples=samples, seeds=seeds, samples_seen=samples_seen, force=force,
+                        progress=not c.quiet, log=c.log))
+
+
+
+
 
 
 @command(cli, "world")

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import click
 
-from dcdb.cli import Ctx, _param_pairs, cli, command, hold_write_lock, jobs_option, param_option, pool_option
+from dcdb.cli.base import (
+    Ctx,
+    cli,
+    command,
+    hold_write_lock,
+    jobs_option,
+    param_option,
+    param_pairs,
+    pool_option,
+)
 
 
 @command(cli, "annotate", reads_lance=True)
@@ -67,5 +76,5 @@ def annotate_cmd(c: Ctx, name, pool, params, source, group, columns, allow_unkno
     else:
         if group or columns or allow_unknown:
             raise UsageError("--name/--group, --columns and --allow-unknown go with --from", hint="remove them")
-        report = annotate(p, name, _param_pairs(params), force=force, jobs=jobs, progress=not c.quiet)
+        report = annotate(p, name, param_pairs(params), force=force, jobs=jobs, progress=not c.quiet)
     c.log(report.summary())

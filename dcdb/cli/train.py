@@ -1,6 +1,6 @@
 """``dcdb train``, ``dcdb eval`` and ``dcdb leaderboard``: thin commands over dcdb.train / dcdb.eval.
 
-Imported at the bottom of ``dcdb/cli.py``. torch and open_clip are imported inside the library
+Imported by ``dcdb/cli/__init__.py``. torch and open_clip are imported inside the library
 calls only, so ``dcdb --help`` stays fast.
 """
 
@@ -10,7 +10,7 @@ import json
 
 import click
 
-from dcdb.cli import Ctx, cli, command
+from dcdb.cli.base import Ctx, cli, command
 
 
 @command(cli, "train")
