@@ -22,6 +22,7 @@ import re
 import shutil
 import signal
 import stat
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -434,6 +435,25 @@ def _acquire(folder: Path, what: str) -> int | None:
     except OSError:  # a full disk: the lock holds without the pid in it
         pass
     return fd
+
+
+@contextmanager
+def pool_write_lock(folder: str | os.PathLike, doing: str, *, what: str = "pool", create: bool = False) -> Iterator[None]:
+    """:func:`write_lock` for a command that writes into ``folder``: a read-only folder's error
+    says which write (``doing``: "--save", "dcdb annotate", ...) and what to do instead."""
+    from dcdb.errors import NotWritableError
+
+    try:
+        lock = write_lock(folder, what, create=create)
+        lock.__enter__()
+    except NotWritableError as exc:
+        instead = "; or write the subset to a file with -o FILE instead" if doing == "--save" else ""
+        raise NotWritableError(exc.message, hint=f"{doing} writes into the {what}: make it writable or work on "
+                                                 f"a writable copy of it{instead}") from None
+    try:
+        yield
+    finally:
+        lock.__exit__(*sys.exc_info())
 
 
 @contextmanager

@@ -102,9 +102,3 @@ def combination_manifest(op: str, refs: list[str], arr: np.ndarray, pool: Pool |
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "dcdb_version": __version__,
     }
-
-
-def save_combination(pool: Pool, name: str, arr: np.ndarray, manifest: dict[str, Any], *, force: bool) -> Path:
-    from dcdb.query import store_subset
-
-    return store_subset(pool, name, arr, manifest, force=force)

@@ -228,16 +228,10 @@ def hold_write_lock(folder, doing: str, *, what: str = "pool", create: bool = Fa
     """Hold the write lock of a pool (or output folder) until the command ends: a second dcdb
     process writing it fails at once with one line. ``doing`` names the write for the hint when
     the folder is read-only."""
-    from dcdb.errors import NotWritableError
-    from dcdb.io import write_lock
+    from dcdb.io import pool_write_lock
 
     folder = getattr(folder, "path", folder)
-    try:
-        click.get_current_context().with_resource(write_lock(folder, what, create=create))
-    except NotWritableError as exc:
-        instead = "; or write the subset to a file with -o FILE instead" if doing == "--save" else ""
-        raise NotWritableError(exc.message, hint=f"{doing} writes into the {what}: make it writable or work on "
-                                                 f"a writable copy of it{instead}") from None
+    click.get_current_context().with_resource(pool_write_lock(folder, doing, what=what, create=create))
 
 
 def pool_option(fn):
@@ -378,12 +372,9 @@ param_option = click.option(
 )
 
 
-def replaces_unfinished(c: Ctx, output: str) -> bool:
-    """An OUTPUT without its OUTPUT.json: a killed run's, redone without --force (see README)."""
-    from dcdb.io import unfinished_output
-    from dcdb.query import manifest_path
+def uid_destination(c: Ctx, *, output, save, force, fmt=None, format_flag=True):
+    """The command's ``-o``/``--save``/stdout destination (dcdb.results), held until it ends."""
+    from dcdb.results import UidDestination
 
-    if unfinished_output(output, manifest_path(output)):
-        c.log(f"{output} has no manifest ({manifest_path(output).name}): an unfinished earlier run; replacing it")
-        return True
-    return False
+    dest = UidDestination(output=output, save=save, force=force, fmt=fmt, format_flag=format_flag, log=c.log)
+    return click.get_current_context().with_resource(dest)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-from dcdb.cli.base import Ctx, cli, command, hold_write_lock, pool_option, replaces_unfinished
+from dcdb.cli.base import Ctx, cli, command, hold_write_lock, pool_option, uid_destination
 
 space_option = click.option("--space", required=True, help="Embedding space, e.g. l14_img (see `dcdb info`).")
 
@@ -47,26 +45,16 @@ def knn_cmd(c: Ctx, pool, space, seed_file, seed_column, seed_subset, texts, ima
     measured by re-running --recall-sample seeds exactly. Ties: higher similarity first, then the
     lower pool row. A manifest (mode, recall, seeds, parameters) is written beside -o as OUTPUT.json.
     """
-    from dcdb import uids as U
-    from dcdb.engine import check_subset_name
     from dcdb.io import check_output
-    from dcdb.query import check_save, manifest_path, output_format, store_subset, write_output
     from dcdb.store import open_pool
     from dcdb.vectors import knn as K
     from dcdb.vectors.seeds import load_seeds
 
-    fmt = output_format(output, None, format_flag=False) if output else None
     if pairs:
         check_output(pairs, force=force)
-    if output:
-        check_output(output, force=force or replaces_unfinished(c, output))
-        check_output(manifest_path(output), force=True, what="manifest")
-    if save_name:
-        check_subset_name(save_name)
+    dest = uid_destination(c, output=output, save=save_name, force=force, format_flag=False)
     p = open_pool(pool)
-    if save_name:
-        hold_write_lock(p, "--save")
-        check_save(p, save_name, force=force)
+    dest.claim(p)
     npy = parquet = None
     if seed_file:
         if seed_file.lower().endswith(".npy"):
@@ -81,16 +69,9 @@ def knn_cmd(c: Ctx, pool, space, seed_file, seed_column, seed_subset, texts, ima
     ds, _ = K.open_space(p, space)
     arr = K.result_uids(ds, res)
     manifest = K.manifest(p, space, seeds, res, arr, where=where, output=output)
-    if output:
-        write_output(output, arr, fmt, manifest)
+    dest.write(p, arr, lambda _kind, _dest, _fmt: manifest)
     if pairs:
         K.write_pairs(pairs, ds, res)
-    if save_name:
-        store_subset(p, save_name, arr, manifest, force=force)
-    if not output and not save_name:
-        out = sys.stdout
-        for i in range(0, len(arr), 1 << 16):
-            out.write("".join(u + "\n" for u in U.to_hex(arr[i : i + (1 << 16)])))
     c.log(K.summary(res, len(seeds), len(arr)))
     if res.details.get("why_exact"):
         c.log(f"exact path: {res.details['why_exact']}")

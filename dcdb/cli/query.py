@@ -11,11 +11,10 @@ from dcdb.cli.base import (
     Ctx,
     cli,
     command,
-    hold_write_lock,
     param_option,
     param_pairs,
     pool_option,
-    replaces_unfinished,
+    uid_destination,
 )
 
 
@@ -63,9 +62,7 @@ def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, reshard_
     as OUTPUT.json. Without -o and --save the uids are printed to stdout as hex, one per line
     (with --reshard too: the shards' sample_ids.npy holds them as well).
     """
-    from dcdb.engine import check_subset_name
-    from dcdb.io import check_output
-    from dcdb.query import check_save, manifest_path, output_format, run_filter, save_subset, write_output
+    from dcdb.query import run_filter
     from dcdb.store import open_pool
 
     given = param_pairs(params)
@@ -74,21 +71,13 @@ def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, reshard_
 
         raise UsageError(f"--format {fmt} needs -o FILE",
                          hint=f"give -o FILE.{fmt}, or leave --format out to print hex uids")
-    fmt = output_format(output, fmt) if output else None
-    if output:
-        check_output(output, force=force or replaces_unfinished(c, output))
-        check_output(manifest_path(output), force=True, what="manifest")
-    if save_name:
-        check_subset_name(save_name)
+    dest = uid_destination(c, output=output, save=save_name, force=force, fmt=fmt)
     p = open_pool(pool)
-    if save_name:
-        hold_write_lock(p, "--save")
+    dest.claim(p)
     if reshard_out:
         from dcdb.shards.reshard import preflight
 
         preflight(reshard_out, pool=p, overwrite=force)
-    if save_name:
-        check_save(p, save_name, force=force)
     filt = _read_filter(filter_ref)
     if engine == "local":
         res = run_filter(p, filt, given)
@@ -97,26 +86,19 @@ def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, reshard_
 
         work_dir = work_dir or (f"{output}{WORK_SUFFIX}" if output else None)
         res = run_distributed(p, filt, given, engine=engine, work_dir=work_dir, progress=not c.quiet, log=c.log)
-    if output:
-        write_output(output, res.uids, fmt, res.manifest(output=output, fmt=fmt))
-    if save_name:
-        save_subset(p, save_name, res, force=force)
+    to_stdout = dest.to_stdout
+    where = dest.write(p, res.uids, lambda _kind, path, fmt: res.manifest(output=path, fmt=fmt)) if not to_stdout else []
     if reshard_out:
         from dcdb.shards.reshard import reshard
 
         rep = reshard(res.uids, reshard_out, pool=p, jobs=os.cpu_count() or 1, overwrite=force,
                       progress=not c.quiet, subset_label=f"dcdb query {filt.name}", engine=engine)
         c.log(rep.summary())
-    to_stdout = not output and not save_name
-    if to_stdout:
-        from dcdb import uids as U
-
-        out = sys.stdout
-        for i in range(0, len(res.uids), 1 << 16):
-            out.write("".join(u + "\n" for u in U.to_hex(res.uids[i : i + (1 << 16)])))
+        where.append(f"shards in {reshard_out}")
+    if to_stdout:  # after the shards: the uids come last, as a pipe's reader expects them
+        where += dest.write(p, res.uids, lambda *_: {})
     rate = p.rows / res.seconds if res.seconds > 0 else float("inf")
-    where = ", ".join(x for x in (output, save_name and f"subset {save_name}",
-                                  reshard_out and f"shards in {reshard_out}", to_stdout and "stdout") if x)
+    where = ", ".join(where)
     c.log(
         f"{filt.name}: {res.rows:,} uids ({res.rows / max(p.rows, 1):.2%} of {p.rows:,} rows) "
         f"in {res.seconds:.2f}s ({rate:,.0f} rows/s) -> {where}"
@@ -245,27 +227,18 @@ def _combine_command(op: str, doc: str):
     @click.option("--force", is_flag=True, help="Replace an existing output or stored subset.")
     def _cmd(c: Ctx, operands, pool, output, save_name, force):
         from dcdb.errors import UsageError
-        from dcdb.io import check_output
-        from dcdb.query import check_save, manifest_path, output_format, write_output
         from dcdb.store import open_pool
-        from dcdb.subsets import combination_manifest, combine, save_combination
+        from dcdb.subsets import combination_manifest, combine
 
         if not output and not save_name:
             raise UsageError(f"subsets {op}: give -o FILE or --save NAME", hint=f"e.g. dcdb subsets {op} A B -o out.npy")
-        fmt = output_format(output, None, format_flag=False) if output else None
-        if output:
-            check_output(output, force=force or replaces_unfinished(c, output))
-            check_output(manifest_path(output), force=True, what="manifest")
+        dest = uid_destination(c, output=output, save=save_name, force=force, format_flag=False)
         needs_pool = bool(save_name) or any(not os.path.isfile(r) for r in operands)
         p = open_pool(pool) if needs_pool else None
-        if save_name:
-            hold_write_lock(p, "--save")
-            check_save(p, save_name, force=force)
+        dest.claim(p)
         arr, names = combine(op, list(operands), p)
-        if output:
-            write_output(output, arr, fmt, combination_manifest(op, list(operands), arr, p, output))
-        if save_name:
-            save_combination(p, save_name, arr, combination_manifest(op, list(operands), arr, p, save_name), force=force)
+        dest.write(p, arr, lambda kind, _path, _fmt: combination_manifest(
+            op, list(operands), arr, p, output if kind == "output" else save_name))
         c.log(f"{op} of {', '.join(names)}: {len(arr):,} uids")
 
     return _cmd
