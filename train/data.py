@@ -23,7 +23,6 @@ import logging
 import os
 import random
 import re
-import tarfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -140,19 +139,25 @@ def _successes(stats: Path) -> int | None:
 
 
 def _count_tar_samples(shard: Path) -> int:
-    """Keys that have an image and a ``.txt`` member, grouped like webdataset (stem up to the first dot)."""
-    from webdataset.tariterators import base_plus_ext
+    """Keys that have an image and a ``.txt`` member, grouped like webdataset (stem up to the first
+    dot). Read like ``tarfile`` reads it: counting stops at a damaged header; a file that is not a
+    tar (empty, compressed, a bad first header) or a member cut short is an error."""
+    from dcdb.tario import Damage, TarReader, split_key
 
     exts: dict[str, set[str]] = {}
     try:
-        with tarfile.open(shard, "r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = base_plus_ext(member.name)
+        with TarReader(shard) as tar:
+            if tar.size == 0:
+                raise TrainError(f"cannot read shard {str(shard)!r}: empty file", hint="the file is not a tar")
+            for item in tar.walk():
+                if isinstance(item, Damage):
+                    if item.offset == 0 or item.name is not None:
+                        raise TrainError(f"cannot read shard {str(shard)!r}: {item.reason}", hint="the file is not a tar")
+                    break
+                key, ext = split_key(item.name)
                 if key is not None:
                     exts.setdefault(key, set()).add(ext.lower())
-    except (OSError, tarfile.TarError) as exc:
+    except OSError as exc:
         raise TrainError(f"cannot read shard {str(shard)!r}: {exc}", hint="the file is not a tar") from None
     return sum(1 for e in exts.values() if "txt" in e and not e.isdisjoint(IMAGE_EXTS))
 
