@@ -1,8 +1,8 @@
 """The one tar reader and writer: USTAR and pax, with ``os.pread``, in webdataset's sample layout.
 
-Every tar dcdb reads or writes goes through here: the shard index and the resharder (img2dataset
-and resharded shards), the training loader, the demo world's shards and eval tasks, the toy
-fixtures.
+Every tar dcdb writes, and every plain tar it reads itself, goes through here: the shard index and
+the resharder (img2dataset and resharded shards), the training loader, the demo world's shards and
+eval tasks, the toy fixtures.
 
 **Reading** works on a file descriptor with ``pread`` (no seek, no stream): :func:`walk_tar` reads
 the headers only and yields each regular member (name, where its headers start, where its data is,
@@ -23,8 +23,9 @@ it when the name is longer than 100 bytes, as ``tarfile``'s pax format does), th
 extension -> bytes, str or int) as members ``<key>.<ext>`` in sorted extension order, each tar
 atomically (temporary name, then rename).
 
-Compressed tars cannot be read by ``pread``; the training loader and the evaluation hand those to
-webdataset's reader.
+Compressed tars cannot be read with ``pread``: the training loader hands those to webdataset's
+reader, and the evaluation streams its tasks through webdataset (``filters.vectors.eval_images``
+still opens task tars with ``tarfile``, which reads compressed ones too).
 """
 
 from __future__ import annotations

@@ -511,6 +511,19 @@ def _damage_header(tar: Path, nth_sample: int) -> str:
     return uid
 
 
+def test_member_name_over_100_bytes_is_refused(tmp_path):
+    """Output members are plain USTAR (no pax header): an input extension that makes the name
+    longer than 100 bytes is a ReshardError with a hint, and no tar is left behind."""
+    uid = "0123456789abcdef0123456789abcdef"
+    (tmp_path / "in").mkdir()
+    tario.write_tar(tmp_path / "in" / "00000000.tar", [
+        ("000.jpg", b"J"), ("000.json", json.dumps({"uid": uid}).encode()), ("000." + "x" * 70, b"long")])
+    with pytest.raises(ReshardError, match=r"member name b'0123456789abcdef0123456789abcdef-0\.x+' is longer than 100") as exc:
+        R.reshard(save_subset(tmp_path / "s.npy", [uid]), tmp_path / "out", shards=tmp_path / "in", jobs=1, warn=quiet)
+    assert "rename it" in exc.value.hint
+    assert not list((tmp_path / "out").glob("*.tar"))
+
+
 def test_corrupt_sample_is_skipped_and_counted_or_fails_with_strict(shards, tmp_path):
     victim = _damage_header(shards / "00000001.tar", 5)
     truth = {u for t in sorted(shards.glob("*.tar")) for u in _uids_readable(t)}
