@@ -123,7 +123,7 @@ def generate(root: Path, shards: int, per_shard: int, seed: int = 0) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dcdb.shards.reshard import TarOut
+    from dcdb.tario import TarWriter
 
     rng = np.random.default_rng(seed)
     images = _images(256, seed)
@@ -135,7 +135,7 @@ def generate(root: Path, shards: int, per_shard: int, seed: int = 0) -> None:
         failed = rng.random(per_shard) < 0.05
         rows, meta_rows = [], []
         with open(root / "shards" / f"{s:08d}.tar", "wb") as f:
-            tar = TarOut(f)
+            tar = TarWriter(f)
             for i, uid in enumerate(uids):
                 key = f"{s:08d}{i:04d}"
                 caption = f"a photo number {s * per_shard + i} of something"

@@ -23,13 +23,14 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dcdb.errors import OutputError, TaskError
 from dcdb.io import atomic_path
+from dcdb.tario import write_sample_shards
 
 CLASSNAMES = "classnames.txt"
 TEMPLATES = "zeroshot_classification_templates.txt"
@@ -243,8 +244,6 @@ def write_task(
     (classification), or a caption / list of captions without them (retrieval). ``image`` is a
     PIL image or encoded bytes (then ``image_format`` must name their format).
     """
-    import webdataset as wds
-
     if image_format not in IMAGE_EXTS:
         raise TaskError(f"image format {image_format!r} is not one of {', '.join(IMAGE_EXTS)}", hint="use one of those")
     retrieval = classnames is None
@@ -254,20 +253,23 @@ def write_task(
     folder = Path(folder)
     if folder.exists():
         raise OutputError(f"task folder {str(folder)!r} already exists", hint="remove it or choose another name")
+    if shard_size < 1:
+        raise TaskError(f"shard_size must be at least 1, got {shard_size}", hint="give the samples per shard")
+
+    def encoded() -> Iterator[dict[str, Any]]:
+        for i, (image, target) in enumerate(samples):
+            sample = {"__key__": f"s{i:08d}", image_format: encode_image(image, image_format)}
+            if retrieval:
+                captions = [target] if isinstance(target, str) else list(target)
+                sample["txt"] = "\n".join(c.replace("\n", " ") for c in captions)
+            else:
+                sample["cls"] = int(target)
+            yield sample
+
     with atomic_path(folder) as tmp:
         (tmp / SPLIT).mkdir(parents=True)
-        n = 0
-        with wds.ShardWriter(str(tmp / SPLIT / "%d.tar"), maxcount=shard_size, verbose=0) as sink:
-            for i, (image, target) in enumerate(samples):
-                sample = {"__key__": f"s{i:08d}", image_format: encode_image(image, image_format)}
-                if retrieval:
-                    captions = [target] if isinstance(target, str) else list(target)
-                    sample["txt"] = "\n".join(c.replace("\n", " ") for c in captions)
-                else:
-                    sample["cls"] = int(target)
-                sink.write(sample)
-                n += 1
-            nshards = sink.shard
+        counts = write_sample_shards(tmp / SPLIT, "{}.tar", encoded(), shard_size)
+        n, nshards = sum(counts), len(counts)
         if n == 0:
             raise TaskError(f"no samples to write to task {str(folder)!r}", hint="give at least one sample")
         (tmp / SPLIT / NSHARDS).write_text(f"{nshards}\n")

@@ -18,6 +18,7 @@ import pytest
 
 from dcdb.shards import reshard as R
 from dcdb.shards import index as S
+from dcdb import tario
 from dcdb import uids as U
 from dcdb.errors import OutputError, ReshardError, ShardIndexError, UidError, UsageError
 
@@ -128,36 +129,6 @@ def subset(world, tmp_path) -> tuple[Path, list[str]]:
 # -------------------------------------------------------------------------------- tar basics
 
 
-def test_ustar_headers_are_the_ones_tarfile_writes():
-    for name, size in (
-        ("0123456789abcdef0123456789abcdef-0.jpg", 1234),
-        ("a-12.json", 0),
-        ("x-3.txt", 8**10),
-    ):
-        info = tarfile.TarInfo(name)
-        info.size, info.mode, info.mtime, info.uname, info.gname = size, 0o444, 0, "bigdata", "bigdata"
-        assert R.ustar_header(name.encode(), size) == info.tobuf(
-            tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"
-        )
-
-
-def test_walk_tar_reads_pax_and_long_names(tmp_path):
-    path = tmp_path / "pax.tar"
-    long = "d/" + "k" * 120 + ".jpg"
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data in ((long, b"abc"), ("short.txt", b"hello")):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        members = list(S.walk_tar(fd, path.stat().st_size))
-        assert [m.name for m in members] == [long, "short.txt"]
-        assert os.pread(fd, 3, members[0].offset) == b"abc" and members[0].start < members[0].offset - 512
-    finally:
-        os.close(fd)
-
-
 @pytest.mark.parametrize("window", [600, 5000, 1 << 20])
 def test_window_reader_walks_and_reads_like_pread(shards, tmp_path, window):
     """Through a read-ahead window (smaller than a member, a few members, the whole tar), a damaged
@@ -169,13 +140,13 @@ def test_window_reader_walks_and_reads_like_pread(shards, tmp_path, window):
     size = tar.stat().st_size
     fd = os.open(tar, os.O_RDONLY)
     try:
-        plain = list(S.walk_tar(fd, size))
-        reader = S.WindowReader(fd, size, window)
-        windowed = list(S.walk_tar(fd, size, reader))
+        plain = list(tario.walk_tar(fd, size))
+        reader = tario.WindowReader(fd, size, window)
+        windowed = list(tario.walk_tar(fd, size, reader))
         assert windowed == plain
-        assert any(isinstance(x, S.Damage) and x.fatal for x in plain)
-        assert any(isinstance(x, S.Damage) and "checksum" in x.reason for x in plain)
-        members = [m for m in plain if isinstance(m, S.Member)]
+        assert any(isinstance(x, tario.Damage) and x.fatal for x in plain)
+        assert any(isinstance(x, tario.Damage) and "checksum" in x.reason for x in plain)
+        members = [m for m in plain if isinstance(m, tario.Member)]
         assert len(members) > 20
         for m in members[::-1] + members:  # backwards too: every read leaves the window somewhere
             assert reader(m.size, m.offset) == os.pread(fd, m.size, m.offset)
@@ -529,7 +500,7 @@ def _damage_header(tar: Path, nth_sample: int) -> str:
     """Overwrite the first header of the nth sample of a tar with junk; return its uid."""
     fd = os.open(tar, os.O_RDONLY)
     try:
-        samples = list(S.group_samples(S.walk_tar(fd, tar.stat().st_size), []))
+        samples = list(tario.group_samples(tario.walk_tar(fd, tar.stat().st_size), []))
         victim = samples[nth_sample]
         uid = S.sample_row(fd, tar.name, victim)["uid"]
     finally:
@@ -538,6 +509,19 @@ def _damage_header(tar: Path, nth_sample: int) -> str:
         f.seek(victim.start)
         f.write(b"\xff" * 512)
     return uid
+
+
+def test_member_name_over_100_bytes_is_refused(tmp_path):
+    """Output members are plain USTAR (no pax header): an input extension that makes the name
+    longer than 100 bytes is a ReshardError with a hint, and no tar is left behind."""
+    uid = "0123456789abcdef0123456789abcdef"
+    (tmp_path / "in").mkdir()
+    tario.write_tar(tmp_path / "in" / "00000000.tar", [
+        ("000.jpg", b"J"), ("000.json", json.dumps({"uid": uid}).encode()), ("000." + "x" * 70, b"long")])
+    with pytest.raises(ReshardError, match=r"member name b'0123456789abcdef0123456789abcdef-0\.x+' is longer than 100") as exc:
+        R.reshard(save_subset(tmp_path / "s.npy", [uid]), tmp_path / "out", shards=tmp_path / "in", jobs=1, warn=quiet)
+    assert "rename it" in exc.value.hint
+    assert not list((tmp_path / "out").glob("*.tar"))
 
 
 def test_corrupt_sample_is_skipped_and_counted_or_fails_with_strict(shards, tmp_path):
@@ -562,7 +546,7 @@ def _uids_readable(tar: Path) -> set[str]:
 def tar_samples_lenient(tar: Path):
     fd = os.open(tar, os.O_RDONLY)
     try:
-        for s in S.group_samples(S.walk_tar(fd, tar.stat().st_size), []):
+        for s in tario.group_samples(tario.walk_tar(fd, tar.stat().st_size), []):
             if s.damage is None:
                 yield {e: os.pread(fd, m.size, m.offset) for e, m in s.members}
     finally:
@@ -586,7 +570,7 @@ def test_damage_found_while_reading_is_counted_or_fails_with_strict(pool, shards
 def test_truncated_tar_keeps_the_whole_samples(shards, tmp_path):
     tar = shards / "00000002.tar"
     fd = os.open(tar, os.O_RDONLY)
-    samples = list(S.group_samples(S.walk_tar(fd, tar.stat().st_size), []))
+    samples = list(tario.group_samples(tario.walk_tar(fd, tar.stat().st_size), []))
     rows = [S.sample_row(fd, tar.name, s) for s in samples]
     os.close(fd)
     cut = samples[40].members[0][1].offset + 100  # inside the 41st sample's first member

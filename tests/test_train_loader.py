@@ -212,6 +212,44 @@ def test_read_tar_samples_skips_damage_and_reads_compressed(tmp_path, caplog):
     assert [s["__key__"] for s in read_tar_samples(str(gz))] == list("abcd")
 
 
+def test_count_samples_without_stats_reads_tars_as_tarfile_does(tmp_path):
+    """No _stats.json: samples are counted from the tar headers (dcdb.tario) with tarfile's
+    outcome: a damaged header ends the count, a file that is not a tar or a member cut short is a
+    TrainError naming the shard."""
+    import gzip
+
+    from dcdb.errors import TrainError
+    from dcdb.train.data import count_samples
+
+    def tarfile_count(path):  # what count_samples did with tarfile
+        keys: dict[str, set] = {}
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                if m.isfile():
+                    key, _, ext = m.name.partition(".")
+                    keys.setdefault(key, set()).add(ext)
+        return sum(1 for e in keys.values() if "txt" in e and e & {"jpg", "png"})
+
+    members = [(f"{k}.{e}", f"{k}{e}".encode() * 300) for k in "abcdef" for e in ("jpg", "txt")]
+    members += [("g.png", b"G"), ("g.txt", b"g"), ("h.jpg", b"no caption"), ("i.json", b"{}")]
+    good = tmp_path / "good" / "s.tar"
+    good.parent.mkdir()
+    _write_tar(good, members)
+    assert count_samples([good]) == tarfile_count(good) == 7
+    raw = good.read_bytes()
+    damaged = tmp_path / "damaged.tar"
+    damaged.write_bytes(raw[:8192] + b"\xff" * 512 + raw[8192 + 512:])  # c.jpg's header (2048 bytes a member)
+    assert count_samples([damaged]) == tarfile_count(damaged) == 2
+    bad = {"empty.tar": b"", "gz.tar": gzip.compress(raw), "cut.tar": raw[:5 * 1024 + 100]}
+    for name, data in bad.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(tarfile.ReadError):
+            tarfile_count(path)
+        with pytest.raises(TrainError, match=f"cannot read shard .*{name}"):
+            count_samples([path])
+
+
 # ---------------------------------------------------------------------------------- stream
 
 

@@ -23,7 +23,6 @@ import logging
 import os
 import random
 import re
-import tarfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -140,19 +139,25 @@ def _successes(stats: Path) -> int | None:
 
 
 def _count_tar_samples(shard: Path) -> int:
-    """Keys that have an image and a ``.txt`` member, grouped like webdataset (stem up to the first dot)."""
-    from webdataset.tariterators import base_plus_ext
+    """Keys that have an image and a ``.txt`` member, grouped like webdataset (stem up to the first
+    dot). Read like ``tarfile`` reads it: counting stops at a damaged header; a file that is not a
+    tar (empty, compressed, a bad first header) or a member cut short is an error."""
+    from dcdb.tario import Damage, TarReader, split_key
 
     exts: dict[str, set[str]] = {}
     try:
-        with tarfile.open(shard, "r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = base_plus_ext(member.name)
+        with TarReader(shard) as tar:
+            if tar.size == 0:
+                raise TrainError(f"cannot read shard {str(shard)!r}: empty file", hint="the file is not a tar")
+            for item in tar.walk():
+                if isinstance(item, Damage):
+                    if item.offset == 0 or item.name is not None:
+                        raise TrainError(f"cannot read shard {str(shard)!r}: {item.reason}", hint="the file is not a tar")
+                    break
+                key, ext = split_key(item.name)
                 if key is not None:
                     exts.setdefault(key, set()).add(ext.lower())
-    except (OSError, tarfile.TarError) as exc:
+    except OSError as exc:
         raise TrainError(f"cannot read shard {str(shard)!r}: {exc}", hint="the file is not a tar") from None
     return sum(1 for e in exts.values() if "txt" in e and not e.isdisjoint(IMAGE_EXTS))
 
@@ -201,32 +206,26 @@ def read_tar_samples(url: str, handler: Callable[[Exception], bool] = _log_and_c
     """The image+caption samples of one local shard: ``{"__key__", "__url__", <image ext>, "txt"}``
     with the raw bytes of the sample's first image member and its caption, nothing else read.
 
-    Headers are walked with :func:`dcdb.shards.index.walk_tar` (``pread`` of 512-byte blocks, about 6x
+    Headers are walked with :func:`dcdb.tario.walk_tar` (``pread`` of 512-byte blocks, about 6x
     faster than ``tarfile``) and grouped into samples as webdataset groups them (key = the name up
     to the first dot, extensions lower-cased). A damaged stretch costs the samples it touches,
     with a log line. A file that does not start with a tar header (say a compressed tar) is read by
-    webdataset's own reader instead.
+    webdataset's own reader instead (``pread`` cannot read a compressed stream).
     """
-    from dcdb.shards.index import BLOCK, TarHeaderError, WindowReader, group_samples, parse_header, walk_tar
+    from dcdb.tario import TarReader, group_samples
 
     try:
-        fd = os.open(url, os.O_RDONLY)
+        tar = TarReader(url)
     except OSError as exn:
         if handler(exn):
             return
         raise
-    try:
-        size = os.fstat(fd).st_size
-        first = os.pread(fd, BLOCK, 0)
-        try:
-            parse_header(first)
-        except TarHeaderError:
-            if first.strip(b"\0"):  # not an empty tar: let tarfile try (compressed, or damaged)
-                yield from _wds_tar_samples(url, handler)
-                return
+    with tar:
+        if not tar.starts_like_a_tar():  # compressed, or a damaged first header: let tarfile try
+            yield from _wds_tar_samples(url, handler)
+            return
         damages: list = []
-        pread = WindowReader(fd, size)
-        for sample in group_samples(walk_tar(fd, size, pread), damages):
+        for sample in group_samples(tar.walk(), damages):
             if sample.damage is not None:
                 if handler(ValueError(f"{url}: sample {sample.key!r} is damaged: {sample.damage}")):
                     continue
@@ -238,14 +237,11 @@ def read_tar_samples(url: str, handler: Callable[[Exception], bool] = _log_and_c
                 continue
             out = {"__key__": sample.key, "__url__": url}
             for ext in (image, "txt"):
-                m = members[ext]
-                out[ext] = pread(m.size, m.offset)
+                out[ext] = tar.read(members[ext])
             yield out
         for damage in damages:
             if damage.fatal and not damage.harmless:
                 handler(ValueError(f"{url}: {damage.reason}"))
-    finally:
-        os.close(fd)
 
 
 def _is_meta(key: str) -> bool:

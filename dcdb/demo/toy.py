@@ -5,7 +5,8 @@ world`` is the full-size version with defects). Every image is one shape of one 
 background, with a caption naming both, so a tiny CLIP learns it in a few hundred steps.
 
 - :func:`write_toy_shards` writes shards in the resharder's layout (``%08d.tar`` with ``uid-j``
-  keys holding ``.jpg`` + ``.txt`` + ``.json``, ``%08d_stats.json``, ``meta.json``).
+  keys holding ``.jpg`` + ``.txt`` + ``.json``, written by :mod:`dcdb.tario` as the resharder
+  writes its tars, ``%08d_stats.json``, ``meta.json``).
 - :func:`write_toy_tasks` writes a classification task (``shapes``: colour x shape), a coarser one
   (``forms``: shape only) and a retrieval task (``toy_retrieval``) in clip_benchmark's layout, with
   a ``tasklist.json``.
@@ -23,6 +24,7 @@ import numpy as np
 
 from dcdb.io import write_json
 from dcdb.demo.world import encode_image
+from dcdb.tario import write_sample_shards
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -85,21 +87,18 @@ def toy_samples(n: int, seed: int, size: int = 64) -> Iterator[tuple[str, str, o
 def write_toy_shards(folder: str | os.PathLike, n: int = 256, *, seed: int = 0, shard_size: int = 100,
                      size: int = 64) -> Path:
     """Write ``n`` toy samples as resharder output into a new ``folder``; return it."""
-    import webdataset as wds
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=False)
     rng = np.random.default_rng(seed + 1)
-    counts: list[int] = []
-    with wds.ShardWriter(str(folder / "%08d.tar"), maxcount=shard_size, verbose=0) as sink:
+
+    def samples() -> Iterator[dict]:
         for i, (color, shape, img, text) in enumerate(toy_samples(n, seed, size)):
             uid = f"{int(rng.integers(0, 2**63)):016x}{i:016x}"
             meta = {"uid": uid, "caption": text, "key": f"{i:09d}", "status": "success",
                     "width": size, "height": size, "original_width": size, "original_height": size}
-            sink.write({"__key__": f"{uid}-0", "jpg": encode_image(img, "JPEG", 90), "txt": text, "json": json.dumps(meta)})
-            if i % shard_size == 0:
-                counts.append(0)
-            counts[-1] += 1
+            yield {"__key__": f"{uid}-0", "jpg": encode_image(img, "JPEG", 90), "txt": text, "json": json.dumps(meta)}
+
+    counts = write_sample_shards(folder, "{:08d}.tar", samples(), shard_size)
     for k, c in enumerate(counts):
         write_json(folder / f"{k:08d}_stats.json", {"successes": c})
     write_json(folder / "meta.json", {"output_shard_count": len(counts), "output_shard_format": "{:08d}.tar",

@@ -50,7 +50,6 @@ import math
 import os
 import random
 import shutil
-import tarfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -66,6 +65,7 @@ import numpy as np
 from dcdb.errors import OutputError, SourceError, UsageError
 from dcdb.io import atomic_path, write_json
 from dcdb.store import DATACOMP_COLUMNS
+from dcdb.tario import Member, TarReader, write_samples
 
 WORLD_FORMAT = "dcdb-world"
 WORLD_VERSION = 1
@@ -1135,24 +1135,6 @@ def _key(shard: int, i: int, shard_size: int) -> str:
     return f"{shard * 10**oom + i:0{key_width(shard_size)}d}"
 
 
-def _write_tar(path: Path, samples: Sequence[dict[str, Any]]) -> None:
-    """Write webdataset samples (``__key__`` and ext -> bytes) as a tar, atomically and reproducibly.
-
-    Members are ``<key>.<ext>`` in sorted extension order with webdataset's TarWriter defaults
-    (mode 0444, owner bigdata) but mtime 0, so the same samples give the same bytes. (tarfile
-    directly: importing webdataset costs ~2 s per worker process.)
-    """
-    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tf:
-        for sample in samples:
-            key = sample["__key__"]
-            for ext in sorted(k for k in sample if not k.startswith("_")):
-                data = sample[ext]
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mode, info.mtime = len(data), 0o444, 0
-                info.uname = info.gname = "bigdata"
-                tf.addfile(info, io.BytesIO(data))
-
-
 def _write_parquet(path: Path, table) -> None:
     """Write a pyarrow table as parquet, atomically."""
     import pyarrow.parquet as pq
@@ -1191,7 +1173,7 @@ def _download_shard(
                 }
             )
         meta_rows.append(meta)
-    _write_tar(folder / f"{shard:08d}.tar", samples)
+    write_samples(folder / f"{shard:08d}.tar", samples)
     _write_parquet(folder / f"{shard:08d}.parquet", _shard_table(meta_rows))
     write_json(folder / f"{shard:08d}_stats.json", _stats(meta_rows, t0))
     return len(samples)
@@ -1376,7 +1358,7 @@ def _eval_job(out: str, task: str, concepts: list[Concept], seed: int, per_class
         classes, samples = _classification_samples(rng, task, concepts, per_class)
         _write_text(folder / "classnames.txt", "\n".join(classes) + "\n")
         _write_text(folder / "zeroshot_classification_templates.txt", "\n".join(EVAL_TEMPLATES) + "\n")
-    _write_tar(folder / "test" / "0.tar", samples)
+    write_samples(folder / "test" / "0.tar", samples)
     _write_text(folder / "test" / "nshards.txt", "1\n")
     return {"job": "eval", "task": task, "size": len(samples)}
 
@@ -1726,11 +1708,12 @@ def pool_images(world_dir: str | os.PathLike, shard: int) -> Iterator[tuple[str,
 def _tar_images(path: Path) -> dict[str, bytes]:
     """uid -> jpg bytes of an img2dataset tar (the uid comes from each sample's .json)."""
     by_key: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tf:
-        for m in tf.getmembers():
-            key, _, ext = m.name.partition(".")
-            if ext in ("jpg", "json"):
-                by_key.setdefault(key, {})[ext] = tf.extractfile(m).read()
+    with TarReader(path) as tar:
+        for m in tar.walk():  # a damaged stretch costs its samples: they are re-rendered
+            if isinstance(m, Member):
+                key, _, ext = m.name.partition(".")
+                if ext in ("jpg", "json"):
+                    by_key.setdefault(key, {})[ext] = tar.read(m)
     return {json.loads(v["json"])["uid"]: v["jpg"] for v in by_key.values() if "jpg" in v and "json" in v}
 
 

@@ -30,10 +30,10 @@ uids is in the pool (another pool's) are refused, leaving any index in place as 
 with some uids the pool lacks get a warning with the counts. The resharder compares each tar it
 reads with the manifest's size and mtime and refuses an out-of-date index.
 
-Tars are read with a small USTAR/pax reader working on ``os.pread``: headers and json members
-only, never the image bytes. A damaged header is skipped by resynchronising on the next valid
-header, so one bad block costs the samples it touches, not the rest of the tar (Python's
-``tarfile`` silently stops at the first bad header after the first member).
+Tars are read with :mod:`dcdb.tario` (``os.pread``): headers and json members only, never the
+image bytes. A damaged header is skipped by resynchronising on the next valid header, so one bad
+block costs the samples it touches, not the rest of the tar (Python's ``tarfile`` silently stops
+at the first bad header after the first member).
 """
 
 from __future__ import annotations
@@ -45,14 +45,15 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from dcdb.errors import DcdbError, ShardIndexError, SourceError, UsageError
 from dcdb.io import TMP_MARK, atomic_path, write_json
+from dcdb.tario import Damage, Sample, group_samples, walk_tar
 
 INDEX_FORMAT = "dcdb-shard-index"
 INDEX_VERSION = 1
@@ -63,14 +64,7 @@ STAGE_DIR = "shards/index.new"  # per-tar files of a run, moved into INDEX_DIR o
 FOOTER_KEY = b"dcdb.shard_index"
 VIEW_NAME = "shard_index"
 
-BLOCK = 512
-ZERO_BLOCK = bytes(BLOCK)
-RESYNC_CHUNK = 1 << 16
-# webdataset's base_plus_ext: the key is the path up to the first dot of the file name.
-KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 UID_RE = re.compile(r"^[0-9a-f]{32}$")
-REGULAR_TYPES = (b"0", b"\0", b"7")
-PAX_TYPES = (b"x", b"X")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LOST_STATUS = "missing_from_tar"  # status of a parquet "success" row whose sample the tar lacks
 
@@ -81,254 +75,7 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-# ------------------------------------------------------------------------------- tar reading
-
-
-class TarHeaderError(ValueError):
-    """A 512-byte block that is not a valid tar header (bad checksum, bad number field)."""
-
-
-def pad(size: int) -> int:
-    """``size`` rounded up to a whole number of 512-byte blocks."""
-    return (size + BLOCK - 1) // BLOCK * BLOCK
-
-
-def _number(field: bytes) -> int:
-    """A tar number field: NUL/space-terminated octal, or GNU base-256 (first byte 0x80/0xff)."""
-    if field[:1] in (b"\x80", b"\xff"):
-        n = int.from_bytes(field[1:], "big")
-        return n - (256 ** (len(field) - 1)) if field[0] == 0xFF else n
-    text = field.split(b"\0", 1)[0].strip()
-    try:
-        return int(text, 8) if text else 0
-    except ValueError:
-        raise TarHeaderError(f"bad number field {bytes(field)!r}") from None
-
-
-def _checksum_ok(block: bytes) -> bool:
-    stored = _number(block[148:156])
-    unsigned = sum(block) - sum(block[148:156]) + 256
-    if stored == unsigned:
-        return True
-    signed = (
-        sum(b - 256 if b > 127 else b for b in block)
-        - sum(b - 256 if b > 127 else b for b in block[148:156])
-        + 256
-    )
-    return stored == signed
-
-
-def parse_header(block: bytes) -> tuple[bytes, int, bytes]:
-    """(name, size, typeflag) of a 512-byte tar header; TarHeaderError if it is not one."""
-    if len(block) < BLOCK:
-        raise TarHeaderError("truncated header")
-    if not _checksum_ok(block):
-        raise TarHeaderError("bad header checksum")
-    name = block[0:100].split(b"\0", 1)[0]
-    if block[257:265] == b"ustar\x0000":  # POSIX ustar: a long name is split into prefix/name
-        prefix = block[345:500].split(b"\0", 1)[0]
-        if prefix:
-            name = prefix + b"/" + name
-    size = _number(block[124:136])
-    if size < 0:
-        raise TarHeaderError(f"negative member size {size}")
-    return name, size, block[156:157]
-
-
-def _pax_path(data: bytes) -> bytes | None:
-    """The ``path`` record of a pax extended header ("<len> path=<value>\\n" records)."""
-    if b" path=" not in data:  # most pax headers (tarfile's, webdataset's) hold only an mtime
-        return None
-    pos, found = 0, None
-    while pos < len(data):
-        space = data.find(b" ", pos)
-        if space < 0:
-            break
-        try:
-            length = int(data[pos:space])
-        except ValueError:
-            break
-        if length <= 0:
-            break
-        record = data[space + 1 : pos + length - 1]
-        k, _, v = record.partition(b"=")
-        if k == b"path":
-            found = v
-        pos += length
-    return found
-
-
-@dataclass(slots=True)
-class Member:
-    """A regular file member: its name, where its headers start, where its data is, its size."""
-
-    name: str
-    start: int  # first header block (pax/longname headers included)
-    offset: int  # data
-    size: int
-
-    @property
-    def end(self) -> int:
-        return self.offset + pad(self.size)
-
-
-@dataclass(slots=True)
-class Damage:
-    """Something wrong at ``offset``: a bad header, a truncated member or header, or a missing
-    end-of-archive marker; ``fatal`` when nothing after it could be read."""
-
-    offset: int
-    reason: str
-    fatal: bool
-    name: str | None = None  # the member it hit, when known
-    harmless: bool = False  # only the end-of-archive marker is missing: every member is whole
-
-
-def _resync(fd: int, start: int, file_size: int) -> int | None:
-    """Offset of the first valid, non-empty header block at or after ``start`` (block-aligned)."""
-    pos = start
-    while pos + BLOCK <= file_size:
-        chunk = os.pread(fd, min(RESYNC_CHUNK, file_size - pos), pos)
-        for i in range(0, len(chunk) - BLOCK + 1, BLOCK):
-            block = chunk[i : i + BLOCK]
-            if block != ZERO_BLOCK:
-                try:
-                    parse_header(block)
-                    return pos + i
-                except TarHeaderError:
-                    pass
-        pos += len(chunk) - len(chunk) % BLOCK or BLOCK
-    return None
-
-
-class WindowReader:
-    """``pread(n, offset)`` of one file through a read-ahead window: reads that fall in the last
-    window are served from memory, others read a new window of ``window`` bytes from their offset
-    (larger reads go straight to the file). For walking a tar whose data is wanted too: a member
-    of a few kB costs a slice instead of three system calls."""
-
-    def __init__(self, fd: int, file_size: int, window: int = 1 << 20):
-        self.fd, self.file_size, self.window = fd, file_size, window
-        self.start, self.buf = 0, b""
-
-    def __call__(self, n: int, offset: int) -> bytes:
-        at = offset - self.start
-        if 0 <= at and at + n <= len(self.buf):
-            return self.buf[at : at + n]
-        if n >= self.window:
-            return os.pread(self.fd, n, offset)
-        self.start, self.buf = offset, os.pread(self.fd, max(0, min(self.window, self.file_size - offset)), offset)
-        return self.buf[:n]
-
-
-def walk_tar(fd: int, file_size: int, pread: Callable[[int, int], bytes] | None = None) -> Iterator[Member | Damage]:
-    """The regular members of a tar (read with pread: headers only), and any damage met.
-
-    Stops at the end-of-archive block. A bad header yields a Damage and reading resumes at the
-    next valid header; a member whose data runs past the end of the file yields a fatal Damage.
-    ``pread(n, offset)`` reads the file (default ``os.pread`` on ``fd``; a :class:`WindowReader`
-    when the data will be read as well).
-    """
-    if pread is None:
-        def pread(n: int, offset: int) -> bytes:
-            return os.pread(fd, n, offset)
-    off, start, long_name = 0, None, None
-    while True:
-        block = pread(BLOCK, off) if off < file_size else b""
-        if not block:
-            yield Damage(
-                off, "the tar ends without an end-of-archive marker (truncated?)", fatal=False, harmless=True
-            )
-            return
-        if len(block) < BLOCK:
-            yield Damage(off, f"truncated header at byte {off}", fatal=True)
-            return
-        if block == ZERO_BLOCK:
-            return
-        try:
-            name, size, typ = parse_header(block)
-        except TarHeaderError as exc:
-            nxt = _resync(fd, off + BLOCK, file_size)
-            yield Damage(off, f"{exc} at byte {off}", fatal=nxt is None)
-            if nxt is None:
-                return
-            off, start, long_name = nxt, None, None
-            continue
-        data_off = off + BLOCK
-        if data_off + size > file_size:
-            shown = (long_name or name).decode("utf-8", "surrogateescape")
-            reason = f"member {shown!r} truncated: {size} bytes at {data_off}, the file ends at {file_size}"
-            yield Damage(off, reason, fatal=True, name=shown)
-            return
-        if start is None:
-            start = off
-        if typ in PAX_TYPES:
-            long_name = _pax_path(pread(size, data_off)) or long_name
-        elif typ == b"L":
-            long_name = pread(size, data_off).split(b"\0", 1)[0]
-        elif typ == b"g":
-            pass  # global pax header: nothing per member
-        else:
-            if typ in REGULAR_TYPES:
-                yield Member((long_name or name).decode("utf-8", "surrogateescape"), start, data_off, size)
-            start, long_name = None, None
-        off = data_off + pad(size)
-
-
-def split_key(name: str) -> tuple[str | None, str]:
-    """webdataset's (key, extension) of a member name; (None, "") when it has no extension."""
-    m = KEY_RE.match(name)
-    return (m.group(1), m.group(2)) if m else (None, "")
-
-
 # ------------------------------------------------------------------------------ sample rows
-
-
-@dataclass
-class Sample:
-    """Consecutive members sharing a key: one webdataset sample."""
-
-    key: str
-    members: list[tuple[str, Member]] = field(default_factory=list)  # (ext, member)
-    damage: str | None = None
-
-    @property
-    def start(self) -> int:
-        return self.members[0][1].start
-
-    @property
-    def end(self) -> int:
-        return self.members[-1][1].end
-
-
-def group_samples(items: Iterator[Member | Damage], damages: list[Damage]) -> Iterator[Sample]:
-    """Group members into samples as webdataset does (a new key, or a repeated extension, starts
-    a new sample). The samples on both sides of a damaged stretch are marked damaged."""
-    current: Sample | None = None
-    taint: str | None = None
-    for item in items:
-        if isinstance(item, Damage):
-            damages.append(item)
-            hit = split_key(item.name)[0] if item.name is not None else None
-            if not item.harmless:
-                if current is not None and (hit is None or hit == current.key):
-                    current.damage = current.damage or item.reason
-                taint = item.reason
-            continue
-        key, ext = split_key(item.name)
-        if key is None:
-            continue
-        ext = ext.lower()
-        if taint is not None and current is not None and key == current.key:
-            taint = None  # reading resumed inside the damaged sample: the next one is whole
-        if current is None or key != current.key or any(e == ext for e, _ in current.members):
-            if current is not None:
-                yield current
-            current = Sample(key, damage=taint)
-            taint = None
-        current.members.append((ext, item))
-    if current is not None:
-        yield current
 
 
 def _sample_json(fd: int, sample: Sample) -> tuple[dict[str, Any] | None, str | None]:

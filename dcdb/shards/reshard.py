@@ -65,16 +65,8 @@ from dcdb import uids as U
 from dcdb.errors import DcdbError, OutputError, ReshardError, UsageError
 from dcdb.io import (LOCK_NAME, TMP_MARK, atomic_path, check_folder, kill_point, write_error, write_json, write_lock,
                      write_target, writing)
-from dcdb.shards.index import (
-    BLOCK,
-    IMAGE_EXTS,
-    LOST_STATUS,
-    ZERO_BLOCK,
-    TarHeaderError,
-    pad,
-    parse_header,
-    split_key,
-)
+from dcdb.shards.index import IMAGE_EXTS, LOST_STATUS
+from dcdb.tario import BLOCK, RECORD, TarNameError, TarRangeError, TarWriter, pad, range_members, split_key
 
 OUTPUT_SHARD_FORMAT = "{:08d}.tar"
 OUTPUT_STATS_FORMAT = "{:08d}_stats.json"
@@ -86,7 +78,6 @@ META_FORMAT = "dcdb-reshard"
 PLAN_VERSION = 1
 COALESCE_GAP = 16 << 10  # merge reads of samples less than this far apart
 MAX_READ = 8 << 20  # ... into reads of at most this many bytes
-RECORD = 20 * BLOCK  # tarfile pads an archive to a multiple of this
 TAR_TAIL = 2 * BLOCK + RECORD  # end-of-archive blocks + worst-case record padding
 WEBP_QUALITY = 100  # DataComp's --reencode-webp-quality default
 OUR_FILES = ("sample_ids.npy", "missing_uids.npy", "meta.json", STATE_FILE)
@@ -490,67 +481,6 @@ def make_plan(
     return Plan(located, src, j, bounds, h.hexdigest())
 
 
-# ----------------------------------------------------------------------------- tar writing
-
-
-def _ustar_template() -> tuple[bytes, int]:
-    """A USTAR header with webdataset TarWriter's fields (mode 0444, bigdata:bigdata) and mtime 0,
-    name and size left empty, checksum field blank; and the byte sum of that template."""
-    h = bytearray(BLOCK)
-    h[100:108] = b"0000444\0"  # mode
-    h[108:116] = b"0000000\0"  # uid
-    h[116:124] = b"0000000\0"  # gid
-    h[136:148] = b"00000000000\0"  # mtime
-    h[148:156] = b" " * 8  # checksum placeholder
-    h[156:157] = b"0"  # regular file
-    h[257:265] = b"ustar\x0000"
-    h[265:272] = b"bigdata"
-    h[297:304] = b"bigdata"  # devmajor/devminor stay empty, as tarfile leaves them for files
-    return bytes(h), sum(h)
-
-
-_TEMPLATE, _TEMPLATE_SUM = _ustar_template()
-
-
-def ustar_header(name: bytes, size: int) -> bytes:
-    """The 512-byte header ``tarfile`` writes for this member with TarWriter's defaults, mtime 0."""
-    if len(name) > 100:
-        raise ReshardError(
-            f"member name {name!r} is longer than 100 bytes",
-            hint="an input member has a very long extension; rename it",
-        )
-    size_field = b"%011o\0" % size
-    h = bytearray(_TEMPLATE)
-    h[0 : len(name)] = name
-    h[124:136] = size_field
-    h[148:156] = b"%06o\0 " % (_TEMPLATE_SUM + sum(name) + sum(size_field))
-    return bytes(h)
-
-
-class TarOut:
-    """Writes members to an open binary file as a USTAR archive; counts bytes."""
-
-    def __init__(self, f):
-        self.f = f
-        self.bytes = 0
-
-    def add(self, name: str, data) -> None:
-        size = len(data)
-        self.f.write(ustar_header(name.encode("utf-8"), size))
-        self.f.write(data)
-        padding = pad(size) - size
-        if padding:
-            self.f.write(ZERO_BLOCK[:padding])
-        self.bytes += BLOCK + size + padding
-
-    def close(self) -> None:
-        """End-of-archive blocks, then zeros up to a whole record, like ``tarfile``."""
-        end = self.bytes + 2 * BLOCK
-        end += -end % RECORD
-        self.f.write(bytes(end - self.bytes))
-        self.bytes = end
-
-
 # ----------------------------------------------------------------------------- tar reading
 
 
@@ -561,38 +491,16 @@ class SampleError(ValueError):
 def split_members(view: memoryview) -> list[tuple[str, Any]]:
     """The (extension, data) members of one sample's byte range, checked: valid headers, whole
     data, one key."""
-    out, pos, long_name, keys = [], 0, None, set()
-    while pos < len(view):
-        block = bytes(view[pos : pos + BLOCK])
-        if len(block) < BLOCK:
-            raise SampleError("truncated header")
-        if block == ZERO_BLOCK:
-            raise SampleError("end-of-archive marker inside the sample's byte range")
-        try:
-            name, size, typ = parse_header(block)
-        except TarHeaderError as exc:
-            raise SampleError(str(exc)) from None
-        data = view[pos + BLOCK : pos + BLOCK + size]
-        if len(data) < size:
-            raise SampleError(f"member truncated ({len(data)} of {size} bytes)")
-        pos += BLOCK + pad(size)
-        if typ in (b"x", b"X"):
-            from dcdb.shards.index import _pax_path
-
-            long_name = _pax_path(bytes(data)) or long_name
-            continue
-        if typ == b"L":
-            long_name = bytes(data).split(b"\0", 1)[0]
-            continue
-        if typ not in (b"0", b"\0", b"7"):
-            long_name = None
-            continue
-        key, ext = split_key((long_name or name).decode("utf-8", "surrogateescape"))
-        long_name = None
-        if key is None:
-            continue
-        keys.add(key)
-        out.append((ext.lower(), data))
+    out, keys = [], set()
+    try:
+        for name, data in range_members(view):
+            key, ext = split_key(name)
+            if key is None:
+                continue
+            keys.add(key)
+            out.append((ext.lower(), data))
+    except TarRangeError as exc:
+        raise SampleError(str(exc)) from None
     if len(keys) != 1:
         raise SampleError("the byte range does not hold exactly one sample")
     return out
@@ -650,14 +558,17 @@ def _sample_views(task: ShardTask, result: ShardResult) -> Iterator[tuple[int, m
 
 
 def write_shard(task: ShardTask) -> ShardResult:
-    """Write output tar ``task.index`` (temp name, then rename) and its stats file."""
+    """Write output tar ``task.index`` (temp name, then rename) and its stats file.
+
+    Members are written by :class:`dcdb.tario.TarWriter` without pax headers: a member name over
+    100 bytes is refused."""
     out_dir = Path(task.out_dir)
     result = ShardResult(task.index, 0, 0, 0, 0, 0.0)
     with (
         atomic_path(out_dir / OUTPUT_SHARD_FORMAT.format(task.index)) as tmp,
         open(tmp, "wb", buffering=1 << 20) as f,
     ):
-        tar = TarOut(f)
+        tar = TarWriter(f, pax=False)
         for s, view in _sample_views(task, result):
             try:
                 if view is None:
@@ -677,8 +588,14 @@ def write_shard(task: ShardTask) -> ShardResult:
                     ) from None
                 result.corrupt.append((task.keys[s], f"{where}: {exc}"))
                 continue
-            for ext, data in sorted(members, key=lambda m: m[0]):
-                tar.add(f"{task.keys[s]}.{ext}", data)
+            try:
+                for ext, data in sorted(members, key=lambda m: m[0]):
+                    tar.add(f"{task.keys[s]}.{ext}", data)
+            except TarNameError as exc:
+                raise ReshardError(
+                    f"member name {exc.name!r} is longer than 100 bytes",
+                    hint="an input member has a very long extension; rename it",
+                ) from None
             result.samples += 1
         tar.close()
         result.bytes_written = tar.bytes
