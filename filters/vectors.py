@@ -100,7 +100,7 @@ def _knn_function(pool, ann: bool):
 
 def _model_space(pool, model: str, modality: str) -> str:
     """A pool space of ``model`` ('l14' or a space name) -- used for its dim and checkpoint."""
-    from dcdb.vectors.seeds import model_key
+    from dcdb.encoders import model_key
 
     key = model_key(model)
     spaces = [s for s in pool.spaces if model_key(s) == key]
@@ -125,7 +125,7 @@ def _constant(arr, what: str):
 def _clip_text(pool, prompts, models):
     import pyarrow as pa
 
-    from dcdb.vectors.seeds import checkpoint_for, encode_texts
+    from dcdb.encoders import checkpoint_for, encode_texts
 
     out = {}
     values = prompts.to_pylist()
@@ -149,7 +149,8 @@ def _clip_text(pool, prompts, models):
 def _clip_image(pool, paths, models, access=None):
     import pyarrow as pa
 
-    from dcdb.vectors.seeds import encode_images, open_image
+    from dcdb.encoders import encode_images
+    from dcdb.vectors.seeds import open_image
 
     model = _constant(models, "model")
     space = _model_space(pool, model, "img")
@@ -309,7 +310,8 @@ def eval_images(path: Path) -> list:
 
 def eval_embeddings(pool, source: str, dim: int) -> np.ndarray:
     """Normalised (m, dim) float32 eval embeddings from a .npy/.parquet or an eval task folder (cached)."""
-    from dcdb.vectors.seeds import check_vectors, encode_images, load_seed_file
+    from dcdb.encoders import encode_images
+    from dcdb.vectors.seeds import check_vectors, load_seed_file
 
     p = Path(os.path.expanduser(source))
     if not p.exists():
@@ -322,7 +324,7 @@ def eval_embeddings(pool, source: str, dim: int) -> np.ndarray:
         return got
     if p.is_dir():
         space = _space_of_dim(pool, dim)
-        from dcdb.vectors.seeds import checkpoint_for
+        from dcdb.encoders import checkpoint_for
 
         checkpoint_for(pool, space)  # a clear error before reading the images
         emb = encode_images(pool, space, eval_images(p))
@@ -339,7 +341,7 @@ def eval_embeddings(pool, source: str, dim: int) -> np.ndarray:
 
 
 def _space_of_dim(pool, dim: int) -> str:
-    from dcdb.vectors.seeds import model_key
+    from dcdb.encoders import model_key
 
     spaces = [s for s, spec in pool.spaces.items() if int(spec["dim"]) == dim]
     models = {model_key(s) for s in spaces}

@@ -381,12 +381,12 @@ def l14_checkpoint(tmp_path_factory):
 def test_prompts_encoded_by_the_configured_model(small_pool, l14_checkpoint, tmp_path):
     from PIL import Image
 
-    from dcdb.demo.teacher import Encoder
+    from dcdb.encoders import ClipEncoder
 
     res = run("sql", "SELECT clip_text('a dog', 'l14')", "--pool", small_pool, ok=False)
     assert res.exit_code != 0 and "dcdb encoder --pool" in res.output
     run("encoder", "--pool", small_pool, "--space", "l14", "--checkpoint", l14_checkpoint)
-    enc = Encoder(l14_checkpoint)
+    enc = ClipEncoder(l14_checkpoint)
     t = enc.texts(["a photo of a dog"])[0]
     t = t / np.linalg.norm(t)
     vec, uids = pool_vectors(small_pool)
@@ -430,7 +430,7 @@ def test_prompts_encoded_by_the_configured_model(small_pool, l14_checkpoint, tmp
 def test_checkpoint_from_demo_world_or_encoder_command(make_src, tmp_path):
     """A pool ingested from WORLD/metadata finds the world's teacher; `dcdb encoder` overrides it."""
     from dcdb.ingest.pool import ingest
-    from dcdb.vectors.seeds import checkpoint_for
+    from dcdb.encoders import checkpoint_for
     from dcdb.store import open_pool
 
     world = tmp_path / "world"

@@ -296,6 +296,27 @@ def test_cli_module_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_train_does_not_import_eval():
+    """eval uses train's models and checkpoints, never the other way round (lazy imports count too)."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent / "train"
+    bad = []
+    for f in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                mod = node.module or ""
+                if node.level:  # train/x.py: "." is dcdb.train, ".." is dcdb
+                    mod = ".".join(filter(None, ["dcdb.train" if node.level == 1 else "dcdb", mod]))
+                names = [mod, *(f"{mod}.{a.name}" for a in node.names)]
+            else:
+                continue
+            bad += [f"{f.name}:{node.lineno} {n}" for n in names if n == "dcdb.eval" or n.startswith("dcdb.eval.")]
+    assert not bad, bad
+
+
 # ----------------------------------------------------------------------------------- eval
 
 

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from dcdb.encoders import ClipEncoder
+
 #: space -> training scale (whose recipe names the open_clip model)
 TEACHERS: dict[str, str] = {"b32": "teacher-b32", "l14": "teacher-l14"}
 #: Samples seen by each teacher unless told otherwise (the clean split is seen a few times over).
@@ -71,28 +73,9 @@ def train_teachers(
     return results
 
 
-class Encoder:
-    """Image and text encoders of one checkpoint, as write_pool_embeddings wants them (CPU, no grad)."""
-
-    def __init__(self, checkpoint: str | os.PathLike, device: str = "cpu"):
-        from dcdb.eval.model import load_model, resolve_target
-
-        self.target = resolve_target(checkpoint)
-        self.model, self.preprocess, self.tokenizer = load_model(self.target, device)
-        self.device = device
-
-    def images(self, images: list) -> np.ndarray:
-        import torch
-
-        with torch.no_grad():
-            x = torch.stack([self.preprocess(im) for im in images]).to(self.device)
-            return self.model.encode_image(x).float().cpu().numpy()
-
-    def texts(self, texts: list[str]) -> np.ndarray:
-        import torch
-
-        with torch.no_grad():
-            return self.model.encode_text(self.tokenizer(texts).to(self.device)).float().cpu().numpy()
+#: The teachers' encoders are the core's (:class:`dcdb.encoders.ClipEncoder`): image and text towers of one
+#: checkpoint, raw embeddings, as write_pool_embeddings wants them (it normalises; CPU, no grad).
+Encoder = ClipEncoder
 
 
 def _model_note(world_dir: Path, space: str, ckpt: Path, model: str) -> str:

@@ -6,17 +6,11 @@ Seeds come from (any mix of):
 * a Parquet file, column ``--seed-column`` (default: the only list/array column, else one named
   ``emb``, ``embedding``, ``vector`` or after the space);
 * a stored subset of the pool (its rows' vectors in the space);
-* text prompts and image files, encoded by the space's model (a configured checkpoint).
+* text prompts and image files, encoded by the space's model (:mod:`dcdb.encoders`: the
+  checkpoint configured with ``dcdb encoder``, or a demo world's teacher).
 
 Every seed is checked (dim equal to the space's, finite, non-zero) and L2-normalised; cosine is
 the metric everywhere.
-
-**Which model encodes a prompt** (:func:`checkpoint_for`): a space ``l14_img``/``l14_txt`` (or
-``l14``) belongs to model ``l14``. Its checkpoint is, in order: the one set with ``dcdb encoder
---pool P --space l14 --checkpoint CKPT`` (stored in ``POOL/encoders.json``, so the pool's manifest
-and hash are untouched), or, for a pool ingested from a demo world's ``metadata/`` folder, the
-teacher checkpoint named in that world's ``world.json``. Otherwise a ``UsageError`` says how to
-configure one. torch/open_clip are imported only when a prompt or image is encoded.
 """
 
 from __future__ import annotations
@@ -24,22 +18,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from dcdb.encoders import checkpoint_for, set_checkpoint  # noqa: F401 -- cli_knn imports them from here
+from dcdb.encoders import encode_images, encode_texts
 from dcdb.errors import PoolError, SourceError, UsageError
 
-ENCODERS_FILE = "encoders.json"
 SEED_COLUMN_NAMES = ("emb", "embedding", "embeddings", "vector", "seed")
 
 
 # ------------------------------------------------------------------------------ validation
-
-
-def model_key(space: str) -> str:
-    """``l14_img`` -> ``l14`` (the model shared by a pool's image and text spaces)."""
-    return space.split("_", 1)[0]
 
 
 def resolve_space(pool, space: str) -> str:
@@ -186,94 +175,7 @@ def vectors_of_rows(pool, space: str, rows: np.ndarray) -> np.ndarray:
     return np.concatenate(parts) if parts else np.empty((0, dim), np.float32)
 
 
-# ---------------------------------------------------------------------------------- encoders
-
-
-def _read_encoders(pool) -> dict[str, Any]:
-    import json
-
-    p = pool.path / ENCODERS_FILE
-    if not p.is_file():
-        return {}
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
-        raise PoolError(f"{str(p)!r} is unreadable: {exc}", hint="set it again with `dcdb encoder`") from None
-
-
-def set_checkpoint(pool, space: str, checkpoint: str | os.PathLike) -> Path:
-    """Record the checkpoint whose model encodes prompts for ``space``'s model (``POOL/encoders.json``)."""
-    from dcdb.io import write_json
-
-    key = model_key(space)
-    if not any(model_key(s) == key for s in pool.spaces):
-        raise PoolError(f"pool {str(pool.path)!r} has no embedding space of model {key!r}; it has "
-                        f"{', '.join(pool.spaces) or 'none'}", hint="name one of its spaces, e.g. --space l14")
-    ckpt = Path(checkpoint).expanduser().resolve()
-    if not ckpt.exists():
-        raise UsageError(f"checkpoint {str(ckpt)!r} does not exist", hint="give a .pt file or a training run folder")
-    enc = _read_encoders(pool)
-    enc[key] = {"checkpoint": str(ckpt)}
-    return write_json(pool.path / ENCODERS_FILE, enc)
-
-
-def _world_checkpoint(pool, key: str) -> Path | None:
-    """The teacher checkpoint of a demo world the pool was ingested from (``WORLD/metadata``)."""
-    import json
-
-    src = pool.manifest.get("source")
-    if not src:
-        return None
-    world = Path(src).parent
-    wj = world / "world.json"
-    if not wj.is_file():
-        return None
-    try:
-        rel = ((json.loads(wj.read_text()).get("embeddings") or {}).get(key) or {}).get("checkpoint")
-    except (OSError, ValueError):
-        return None
-    return (world / rel) if rel and (world / rel).is_file() else None
-
-
-def checkpoint_for(pool, space: str) -> Path:
-    """The checkpoint that encodes prompts/images for ``space``'s model, or a UsageError saying
-    how to configure one."""
-    key = model_key(space)
-    entry = _read_encoders(pool).get(key)
-    if entry:
-        p = Path(entry["checkpoint"])
-        if not p.exists():
-            raise UsageError(f"the checkpoint configured for model {key!r} ({str(p)!r}) no longer exists",
-                             hint=f"set it again: dcdb encoder --pool {pool.path} --space {key} --checkpoint CKPT")
-        return p
-    p = _world_checkpoint(pool, key)
-    if p is not None:
-        return p
-    raise UsageError(
-        f"no checkpoint is configured to encode prompts for model {key!r} of pool {str(pool.path)!r}",
-        hint=f"set one: dcdb encoder --pool {pool.path} --space {key} --checkpoint CKPT.pt "
-             "(the CLIP model that made the pool's embeddings)",
-    )
-
-
-_encoders: dict[tuple, Any] = {}
-
-
-def encoder_for(pool, space: str):
-    """A cached :class:`dcdb.demo.teacher.Encoder` for ``space``'s model (imports torch)."""
-    ckpt = checkpoint_for(pool, space)
-    st = ckpt.stat()
-    key = (str(ckpt.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _encoders:
-        from dcdb.demo.teacher import Encoder
-
-        _encoders.clear()
-        _encoders[key] = Encoder(ckpt)
-    return _encoders[key]
-
-
-def encode_texts(pool, space: str, texts: list[str]) -> np.ndarray:
-    return encoder_for(pool, space).texts(list(texts))
+# ---------------------------------------------------------------------------------- images
 
 
 def open_image(path: str | os.PathLike):
@@ -287,12 +189,6 @@ def open_image(path: str | os.PathLike):
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError) as exc:
         raise SourceError(f"image {str(p)!r} cannot be read: {exc}", hint="give a JPEG/PNG/WebP image file") from None
-
-
-def encode_images(pool, space: str, images: list, batch: int = 64) -> np.ndarray:
-    enc = encoder_for(pool, space)
-    out = [enc.images(images[i : i + batch]) for i in range(0, len(images), batch)]
-    return np.concatenate(out) if out else np.empty((0, 0), np.float32)
 
 
 # ------------------------------------------------------------------------------------- seeds
