@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from dcdb.errors import SandboxError
+from dcdb.sqltext import sql_string
 
 # who runs the text -> (the rule, what to do instead)
 RULES = {
@@ -58,6 +59,18 @@ RULES = {
 }
 
 _ACCESS: weakref.WeakKeyDictionary[Any, ReadAccess] = weakref.WeakKeyDictionary()
+_SOURCES: weakref.WeakKeyDictionary[Any, list[Path]] = weakref.WeakKeyDictionary()
+
+
+def set_view_sources(con, sources: list[Path]) -> None:
+    """Record the Parquet files the views of ``con`` read (``dcdb.engine.connect`` does, once its
+    views exist): :func:`apply` allows their folders."""
+    _SOURCES[con] = sources
+
+
+def view_sources(con) -> list[Path]:
+    """The Parquet files the views of a ``connect`` connection read (what its sandbox allows)."""
+    return list(_SOURCES.get(con, []))
 
 
 @dataclass
@@ -176,8 +189,6 @@ def path_values(filt, params: dict[str, Any]) -> list[str]:
 
 
 def _sql_list(values: Iterable[str]) -> str:
-    from dcdb.engine import sql_string
-
     return "[" + ", ".join(sql_string(v) for v in sorted(values)) + "]"
 
 
@@ -186,8 +197,6 @@ def apply(con, pool, allow: Iterable[str | os.PathLike] = (), *, who: str,
     """Sandbox ``con`` (a ``dcdb.engine.connect`` connection on ``pool``): from now on it reads
     only the pool and ``allow`` (path parameter values), loads no extension, and its settings are
     locked. Run it after dcdb's own setup and before any statement of the user's text."""
-    from dcdb.engine import view_sources
-
     access = read_access(con)
     if access.sandboxed:  # already locked: only the same or a narrower allowance could be asked
         raise SandboxError(f"{who}: the connection is already sandboxed for {access.who}",

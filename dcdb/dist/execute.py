@@ -951,7 +951,7 @@ def _merge_topk(done: dict[int, dict[str, Any]], topk, pool_rows: int, name: str
     marker names (a retried task may have left another copy)."""
     import duckdb
 
-    from dcdb.engine import sql_string
+    from dcdb.sqltext import sql_string
 
     by_file: dict[str, list[int]] = {}
     for b in sorted(done):
