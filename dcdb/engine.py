@@ -6,7 +6,7 @@
   joined with one scan per embedding space (``b32_img``, ``b32_txt``, ``l14_img``, ``l14_txt`` as
   ``FLOAT[d]`` arrays). Row i of the metadata is row i of every Lance table (ingest guarantees and
   checks it), so a ``POSITIONAL JOIN`` lines them up without a uid hash join.
-  Float NaN is stored as NULL by ingest (see ``dcdb.ingest.pool.nan_to_null``), so comparisons behave
+  Float NaN is stored as NULL by ingest (see ``dcdb.store.nan_to_null``), so comparisons behave
   as in numpy: a NaN score never passes, and ``ORDER BY s DESC NULLS LAST`` sorts like numpy.
 * view ``pool_metadata``: the metadata alone.
 * one view per stored subset (``subsets/<name>.parquet``), with columns ``uid`` (one row per copy).

@@ -40,7 +40,6 @@ from typing import Any, Self
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dcdb import errors, uids
@@ -64,6 +63,7 @@ from dcdb.store import (
     MANIFEST,
     METADATA_DIR,
     STAGING_DIR,
+    nan_to_null,
 )
 from dcdb.demo.synth import can_spawn
 
@@ -567,16 +567,6 @@ def _read_shard_table(task: ShardTask) -> pa.Table:
                 hint="every shard must give a column the same type: fix that file",
             ) from exc
     return pa.Table.from_arrays([nan_to_null(c) for c in columns], schema=task.schema)
-
-
-def nan_to_null(col: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
-    """Float NaN -> NULL. DataComp's pandas code reads both as NaN and no comparison with it is
-    true; in DuckDB a NULL compares as unknown (row dropped) and sorts with NULLS LAST, whereas
-    DuckDB's NaN is larger than every number (``NaN >= 0.3`` is true) -- so storing NULL makes
-    plain SQL thresholds behave like DataComp's numpy ones."""
-    if not pa.types.is_floating(col.type):
-        return col
-    return pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)
 
 
 def _statistics_columns(schema: pa.Schema) -> list[str]:
