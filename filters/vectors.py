@@ -12,7 +12,7 @@ Registered on every pool connection (``dcdb.connect``), next to the engine's ``c
     ``cosine(l14_img, clip_text('a photo of a dog', 'l14')) > 0.22``.
 ``clip_image(path, model)`` -> ``FLOAT[]``: the same for an image file (image tower).
 ``knn(space, seeds, k)`` (table) -> ``seed, uid, rank, similarity, row``
-    exact top-k pool rows (cosine) of each seed, as :func:`dcdb.vectors.knn.exact_search` (ties: lower
+    exact top-k pool rows (cosine) of each seed, as :func:`dcdb.vectors.scan.exact_search` (ties: lower
     row first). ``seeds`` is a list of vectors (``[[...], ...]``, ``$seeds``) or a subquery with
     one vector per row: ``knn('l14_img', (SELECT emb FROM read_parquet('seeds.parquet')), 10)``
     (dcdb rewrites that scalar subquery into ``(SELECT array_agg(emb) FROM (...))`` before the
@@ -202,7 +202,7 @@ def _row_list_type():
 
 
 def _rows_value(pool, space: str, res) -> list[dict[str, Any]]:
-    from dcdb.vectors.knn import open_space, uids_of
+    from dcdb.vectors.scan import open_space, uids_of
 
     ds, _ = open_space(pool, space)
     s, k = res.rows.shape
