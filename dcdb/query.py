@@ -37,9 +37,9 @@ from dcdb.errors import (
     OutputError,
     ParameterError,
     QueryError,
-    ReadOnlyError,
     UsageError,
 )
+from dcdb.sandbox import SQL_HINT, check_statement
 from dcdb.store import Pool
 
 PARAM_TYPES = ("int", "float", "str", "bool", "path")
@@ -207,34 +207,6 @@ def _example(t: str) -> str:
 # ----------------------------------------------------------------------- statement checking
 
 
-def check_statement(con, sql: str, name: str) -> list[str]:
-    """Parse ``sql`` with DuckDB: exactly one read-only SELECT. Returns its named parameters."""
-    import duckdb
-
-    try:
-        stmts = con.extract_statements(sql)
-    except duckdb.ParserException as exc:
-        raise QueryError(f"SQL syntax error in filter {name!r}: {_clean(exc)}",
-                         hint=f"fix the SQL at that position; {SQL_HINT}") from None
-    except duckdb.Error as exc:
-        raise QueryError(f"filter {name!r} cannot be parsed: {_clean(exc)}", hint=SQL_HINT) from None
-    if not stmts:
-        raise QueryError(f"filter {name!r} contains no SQL statement", hint="write one SELECT with a uid column")
-    if len(stmts) > 1:
-        raise QueryError(
-            f"filter {name!r} contains {len(stmts)} statements; a filter is exactly one SELECT",
-            hint="combine them with WITH ... SELECT, or remove the extra statements",
-        )
-    st = stmts[0]
-    if st.type != duckdb.StatementType.SELECT:
-        raise ReadOnlyError(
-            f"filter {name!r} is {'an' if st.type.name[:1] in 'AEIOU' else 'a'} {st.type.name} statement; "
-            "filters may only read (one SELECT)",
-            hint="COPY, ATTACH, INSTALL, CREATE, SET and other writes are not allowed in a filter",
-        )
-    return sorted(st.named_parameters)
-
-
 def _clean(exc: Exception) -> str:
     return str(exc).strip()
 
@@ -360,9 +332,6 @@ def run_filter(pool: Pool, filt: FilterFile, given: dict[str, str] | None = None
 
 def _reraise(con, filt: FilterFile, pool: Pool, exc: Exception):
     raise translate_error(con, exc, f"filter {filt.name!r}", pool) from None
-
-
-SQL_HINT = "a filter is one SELECT with a uid column; `dcdb filters` lists working examples"
 
 
 def translate_error(con, exc: Exception, what: str, pool: Pool | None) -> Exception:

@@ -791,8 +791,8 @@ def run_distributed(
     from dcdb.ingest.buckets import pool_buckets
     from dcdb.engine import connect, stored_subsets
     from dcdb.plan import plan_filter
-    from dcdb.query import bind_parameters, check_statement
-    from dcdb.sandbox import apply, path_values
+    from dcdb.query import bind_parameters
+    from dcdb.sandbox import apply, check_statement, path_values
 
     t0 = time.perf_counter()
     if pool_buckets(pool) is None:

@@ -25,8 +25,7 @@ def where_rows(pool, where: str) -> np.ndarray:
 
     from dcdb.engine import connect
     from dcdb.errors import QueryError
-    from dcdb.query import check_statement
-    from dcdb.sandbox import apply, refusal
+    from dcdb.sandbox import apply, check_statement, refusal
 
     con = connect(pool)
     sql = f"SELECT coalesce(({where}), false) AS keep FROM pool"
