@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dcdb.errors import UidError
+from dcdb.errors import OutputError, UidError
 
 UID_DTYPE = np.dtype("u8,u8")
 UID_HEX_LEN = 32
+FORMATS = ("npy", "parquet", "txt")  # the uid list files dcdb writes (write_file)
 _RAW_RECORD = 16
 
 # ASCII byte -> nibble value; 255 marks a byte that is not a lowercase hex digit.
@@ -269,6 +270,26 @@ def save(path: str | os.PathLike, uids: np.ndarray, *, sorted_: bool = False) ->
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, uids)
     return path
+
+
+def write_file(path: str | os.PathLike, uids: np.ndarray, fmt: str) -> None:
+    """A sorted uid list into ``path`` as ``fmt`` (one of FORMATS), written where it is: give it a
+    temp name (``dcdb.io.atomic_path``) and rename it."""
+    if fmt == "npy":
+        with open(path, "wb") as f:
+            np.save(f, _check_dtype(uids))
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"uid": to_arrow(uids)}), path)
+    elif fmt == "txt":
+        with open(path, "w") as f:
+            for chunk in range(0, len(uids), 1 << 20):
+                f.write("\n".join(to_hex(uids[chunk : chunk + (1 << 20)])))
+                f.write("\n")
+    else:  # pragma: no cover -- output_format validated it
+        raise OutputError(f"unknown format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
 
 
 def load(path: str | os.PathLike) -> np.ndarray:
