@@ -313,7 +313,7 @@ def run_filter(pool: Pool, filt: FilterFile, given: dict[str, str] | None = None
 
         sql = rewrite_sql(con, filt.text)
         with pool_reader(con, sql, params, 1 << 20) as reader:
-            arr, copies_parts, nrows = _collect_into(reader, filt.name, pool.rows)
+            arr, copies_parts, nrows = collect_into(reader, filt.name, pool.rows)
     except statement_errors() as exc:
         if not is_statement_error(exc):
             raise
@@ -391,7 +391,7 @@ def reraise_streamed(con, exc: Exception):
     raise err from None
 
 
-def _collect_into(reader, name: str, capacity: int, pool_rows: int | None = None):
+def collect_into(reader, name: str, capacity: int, pool_rows: int | None = None):
     """(uid array, copies parts or None, rows) of a filter's result, decoded into one buffer of
     ``capacity`` rows while it lasts. Copies are checked against ``MAX_COPIES`` and, added up,
     against ``copies_limit(pool_rows)`` (``pool_rows`` defaults to ``capacity``)."""

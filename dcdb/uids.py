@@ -168,7 +168,7 @@ def to_hex(uids: np.ndarray) -> list[str]:
 
 def _hex_block(uids: np.ndarray) -> bytes:
     """uid array -> n*32 ASCII bytes of lowercase hex (binascii in C: ~20x a numpy nibble table)."""
-    uids = _check_dtype(uids)
+    uids = check_dtype(uids)
     be = np.empty((len(uids), 2), dtype=">u8")
     be[:, 0] = uids["f0"]
     be[:, 1] = uids["f1"]
@@ -191,7 +191,9 @@ def to_arrow(uids: np.ndarray):
     return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(block)])
 
 
-def _check_dtype(uids: np.ndarray) -> np.ndarray:
+def check_dtype(uids: np.ndarray) -> np.ndarray:
+    """``uids`` as an array of DataComp's dtype ``u8,u8`` (any byte order converted); UidError if
+    it is not a uid array."""
     uids = np.asarray(uids)
     if uids.dtype != UID_DTYPE:
         if uids.dtype.names == ("f0", "f1") and all(
@@ -212,7 +214,7 @@ def sort(uids: np.ndarray, *, copy: bool = True) -> np.ndarray:
     sort, ~5x faster than a structured or an arg sort); the few runs of equal keys (duplicates,
     mostly) are then re-sorted by (f0, f1).
     """
-    uids = _check_dtype(uids)
+    uids = check_dtype(uids)
     n = len(uids)
     if n < 2 or is_sorted(uids):  # a linear check: pools laid out in uid order come out sorted
         return uids.copy() if copy else uids
@@ -236,7 +238,7 @@ def sort(uids: np.ndarray, *, copy: bool = True) -> np.ndarray:
 
 
 def is_sorted(uids: np.ndarray) -> bool:
-    uids = _check_dtype(uids)
+    uids = check_dtype(uids)
     if len(uids) < 2:
         return True
     f0, f1 = uids["f0"], uids["f1"]
@@ -247,7 +249,7 @@ def is_sorted(uids: np.ndarray) -> bool:
 
 def count_unique(uids: np.ndarray) -> int:
     """Number of distinct uids; O(n) when the array is sorted (a filter's output), else a sort."""
-    uids = _check_dtype(uids)
+    uids = check_dtype(uids)
     if len(uids) == 0:
         return 0
     if not is_sorted(uids):
@@ -263,7 +265,7 @@ def save(path: str | os.PathLike, uids: np.ndarray, *, sorted_: bool = False) ->
     """Write a DataComp uid list (``np.save``, sorted) atomically: temp name, fsync, rename."""
     from dcdb.io import atomic_path
 
-    uids = _check_dtype(uids)
+    uids = check_dtype(uids)
     if not sorted_:
         uids = sort(uids)
     path = Path(path)
@@ -277,7 +279,7 @@ def write_file(path: str | os.PathLike, uids: np.ndarray, fmt: str) -> None:
     temp name (``dcdb.io.atomic_path``) and rename it."""
     if fmt == "npy":
         with open(path, "wb") as f:
-            np.save(f, _check_dtype(uids))
+            np.save(f, check_dtype(uids))
     elif fmt == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -384,7 +386,7 @@ def _check_npy_layout(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> No
 
 
 def _counts(uids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    u, c = np.unique(_check_dtype(uids), return_counts=True)
+    u, c = np.unique(check_dtype(uids), return_counts=True)
     return u, c
 
 
@@ -409,5 +411,5 @@ def intersect(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def minus(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = sort(a)
-    keep = ~np.isin(a, _check_dtype(b))
+    keep = ~np.isin(a, check_dtype(b))
     return a[keep]

@@ -120,7 +120,7 @@ def load_selection(subset: str | os.PathLike | np.ndarray, warn: Log = _stderr) 
     matches; here it is sorted and a warning says so.
     """
     if isinstance(subset, np.ndarray):
-        arr, source = U._check_dtype(subset), None
+        arr, source = U.check_dtype(subset), None
         name = "the uid array"
     else:
         arr, source = U.load(subset), str(subset)
