@@ -263,7 +263,7 @@ class FilterResult:
         return len(self.uids)
 
     def manifest(self, *, output: str | None = None, fmt: str | None = None) -> dict[str, Any]:
-        from dcdb import __version__
+        from dcdb.version import __version__
 
         unique = U.count_unique(self.uids)
         return {

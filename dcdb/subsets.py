@@ -87,7 +87,7 @@ def combine(op: str, refs: list[str], pool: Pool | None) -> tuple[np.ndarray, li
 
 
 def combination_manifest(op: str, refs: list[str], arr: np.ndarray, pool: Pool | None, output: str) -> dict[str, Any]:
-    from dcdb import __version__
+    from dcdb.version import __version__
 
     return {
         "kind": "dcdb-subset",

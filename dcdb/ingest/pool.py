@@ -916,7 +916,7 @@ def _remove_stale_metadata(pool: Path, plan: Plan) -> None:
 
 
 def _manifest(pool: Path, plan: Plan, entries: list[dict[str, Any]], duplicates: int) -> dict[str, Any]:
-    from dcdb import __version__
+    from dcdb.version import __version__
 
     return {
         "format": FORMAT,

@@ -1263,7 +1263,7 @@ def _finish(
     out: Path, plan: Plan, state, sel: Selection, report: ReshardReport, args: dict[str, Any]
 ) -> None:
     """sample_ids.npy, missing_uids.npy, meta.json (last), and the state marked complete."""
-    from dcdb import __version__
+    from dcdb.version import __version__
 
     U.save(out / "sample_ids.npy", sel.uids, sorted_=True)
     U.save(out / "missing_uids.npy", _missing_uids(plan, sel, state), sorted_=True)

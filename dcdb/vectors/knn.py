@@ -150,7 +150,7 @@ def manifest(pool, space: str, seeds, result: KnnResult, arr: np.ndarray, *, whe
              output: str | None) -> dict[str, Any]:
     from datetime import UTC, datetime
 
-    from dcdb import __version__
+    from dcdb.version import __version__
 
     return {
         "kind": "dcdb-subset",
