@@ -219,7 +219,7 @@ def make_wordnet(work: Path, src: Path):
     """(dict folder, nltk_data folder or None): the real WordNet when installed, else a stand-in."""
     from dcdb.filters import wordnet
 
-    real = wordnet._Source(wordnet.DEBIAN_DICT)
+    real = wordnet.Source(wordnet.DEBIAN_DICT)
     if real.complete():
         root = wordnet.DEBIAN_DICT
     else:

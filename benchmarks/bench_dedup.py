@@ -248,10 +248,10 @@ def semantic_naive(pool: str, threshold: float):
 def planted_pairs(rows: int, shards: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(row, its original's row, planted cosine) of every near duplicate ``build_pool`` planted,
     replaying its random draws (no vectors are made)."""
-    from dcdb.demo.synth import _shard_rows
+    from dcdb.demo.synth import shard_rows
 
     out_k, out_j, out_c, start = [], [], [], 0
-    for i, n in enumerate(_shard_rows(rows, shards)):
+    for i, n in enumerate(shard_rows(rows, shards)):
         rng = np.random.default_rng([seed, 100 + i])
         rng.integers(0, N_CONCEPTS, n)
         rng.standard_normal((n, NOISE_RANK), dtype=np.float32)

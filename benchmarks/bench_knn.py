@@ -9,7 +9,7 @@ its peak RSS is its own:
 * ``numpy``: the baseline. Every vector loaded from the Lance table into one float32 matrix (load
   timed separately), normalised, then per chunk of 256 seeds one matmul + ``argpartition`` +
   sort of the top k. Needs the whole pool in RAM (rows x 768 x 4 bytes).
-* ``exact``: ``dcdb.vectors.knn.exact_search`` (streaming, bounded memory), the same seeds.
+* ``exact``: ``dcdb.vectors.scan.exact_search`` (streaming, bounded memory), the same seeds.
 * ``index``: ``dcdb.vectors.ann.build_index`` (``--kind``, ``--partitions``) build time.
 * ``ann``: ``dcdb.vectors.knn.search`` through the index with recall@k measured on 64 seeds, plus the
   recall against the full exact result.
@@ -106,7 +106,7 @@ def step_numpy(pool: str, seeds: str, k: int, out: str) -> dict:
 
 
 def step_exact(pool: str, seeds: str, k: int, out: str) -> dict:
-    from dcdb.vectors.knn import exact_search
+    from dcdb.vectors.scan import exact_search
     from dcdb.store import open_pool
 
     s = np.load(seeds).astype(np.float32)

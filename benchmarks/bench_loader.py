@@ -34,23 +34,23 @@ def baseline_pipeline(shards, preprocess, tokenizer, batch: int, seed: int, batc
 
     from dcdb.train.data import (
         IMAGE_EXTS,
-        _has_image_and_text,
-        _image_and_text_only,
-        _log_and_continue,
-        _seeded_shuffle,
-        _Tokenize,
+        has_image_and_text,
+        image_and_text_only,
+        log_and_continue,
+        seeded_shuffle,
+        Tokenize,
         tar_samples,
     )
 
     return wds.DataPipeline(
         wds.ResampledShards(list(shards.shards), seed=seed, deterministic=True),
-        tar_samples(_log_and_continue),
-        wds.select(_has_image_and_text),
-        wds.map(_image_and_text_only),
-        _seeded_shuffle(seed),
-        wds.decode("pilrgb", handler=_log_and_continue),
+        tar_samples(log_and_continue),
+        wds.select(has_image_and_text),
+        wds.map(image_and_text_only),
+        seeded_shuffle(seed),
+        wds.decode("pilrgb", handler=log_and_continue),
         wds.rename(image=";".join(IMAGE_EXTS), text="txt"),
-        wds.map_dict(image=preprocess, text=_Tokenize(tokenizer)),
+        wds.map_dict(image=preprocess, text=Tokenize(tokenizer)),
         wds.to_tuple("image", "text"),
         wds.batched(batch, partial=False),
     ).with_epoch(nbatches=batches)

@@ -6,11 +6,10 @@ lazily so that ``import dcdb`` stays cheap.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 __all__ = ["DcdbError", "__version__", "connect"]
 
 from dcdb.errors import DcdbError
+from dcdb.version import __version__
 
 
 def connect(pool=None, **kwargs):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dcdb.errors import OutputError, UsageError
-from dcdb.query import check_statement
+from dcdb.sandbox import check_statement
 from dcdb.store import Pool, open_pool
 
 SQL_FORMATS = ("table", "csv", "json", "parquet")

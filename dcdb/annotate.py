@@ -220,7 +220,7 @@ def _value_counts(pool: Pool, column: str, top: int = 5) -> list[str]:
     import duckdb
 
     from dcdb.derived import group_files
-    from dcdb.engine import sql_string
+    from dcdb.sqltext import sql_string
 
     group = next(g for g, i in groups(pool).items() if any(c["name"] == column for c in i["columns"]))
     files = "[" + ", ".join(sql_string(str(f)) for f in group_files(pool, group)) + "]"
@@ -348,7 +348,7 @@ def _default_group(source: Path) -> str:
 
 
 def _import_columns(con, source: Path, columns: list[str] | None) -> list[str]:
-    from dcdb.engine import sql_string
+    from dcdb.sqltext import sql_string
 
     schema = con.execute(f"DESCRIBE SELECT * FROM read_parquet({sql_string(str(source))})").fetchall()
     types = {n: t for n, t, *_ in schema}
@@ -416,8 +416,8 @@ def import_columns(pool: Pool, source: str | os.PathLike, *, group: str | None =
     """Import columns of a Parquet file keyed by ``uid`` as derived group ``group``."""
     import duckdb
 
-    from dcdb.engine import quote_identifier as qi
-    from dcdb.engine import sql_string
+    from dcdb.sqltext import quote_identifier as qi
+    from dcdb.sqltext import sql_string
 
     t0 = time.perf_counter()
     src = Path(source).expanduser()
@@ -464,7 +464,7 @@ def import_columns(pool: Pool, source: str | os.PathLike, *, group: str | None =
 
 
 def _pool_uids_sql(pool: Pool) -> str:
-    from dcdb.engine import sql_string
+    from dcdb.sqltext import sql_string
 
     files = [str(f.resolve()) for f in pool.metadata_files()]
     listing = "[" + ", ".join(sql_string(f) for f in files) + "]"
@@ -491,7 +491,7 @@ def _join_counts(con, pool: Pool, source: Path, allow_unknown: bool) -> list[str
 
 
 def _ordered_join(con, pool: Pool, cols: list[str]) -> Iterator[Any]:
-    from dcdb.engine import quote_identifier as qi
+    from dcdb.sqltext import quote_identifier as qi
 
     sel = ", ".join(f"s.{qi(c)}" for c in cols)
     reader = con.sql(f"SELECT {sel} FROM pool_uids p LEFT JOIN src s USING (uid) "

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dcdb.errors import PoolError, UsageError
-from dcdb.store import DERIVED_DIR, Pool
+from dcdb.store import DERIVED_DIR, Pool, nan_to_null
 
 GROUP_FILE = "_group.json"
 GROUP_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -103,8 +103,6 @@ def _write_group(pool: Pool, group: str, compute, *, info, replace: bool, shards
                     f"derived group {group!r}: shard {shard['name']} got {tbl.num_rows} rows, expected {shard['rows']}",
                     hint="a derived column needs exactly one value per pool row, in the pool's order",
                 )
-            from dcdb.ingest.pool import nan_to_null
-
             tbl = tbl.from_arrays([nan_to_null(c) for c in tbl.columns], schema=tbl.schema)
             if columns is None:
                 columns = [{"name": f.name, "type": str(f.type)} for f in tbl.schema]

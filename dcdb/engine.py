@@ -6,7 +6,7 @@
   joined with one scan per embedding space (``b32_img``, ``b32_txt``, ``l14_img``, ``l14_txt`` as
   ``FLOAT[d]`` arrays). Row i of the metadata is row i of every Lance table (ingest guarantees and
   checks it), so a ``POSITIONAL JOIN`` lines them up without a uid hash join.
-  Float NaN is stored as NULL by ingest (see ``dcdb.ingest.pool.nan_to_null``), so comparisons behave
+  Float NaN is stored as NULL by ingest (see ``dcdb.store.nan_to_null``), so comparisons behave
   as in numpy: a NaN score never passes, and ``ORDER BY s DESC NULLS LAST`` sorts like numpy.
 * view ``pool_metadata``: the metadata alone.
 * one view per stored subset (``subsets/<name>.parquet``), with columns ``uid`` (one row per copy).
@@ -36,22 +36,14 @@ from typing import Any
 from dcdb.derived import group_files as derived_files
 from dcdb.derived import groups as derived_groups
 from dcdb.errors import PoolError, SubsetError, UsageError
+from dcdb.sandbox import set_view_sources
+from dcdb.sqltext import parquet_list, quote_identifier, sql_string
 from dcdb.store import Pool, open_pool
 
 POS_COLUMN = "_dcdb_pos"
 SUBSET_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 RESERVED_VIEWS = {"pool", "pool_metadata", "shard_index"}
 BATCH_ROWS = 1 << 16
-
-
-def quote_identifier(name: str) -> str:
-    """Quote an SQL identifier for DuckDB ("a""b")."""
-    return '"' + str(name).replace('"', '""') + '"'
-
-
-def sql_string(value: str) -> str:
-    """Quote a string literal for DuckDB ('it''s')."""
-    return "'" + str(value).replace("'", "''") + "'"
 
 
 def _embedding_scan_class():
@@ -262,12 +254,6 @@ def _join_alias(join: str) -> str:
 
 
 _VIEWS: weakref.WeakKeyDictionary[Any, _PoolView] = weakref.WeakKeyDictionary()
-_SOURCES: weakref.WeakKeyDictionary[Any, list[Path]] = weakref.WeakKeyDictionary()
-
-
-def view_sources(con) -> list[Path]:
-    """The Parquet files the views of a ``connect`` connection read (what its sandbox allows)."""
-    return list(_SOURCES.get(con, []))
 
 
 @contextmanager
@@ -341,18 +327,6 @@ def _projection(con, source: str, alias: str, skip: set[str] = frozenset()) -> l
         if name not in skip:
             out.append((name, f"{alias}.{quote_identifier(name)}"))
     return out
-
-
-def parquet_list(files: list[Path]) -> str:
-    # files of one folder: resolve the folder once (realpath per file cost 0.1 s per 1,000 shards)
-    folders: dict[Path, str] = {}
-    out = []
-    for f in files:
-        d = folders.get(f.parent)
-        if d is None:
-            d = folders[f.parent] = os.path.realpath(f.parent)
-        out.append(sql_string(os.path.join(d, f.name)))
-    return "[" + ", ".join(out) + "]"
 
 
 def stored_subsets(pool: Pool) -> dict[str, Path]:
@@ -599,7 +573,7 @@ def _connect(pool: Pool, *, threads: int | None, memory_limit: str | None, sandb
     if shard_index_sql:
         con.execute(shard_index_sql)
         sources += index_files(pool)
-    _SOURCES[con] = sources
+    set_view_sources(con, sources)
     for m in MACROS:
         con.execute(m)
     from dcdb.filters import register

@@ -216,10 +216,15 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
         raise
 
 
+def json_text(obj: Any) -> str:
+    """The text of a JSON file dcdb writes (manifests, journals, records): indented, keys in order."""
+    return json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n"
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+        tmp.write_text(json_text(obj))
     return path
 
 

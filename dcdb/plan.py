@@ -37,7 +37,8 @@ from typing import Any
 import duckdb
 
 from dcdb.errors import PlanError, QueryError
-from dcdb.query import FilterFile, bind_parameters, check_statement
+from dcdb.query import FilterFile, bind_parameters
+from dcdb.sandbox import check_statement
 
 LOCAL, CONST = "per-bucket", "constant"
 BUCKET_TABLES = {"pool", "pool_metadata"}

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import json
 import math
 import re
 import time
@@ -34,13 +33,13 @@ import numpy as np
 from dcdb import uids as U
 from dcdb.errors import (
     FilterNotFoundError,
-    OutputError,
     ParameterError,
     QueryError,
-    ReadOnlyError,
     UsageError,
 )
+from dcdb.sandbox import SQL_HINT, check_statement
 from dcdb.store import Pool
+from dcdb.subsets import store_subset
 
 PARAM_TYPES = ("int", "float", "str", "bool", "path")
 _PARAM_RE = re.compile(
@@ -48,7 +47,7 @@ _PARAM_RE = re.compile(
 )
 _ASSET_RE = re.compile(r"^\s*@asset\s+(?P<name>\S+)\s*(?P<doc>.*)$")
 _TAG_RE = re.compile(r"^\s*@(?P<tag>\w+)\b")
-FORMATS = ("npy", "parquet", "txt")
+FORMATS = U.FORMATS
 # A filter's copies column: 0 drops the row, 1..MAX_COPIES lists it that many times; the expanded
 # list holds at most COPIES_TOTAL_FACTOR x the pool's rows (or COPIES_TOTAL_MIN for small pools),
 # so a stray `copies = 1e12` is one clear error instead of an exhausted memory.
@@ -207,34 +206,6 @@ def _example(t: str) -> str:
 # ----------------------------------------------------------------------- statement checking
 
 
-def check_statement(con, sql: str, name: str) -> list[str]:
-    """Parse ``sql`` with DuckDB: exactly one read-only SELECT. Returns its named parameters."""
-    import duckdb
-
-    try:
-        stmts = con.extract_statements(sql)
-    except duckdb.ParserException as exc:
-        raise QueryError(f"SQL syntax error in filter {name!r}: {_clean(exc)}",
-                         hint=f"fix the SQL at that position; {SQL_HINT}") from None
-    except duckdb.Error as exc:
-        raise QueryError(f"filter {name!r} cannot be parsed: {_clean(exc)}", hint=SQL_HINT) from None
-    if not stmts:
-        raise QueryError(f"filter {name!r} contains no SQL statement", hint="write one SELECT with a uid column")
-    if len(stmts) > 1:
-        raise QueryError(
-            f"filter {name!r} contains {len(stmts)} statements; a filter is exactly one SELECT",
-            hint="combine them with WITH ... SELECT, or remove the extra statements",
-        )
-    st = stmts[0]
-    if st.type != duckdb.StatementType.SELECT:
-        raise ReadOnlyError(
-            f"filter {name!r} is {'an' if st.type.name[:1] in 'AEIOU' else 'a'} {st.type.name} statement; "
-            "filters may only read (one SELECT)",
-            hint="COPY, ATTACH, INSTALL, CREATE, SET and other writes are not allowed in a filter",
-        )
-    return sorted(st.named_parameters)
-
-
 def _clean(exc: Exception) -> str:
     return str(exc).strip()
 
@@ -292,7 +263,7 @@ class FilterResult:
         return len(self.uids)
 
     def manifest(self, *, output: str | None = None, fmt: str | None = None) -> dict[str, Any]:
-        from dcdb import __version__
+        from dcdb.version import __version__
 
         unique = U.count_unique(self.uids)
         return {
@@ -342,7 +313,7 @@ def run_filter(pool: Pool, filt: FilterFile, given: dict[str, str] | None = None
 
         sql = rewrite_sql(con, filt.text)
         with pool_reader(con, sql, params, 1 << 20) as reader:
-            arr, copies_parts, nrows = _collect_into(reader, filt.name, pool.rows)
+            arr, copies_parts, nrows = collect_into(reader, filt.name, pool.rows)
     except statement_errors() as exc:
         if not is_statement_error(exc):
             raise
@@ -360,9 +331,6 @@ def run_filter(pool: Pool, filt: FilterFile, given: dict[str, str] | None = None
 
 def _reraise(con, filt: FilterFile, pool: Pool, exc: Exception):
     raise translate_error(con, exc, f"filter {filt.name!r}", pool) from None
-
-
-SQL_HINT = "a filter is one SELECT with a uid column; `dcdb filters` lists working examples"
 
 
 def translate_error(con, exc: Exception, what: str, pool: Pool | None) -> Exception:
@@ -423,7 +391,7 @@ def reraise_streamed(con, exc: Exception):
     raise err from None
 
 
-def _collect_into(reader, name: str, capacity: int, pool_rows: int | None = None):
+def collect_into(reader, name: str, capacity: int, pool_rows: int | None = None):
     """(uid array, copies parts or None, rows) of a filter's result, decoded into one buffer of
     ``capacity`` rows while it lasts. Copies are checked against ``MAX_COPIES`` and, added up,
     against ``copies_limit(pool_rows)`` (``pool_rows`` defaults to ``capacity``)."""
@@ -534,31 +502,8 @@ def write_uids(path: str | Path, arr: np.ndarray, fmt: str) -> Path:
     if fmt == "npy":
         return U.save(path, arr, sorted_=True)
     with atomic_path(path) as tmp:
-        _write_uid_file(tmp, arr, fmt)
+        U.write_file(tmp, arr, fmt)
     return path
-
-
-def _write_uid_file(path: Path, arr: np.ndarray, fmt: str) -> None:
-    """A sorted uid list into ``path`` (a temp name: the caller renames it)."""
-    if fmt == "npy":
-        with open(path, "wb") as f:
-            np.save(f, U._check_dtype(arr))
-    elif fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.table({"uid": U.to_arrow(arr)}), path)
-    elif fmt == "txt":
-        with open(path, "w") as f:
-            for chunk in range(0, len(arr), 1 << 20):
-                f.write("\n".join(U.to_hex(arr[chunk : chunk + (1 << 20)])))
-                f.write("\n")
-    else:  # pragma: no cover -- output_format validated it
-        raise OutputError(f"unknown format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
-
-
-def _manifest_text(manifest: dict[str, Any]) -> str:
-    return json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n"  # as io.write_json
 
 
 def write_manifest(path: str | Path, manifest: dict[str, Any]) -> Path:
@@ -573,16 +518,16 @@ def write_output(path: str | Path, arr: np.ndarray, fmt: str, manifest: dict[str
     failure while writing (a full disk) leaves an earlier output as it was; a run killed between
     the renames leaves a uid file without a manifest, which the next run redoes without --force
     (``dcdb.io.unfinished_output``)."""
-    from dcdb.io import atomic_path, sweep_temps, writing
+    from dcdb.io import atomic_path, json_text, sweep_temps, writing
 
     path = Path(path)
     mpath = manifest_path(path)
     sweep_temps(path)  # what a killed run left
     sweep_temps(mpath)
     with writing(path, "output", redo="then re-run the command"), atomic_path(mpath) as mtmp:
-        mtmp.write_text(_manifest_text(manifest))
+        mtmp.write_text(json_text(manifest))
         with atomic_path(path) as tmp:
-            _write_uid_file(tmp, arr, fmt)
+            U.write_file(tmp, arr, fmt)
             if not mpath.is_symlink():  # (a link is written through: its target is replaced)
                 mpath.unlink(missing_ok=True)
     return path
@@ -597,53 +542,6 @@ def save_subset(pool: Pool, name: str, result: FilterResult, *, force: bool = Fa
     """Store a filter result in the pool as subset ``name``."""
     npy = pool.subsets_dir / f"{name}.npy"
     return store_subset(pool, name, result.uids, result.manifest(output=str(npy), fmt="npy"), force=force)
-
-
-def check_save(pool: Pool, name: str, *, force: bool) -> Path:
-    """Before ``--save NAME`` runs anything: the subset's files in the pool (``.npy``, ``.parquet``,
-    ``.json``) are missing or regular files (see ``dcdb.io.write_target``), and an existing subset
-    is replaced only with ``force``. Returns the ``.npy`` path."""
-    from dcdb.io import write_target
-
-    d = pool.subsets_dir
-    npy = d / f"{name}.npy"
-    for p in (d / f"{name}.parquet", d / f"{name}.json", npy):
-        write_target(p, what="subset file")
-    if npy.exists() and not force:
-        raise OutputError(f"subset {name!r} already exists in the pool", hint="pass --force to replace it")
-    return npy
-
-
-def store_subset(pool: Pool, name: str, arr: np.ndarray, manifest: dict[str, Any], *, force: bool = False) -> Path:
-    """Write ``subsets/<name>.npy`` + ``.json`` + ``.parquet`` (the uid table SQL sees)."""
-    from dcdb.engine import check_subset_name
-    from dcdb.io import atomic_path, sweep_temps, write_lock, writing
-
-    check_subset_name(name)
-    d = pool.subsets_dir
-    with write_lock(pool.path, "pool"), writing(pool.path, f"subset {name!r} into pool",
-                                                redo="the pool is unchanged; then re-run the command"):
-        npy = check_save(pool, name, force=force)  # regular files only; an existing one needs force
-        made = not d.is_dir()
-        d.mkdir(exist_ok=True)
-        for suffix in (".npy", ".json", ".parquet"):
-            sweep_temps(d / f"{name}{suffix}")  # what a killed run left
-        try:
-            # Every file under a temp name first (a full disk fails here and changes nothing), then
-            # renamed: parquet first, npy last -- a subset is visible only once its .npy exists.
-            with (atomic_path(npy) as npy_tmp, atomic_path(d / f"{name}.json") as json_tmp,
-                  atomic_path(d / f"{name}.parquet") as parquet_tmp):
-                _write_uid_file(parquet_tmp, arr, "parquet")
-                json_tmp.write_text(_manifest_text(manifest))
-                _write_uid_file(npy_tmp, arr, "npy")
-        except BaseException:
-            if made:
-                try:
-                    d.rmdir()  # the temps are gone already
-                except OSError:
-                    pass
-            raise
-    return npy
 
 
 __all__ = [

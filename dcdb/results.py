@@ -66,7 +66,7 @@ class UidDestination:
         if not self.save:
             return
         from dcdb.io import pool_write_lock
-        from dcdb.query import check_save
+        from dcdb.subsets import check_save
 
         self._stack.enter_context(pool_write_lock(pool.path, "--save"))
         check_save(pool, self.save, force=self.force)
@@ -78,7 +78,8 @@ class UidDestination:
     def write(self, pool: Pool | None, uids: np.ndarray, manifest: Manifest) -> list[str]:
         """Write ``uids`` (sorted, one entry per copy) to every destination; the labels of where
         they went (``stdout`` when neither -o nor --save was given)."""
-        from dcdb.query import store_subset, write_output
+        from dcdb.query import write_output
+        from dcdb.subsets import store_subset
 
         where = []
         if self.output:

@@ -26,7 +26,7 @@ What the operator configured rather than the filter -- the CLIP checkpoint set w
 
 A refusal is one :class:`dcdb.errors.SandboxError` naming what was read and the rule
 (:func:`refusal` turns DuckDB's PermissionException and its "exists in the X extension" catalog
-errors into one).
+errors into one). Before any of it, :func:`check_statement` admits only one read-only SELECT.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dcdb.errors import SandboxError
+from dcdb.errors import QueryError, ReadOnlyError, SandboxError
+from dcdb.sqltext import sql_string
 
 # who runs the text -> (the rule, what to do instead)
 RULES = {
@@ -58,6 +59,18 @@ RULES = {
 }
 
 _ACCESS: weakref.WeakKeyDictionary[Any, ReadAccess] = weakref.WeakKeyDictionary()
+_SOURCES: weakref.WeakKeyDictionary[Any, list[Path]] = weakref.WeakKeyDictionary()
+
+
+def set_view_sources(con, sources: list[Path]) -> None:
+    """Record the Parquet files the views of ``con`` read (``dcdb.engine.connect`` does, once its
+    views exist): :func:`apply` allows their folders."""
+    _SOURCES[con] = sources
+
+
+def view_sources(con) -> list[Path]:
+    """The Parquet files the views of a ``connect`` connection read (what its sandbox allows)."""
+    return list(_SOURCES.get(con, []))
 
 
 @dataclass
@@ -169,6 +182,37 @@ def pool_allowance(pool, sources: Iterable[Path] = ()) -> Allowance:
     return out
 
 
+SQL_HINT = "a filter is one SELECT with a uid column; `dcdb filters` lists working examples"
+
+
+def check_statement(con, sql: str, name: str) -> list[str]:
+    """Parse ``sql`` with DuckDB: exactly one read-only SELECT. Returns its named parameters."""
+    import duckdb
+
+    try:
+        stmts = con.extract_statements(sql)
+    except duckdb.ParserException as exc:
+        raise QueryError(f"SQL syntax error in filter {name!r}: {str(exc).strip()}",
+                         hint=f"fix the SQL at that position; {SQL_HINT}") from None
+    except duckdb.Error as exc:
+        raise QueryError(f"filter {name!r} cannot be parsed: {str(exc).strip()}", hint=SQL_HINT) from None
+    if not stmts:
+        raise QueryError(f"filter {name!r} contains no SQL statement", hint="write one SELECT with a uid column")
+    if len(stmts) > 1:
+        raise QueryError(
+            f"filter {name!r} contains {len(stmts)} statements; a filter is exactly one SELECT",
+            hint="combine them with WITH ... SELECT, or remove the extra statements",
+        )
+    st = stmts[0]
+    if st.type != duckdb.StatementType.SELECT:
+        raise ReadOnlyError(
+            f"filter {name!r} is {'an' if st.type.name[:1] in 'AEIOU' else 'a'} {st.type.name} statement; "
+            "filters may only read (one SELECT)",
+            hint="COPY, ATTACH, INSTALL, CREATE, SET and other writes are not allowed in a filter",
+        )
+    return sorted(st.named_parameters)
+
+
 def path_values(filt, params: dict[str, Any]) -> list[str]:
     """The values of the filter's declared ``path`` parameters (what it may read besides the pool)."""
     return [str(v) for k, v in params.items()
@@ -176,8 +220,6 @@ def path_values(filt, params: dict[str, Any]) -> list[str]:
 
 
 def _sql_list(values: Iterable[str]) -> str:
-    from dcdb.engine import sql_string
-
     return "[" + ", ".join(sql_string(v) for v in sorted(values)) + "]"
 
 
@@ -186,8 +228,6 @@ def apply(con, pool, allow: Iterable[str | os.PathLike] = (), *, who: str,
     """Sandbox ``con`` (a ``dcdb.engine.connect`` connection on ``pool``): from now on it reads
     only the pool and ``allow`` (path parameter values), loads no extension, and its settings are
     locked. Run it after dcdb's own setup and before any statement of the user's text."""
-    from dcdb.engine import view_sources
-
     access = read_access(con)
     if access.sandboxed:  # already locked: only the same or a narrower allowance could be asked
         raise SandboxError(f"{who}: the connection is already sandboxed for {access.who}",
@@ -236,4 +276,4 @@ def refusal(con, exc: Exception) -> SandboxError | None:
     return None
 
 
-__all__ = ["ReadAccess", "apply", "path_values", "read_access", "refusal"]
+__all__ = ["ReadAccess", "apply", "check_statement", "path_values", "read_access", "refusal"]

@@ -197,6 +197,20 @@ def lance_failure(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
+def nan_to_null(col):
+    """Float NaN -> NULL (an Arrow array or chunked array; other types are returned as they are),
+    as a pool stores floats. DataComp's pandas code reads both as NaN and no comparison with it is
+    true; in DuckDB a NULL compares as unknown (row dropped) and sorts with NULLS LAST, whereas
+    DuckDB's NaN is larger than every number (``NaN >= 0.3`` is true) -- so storing NULL makes
+    plain SQL thresholds behave like DataComp's numpy ones."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not pa.types.is_floating(col.type):
+        return col
+    return pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)
+
+
 def resolve_pool_path(path: str | os.PathLike | None) -> Path:
     if path is None or str(path) == "":
         env = os.environ.get(POOL_ENV)

@@ -1,4 +1,4 @@
-"""Stored subsets: list, show, and combine them (or plain .npy uid files) with set algebra.
+"""Stored subsets: store, list, show, and combine them (or plain .npy uid files) with set algebra.
 
 Operands are subset names of a pool or paths to uid files (``.npy`` or raw 16-byte records).
 Multiset semantics because duplicates mean upsampling (see ``dcdb.uids``): union keeps each uid
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from dcdb import uids as U
-from dcdb.errors import SubsetError, UsageError
+from dcdb.errors import OutputError, SubsetError, UsageError
 from dcdb.store import Pool
 
 OPS = {"union": U.union, "intersect": U.intersect, "minus": U.minus}
@@ -87,7 +87,7 @@ def combine(op: str, refs: list[str], pool: Pool | None) -> tuple[np.ndarray, li
 
 
 def combination_manifest(op: str, refs: list[str], arr: np.ndarray, pool: Pool | None, output: str) -> dict[str, Any]:
-    from dcdb import __version__
+    from dcdb.version import __version__
 
     return {
         "kind": "dcdb-subset",
@@ -102,3 +102,51 @@ def combination_manifest(op: str, refs: list[str], arr: np.ndarray, pool: Pool |
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "dcdb_version": __version__,
     }
+
+
+
+def check_save(pool: Pool, name: str, *, force: bool) -> Path:
+    """Before ``--save NAME`` runs anything: the subset's files in the pool (``.npy``, ``.parquet``,
+    ``.json``) are missing or regular files (see ``dcdb.io.write_target``), and an existing subset
+    is replaced only with ``force``. Returns the ``.npy`` path."""
+    from dcdb.io import write_target
+
+    d = pool.subsets_dir
+    npy = d / f"{name}.npy"
+    for p in (d / f"{name}.parquet", d / f"{name}.json", npy):
+        write_target(p, what="subset file")
+    if npy.exists() and not force:
+        raise OutputError(f"subset {name!r} already exists in the pool", hint="pass --force to replace it")
+    return npy
+
+
+def store_subset(pool: Pool, name: str, arr: np.ndarray, manifest: dict[str, Any], *, force: bool = False) -> Path:
+    """Write ``subsets/<name>.npy`` + ``.json`` + ``.parquet`` (the uid table SQL sees)."""
+    from dcdb.engine import check_subset_name
+    from dcdb.io import atomic_path, json_text, sweep_temps, write_lock, writing
+
+    check_subset_name(name)
+    d = pool.subsets_dir
+    with write_lock(pool.path, "pool"), writing(pool.path, f"subset {name!r} into pool",
+                                                redo="the pool is unchanged; then re-run the command"):
+        npy = check_save(pool, name, force=force)  # regular files only; an existing one needs force
+        made = not d.is_dir()
+        d.mkdir(exist_ok=True)
+        for suffix in (".npy", ".json", ".parquet"):
+            sweep_temps(d / f"{name}{suffix}")  # what a killed run left
+        try:
+            # Every file under a temp name first (a full disk fails here and changes nothing), then
+            # renamed: parquet first, npy last -- a subset is visible only once its .npy exists.
+            with (atomic_path(npy) as npy_tmp, atomic_path(d / f"{name}.json") as json_tmp,
+                  atomic_path(d / f"{name}.parquet") as parquet_tmp):
+                U.write_file(parquet_tmp, arr, "parquet")
+                json_tmp.write_text(json_text(manifest))
+                U.write_file(npy_tmp, arr, "npy")
+        except BaseException:
+            if made:
+                try:
+                    d.rmdir()  # the temps are gone already
+                except OSError:
+                    pass
+            raise
+    return npy

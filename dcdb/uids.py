@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dcdb.errors import UidError
+from dcdb.errors import OutputError, UidError
 
 UID_DTYPE = np.dtype("u8,u8")
 UID_HEX_LEN = 32
+FORMATS = ("npy", "parquet", "txt")  # the uid list files dcdb writes (write_file)
 _RAW_RECORD = 16
 
 # ASCII byte -> nibble value; 255 marks a byte that is not a lowercase hex digit.
@@ -167,7 +168,7 @@ def to_hex(uids: np.ndarray) -> list[str]:
 
 def _hex_block(uids: np.ndarray) -> bytes:
     """uid array -> n*32 ASCII bytes of lowercase hex (binascii in C: ~20x a numpy nibble table)."""
-    uids = _check_dtype(uids)
+    uids = check_dtype(uids)
     be = np.empty((len(uids), 2), dtype=">u8")
     be[:, 0] = uids["f0"]
     be[:, 1] = uids["f1"]
@@ -190,7 +191,9 @@ def to_arrow(uids: np.ndarray):
     return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(block)])
 
 
-def _check_dtype(uids: np.ndarray) -> np.ndarray:
+def check_dtype(uids: np.ndarray) -> np.ndarray:
+    """``uids`` as an array of DataComp's dtype ``u8,u8`` (any byte order converted); UidError if
+    it is not a uid array."""
     uids = np.asarray(uids)
     if uids.dtype != UID_DTYPE:
         if uids.dtype.names == ("f0", "f1") and all(
@@ -211,7 +214,7 @@ def sort(uids: np.ndarray, *, copy: bool = True) -> np.ndarray:
     sort, ~5x faster than a structured or an arg sort); the few runs of equal keys (duplicates,
     mostly) are then re-sorted by (f0, f1).
     """
-    uids = _check_dtype(uids)
+    uids = check_dtype(uids)
     n = len(uids)
     if n < 2 or is_sorted(uids):  # a linear check: pools laid out in uid order come out sorted
         return uids.copy() if copy else uids
@@ -235,7 +238,7 @@ def sort(uids: np.ndarray, *, copy: bool = True) -> np.ndarray:
 
 
 def is_sorted(uids: np.ndarray) -> bool:
-    uids = _check_dtype(uids)
+    uids = check_dtype(uids)
     if len(uids) < 2:
         return True
     f0, f1 = uids["f0"], uids["f1"]
@@ -246,7 +249,7 @@ def is_sorted(uids: np.ndarray) -> bool:
 
 def count_unique(uids: np.ndarray) -> int:
     """Number of distinct uids; O(n) when the array is sorted (a filter's output), else a sort."""
-    uids = _check_dtype(uids)
+    uids = check_dtype(uids)
     if len(uids) == 0:
         return 0
     if not is_sorted(uids):
@@ -262,13 +265,33 @@ def save(path: str | os.PathLike, uids: np.ndarray, *, sorted_: bool = False) ->
     """Write a DataComp uid list (``np.save``, sorted) atomically: temp name, fsync, rename."""
     from dcdb.io import atomic_path
 
-    uids = _check_dtype(uids)
+    uids = check_dtype(uids)
     if not sorted_:
         uids = sort(uids)
     path = Path(path)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, uids)
     return path
+
+
+def write_file(path: str | os.PathLike, uids: np.ndarray, fmt: str) -> None:
+    """A sorted uid list into ``path`` as ``fmt`` (one of FORMATS), written where it is: give it a
+    temp name (``dcdb.io.atomic_path``) and rename it."""
+    if fmt == "npy":
+        with open(path, "wb") as f:
+            np.save(f, check_dtype(uids))
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"uid": to_arrow(uids)}), path)
+    elif fmt == "txt":
+        with open(path, "w") as f:
+            for chunk in range(0, len(uids), 1 << 20):
+                f.write("\n".join(to_hex(uids[chunk : chunk + (1 << 20)])))
+                f.write("\n")
+    else:  # pragma: no cover -- output_format validated it
+        raise OutputError(f"unknown format {fmt!r}", hint=f"use one of {', '.join(FORMATS)}")
 
 
 def load(path: str | os.PathLike) -> np.ndarray:
@@ -363,7 +386,7 @@ def _check_npy_layout(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> No
 
 
 def _counts(uids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    u, c = np.unique(_check_dtype(uids), return_counts=True)
+    u, c = np.unique(check_dtype(uids), return_counts=True)
     return u, c
 
 
@@ -388,5 +411,5 @@ def intersect(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def minus(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = sort(a)
-    keep = ~np.isin(a, _check_dtype(b))
+    keep = ~np.isin(a, check_dtype(b))
     return a[keep]

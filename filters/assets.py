@@ -44,14 +44,14 @@ _lock = threading.Lock()
 # ---------------------------------------------------------------------------------- helpers
 
 
-def _stat_key(path: Path) -> tuple:
+def stat_key(path: Path) -> tuple:
     st = path.stat()
     return (str(path), st.st_size, st.st_mtime_ns)
 
 
 def _cached(kind: str, paths: list[Path], load):
     """Return ``load()`` cached under the files' identities (path, size, mtime)."""
-    key = (kind, tuple(_stat_key(p) for p in paths))
+    key = (kind, tuple(stat_key(p) for p in paths))
     with _lock:
         if key in _cache:
             _cache.move_to_end(key)

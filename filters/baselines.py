@@ -27,20 +27,18 @@ Python functions (Arrow-vectorised): ``wordnet_hit(offsets, wordnet_ids_file)``,
 ``target_centroids(centroids_file, imagenet_embeddings_glob)``, ``nearest_centroid(vec, file)``,
 ``centroids_match(file)``, ``wordnet_offsets_of(text)``, ``clip_cut_mode``, ``clip_cut_index`` and
 ``dcdb_fail(kind, message, hint)``. Errors they raise are dcdb's typed errors (AssetError,
-ParameterError, PoolError); ``take_error(con)`` returns the last one raised on a connection so the
-caller can re-raise it with its type after DuckDB wrapped it.
+ParameterError, PoolError); ``dcdb.filters.take_error(con)`` returns the last one raised on a connection
+so the caller can re-raise it with its type after DuckDB wrapped it.
 """
 
 from __future__ import annotations
 
-import functools
-import threading
-import weakref
 from typing import Any
 
 import numpy as np
 
 from dcdb.errors import AssetError, DcdbError, ParameterError, PoolError
+from dcdb.filters import REGISTRARS, arrow_function, constant_argument
 
 ARCH_COLUMNS = {"l14": "clip_l14_similarity_score", "b32": "clip_b32_similarity_score"}
 LANG_ANNOTATORS = {"lang": "lang", "lang_cld3": "lang_cld3"}
@@ -48,16 +46,6 @@ CENTROID_GROUP = "centroids"
 CENTROID_COLUMN = "centroid_id"
 WORDNET_COLUMN = "wn_offsets"
 _BITMAP_MAX = 50_000_000
-
-_errors: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_errors_lock = threading.Lock()
-
-
-def take_error(con) -> DcdbError | None:
-    """The dcdb error a function raised last on ``con`` (and forget it), or None."""
-    with _errors_lock:
-        return _errors.pop(con, None)
-
 
 # ------------------------------------------------------------------------------ SQL helpers
 
@@ -103,67 +91,27 @@ def _pool_facts(pool, columns: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def _arrow_function(con, name: str, fn, params: list, ret, *, side_effects: bool = False,
-                    special_nulls: bool = False) -> None:
-    """Register ``fn`` (pyarrow arrays in, one out) as an Arrow UDF, recording dcdb errors."""
-    import duckdb
-
-    ref = weakref.ref(con)
-
-    @functools.wraps(fn)  # DuckDB reads the arity from the signature (__wrapped__)
-    def wrapped(*args):
-        try:
-            return fn(*(_combine(a) for a in args))
-        except DcdbError as exc:
-            c = ref()
-            if c is not None:
-                with _errors_lock:
-                    _errors[c] = exc
-            raise
-
-    con.create_function(
-        name, wrapped, [duckdb.sqltype(p) if isinstance(p, str) else p for p in params],
-        duckdb.sqltype(ret) if isinstance(ret, str) else ret, type="arrow",
-        null_handling="special" if special_nulls else "default", side_effects=side_effects,
-    )
-
-
-def _combine(a):
-    return a.combine_chunks() if hasattr(a, "combine_chunks") else a
-
-
-def _constant(arr, what: str) -> Any:
-    """The single value of an argument that must be the same on every row (a file name)."""
-    import pyarrow.compute as pc
-
-    values = pc.unique(arr).to_pylist()
-    if len(values) != 1:
-        raise ParameterError(f"{what} must be one value for the whole query, got {len(values)}",
-                             hint=f"pass it as a parameter: -p {what} VALUE")
-    return values[0]
-
-
 def _register_functions(con, info: dict[str, Any]) -> None:
     import duckdb
 
-    _arrow_function(con, "dcdb_fail", _dcdb_fail, ["VARCHAR", "VARCHAR", "VARCHAR"], "VARCHAR",
+    arrow_function(con, "dcdb_fail", _dcdb_fail, ["VARCHAR", "VARCHAR", "VARCHAR"], "VARCHAR",
                     side_effects=True, special_nulls=True)
-    _arrow_function(con, "clip_cut_mode", _clip_cut_mode, ["DOUBLE", "DOUBLE"], "VARCHAR", special_nulls=True)
-    _arrow_function(con, "clip_nth_desc", _clip_nth_desc, [duckdb.list_type(duckdb.sqltype("DOUBLE")), "BIGINT"],
+    arrow_function(con, "clip_cut_mode", _clip_cut_mode, ["DOUBLE", "DOUBLE"], "VARCHAR", special_nulls=True)
+    arrow_function(con, "clip_nth_desc", _clip_nth_desc, [duckdb.list_type(duckdb.sqltype("DOUBLE")), "BIGINT"],
                     "DOUBLE", special_nulls=True)
-    _arrow_function(con, "clip_cut_index", _clip_cut_index, ["BIGINT", "BIGINT", "DOUBLE"], "BIGINT",
+    arrow_function(con, "clip_cut_index", _clip_cut_index, ["BIGINT", "BIGINT", "DOUBLE"], "BIGINT",
                     special_nulls=True)
-    _arrow_function(con, "wordnet_hit", lambda o, p: _wordnet_hit(o, p, info["access"]),
+    arrow_function(con, "wordnet_hit", lambda o, p: _wordnet_hit(o, p, info["access"]),
                     [duckdb.list_type(duckdb.sqltype("INTEGER")), "VARCHAR"],
                     "BOOLEAN", special_nulls=True)
-    _arrow_function(con, "wordnet_offsets_of", _wordnet_offsets_of, ["VARCHAR"],
+    arrow_function(con, "wordnet_offsets_of", _wordnet_offsets_of, ["VARCHAR"],
                     duckdb.list_type(duckdb.sqltype("INTEGER")), special_nulls=True)
-    _arrow_function(con, "centroids_match", lambda p: _centroids_match(p, info), ["VARCHAR"], "BOOLEAN")
-    _arrow_function(con, "target_centroids", lambda c, e: _target_centroids(c, e, info), ["VARCHAR", "VARCHAR"],
+    arrow_function(con, "centroids_match", lambda p: _centroids_match(p, info), ["VARCHAR"], "BOOLEAN")
+    arrow_function(con, "target_centroids", lambda c, e: _target_centroids(c, e, info), ["VARCHAR", "VARCHAR"],
                     duckdb.list_type(duckdb.sqltype("INTEGER")))
     if info["has_l14"] and info["l14_dim"]:
         vec = duckdb.array_type(duckdb.sqltype("FLOAT"), info["l14_dim"])
-        _arrow_function(con, "nearest_centroid", lambda v, p: _nearest_centroid(v, p, info), [vec, "VARCHAR"],
+        arrow_function(con, "nearest_centroid", lambda v, p: _nearest_centroid(v, p, info), [vec, "VARCHAR"],
                         "INTEGER")
 
 
@@ -358,10 +306,10 @@ _lookup_cache: dict[tuple, Any] = {}
 
 def _wordnet_lookup(path: str):
     """A function offsets -> bool for the WordNet ids in ``path`` (a bitmap when small)."""
-    from dcdb.filters.assets import _stat_key, existing_file, load_wordnet_ids
+    from dcdb.filters.assets import existing_file, load_wordnet_ids, stat_key
 
     p = existing_file(path, "wordnet_ids")
-    key = _stat_key(p)
+    key = stat_key(p)
     if key not in _lookup_cache:
         ids = load_wordnet_ids(p)
         if ids.max() < _BITMAP_MAX:
@@ -385,7 +333,7 @@ def _wordnet_hit(offsets, ids_path, access=None):
     import pyarrow.compute as pc
 
     n = len(offsets)
-    path = _constant(ids_path, "wordnet_ids")
+    path = constant_argument(ids_path, "wordnet_ids")
     if access is not None:
         access.check(path, "wordnet_ids")
     hit = _wordnet_lookup(path)
@@ -416,7 +364,7 @@ def _nearest_centroid(vectors, path, info):
     from dcdb.filters.assets import load_centroids
     from dcdb.filters.centroids import assign
 
-    path = _constant(path, "centroids")
+    path = constant_argument(path, "centroids")
     info["access"].check(path, "centroids")
     cents = load_centroids(path, dim=info["l14_dim"])
     d = info["l14_dim"]
@@ -440,7 +388,7 @@ def _centroids_match(path, info):
 
     from dcdb.filters.assets import existing_file, same_file
 
-    p = _constant(path, "centroids")
+    p = constant_argument(path, "centroids")
     info["access"].check(p, "centroids")
     p = existing_file(p, "centroids")
     _, rec = _group_centroids_file(info)
@@ -487,18 +435,18 @@ def compute_targets(centroids_path, pattern, dim: int | None) -> tuple[np.ndarra
 def _target_centroids(centroids, embeddings, info):
     import pyarrow as pa
 
-    from dcdb.filters.assets import _stat_key, existing_file, expand_glob
+    from dcdb.filters.assets import existing_file, expand_glob, stat_key
 
     access = info["access"]
-    cpath = _constant(centroids, "centroids")
+    cpath = constant_argument(centroids, "centroids")
     access.check(cpath, "centroids")
     cpath = existing_file(cpath, "centroids")
-    pattern = _constant(embeddings, "imagenet_embeddings")
+    pattern = constant_argument(embeddings, "imagenet_embeddings")
     access.check_glob(pattern, "imagenet_embeddings")
     files = expand_glob(pattern, "imagenet_embeddings")
     for f in files:
         access.check(f, "imagenet_embeddings")
-    key = (_stat_key(cpath), tuple(_stat_key(f) for f in files))
+    key = (stat_key(cpath), tuple(stat_key(f) for f in files))
     ids = _target_cache.get(key)
     if ids is None:
         ids = _stored_targets(info, cpath, files)
@@ -511,8 +459,6 @@ def _target_centroids(centroids, embeddings, info):
 
 
 def _install() -> None:
-    from dcdb.filters import REGISTRARS
-
     if register not in REGISTRARS:
         REGISTRARS.append(register)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 from dcdb.errors import ParameterError, PoolError, UsageError
+from dcdb.filters import REGISTRARS, arrow_function
 
 TEXT_KEY = "text"
 
@@ -41,15 +42,14 @@ def register(con, pool) -> None:
     import duckdb
 
     from dcdb.vectors.dedup import computed
-    from dcdb.filters.baselines import _arrow_function
 
     columns = {name: typ for name, typ, *_ in con.execute("DESCRIBE SELECT * FROM pool").fetchall()}
     facts = {"pool": pool, "columns": columns, "computed": computed(pool), "manifest": pool.manifest_hash}
     v = duckdb.sqltype("VARCHAR")
-    _arrow_function(con, "norm_text", _norm_text, [v], v, special_nulls=True)
-    _arrow_function(con, "dcdb_exact_dups_sql", lambda k, w: _const_sql(exact_sql(_one(k), _one(w), facts), k),
+    arrow_function(con, "norm_text", _norm_text, [v], v, special_nulls=True)
+    arrow_function(con, "dcdb_exact_dups_sql", lambda k, w: _const_sql(exact_sql(_one(k), _one(w), facts), k),
                     [v, v], v)
-    _arrow_function(con, "dcdb_near_dups_sql",
+    arrow_function(con, "dcdb_near_dups_sql",
                     lambda s, t, w: _const_sql(near_sql(_one(s), _one(t), _one(w), facts), s),
                     [v, duckdb.sqltype("DOUBLE"), v], v, special_nulls=True)
     for sql in (
@@ -142,8 +142,6 @@ def near_sql(space: str | None, threshold: float | None, what: str, facts: dict[
 
 
 def _install() -> None:
-    from dcdb.filters import REGISTRARS
-
     if register not in REGISTRARS:
         REGISTRARS.append(register)
 

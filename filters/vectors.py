@@ -12,7 +12,7 @@ Registered on every pool connection (``dcdb.connect``), next to the engine's ``c
     ``cosine(l14_img, clip_text('a photo of a dog', 'l14')) > 0.22``.
 ``clip_image(path, model)`` -> ``FLOAT[]``: the same for an image file (image tower).
 ``knn(space, seeds, k)`` (table) -> ``seed, uid, rank, similarity, row``
-    exact top-k pool rows (cosine) of each seed, as :func:`dcdb.vectors.knn.exact_search` (ties: lower
+    exact top-k pool rows (cosine) of each seed, as :func:`dcdb.vectors.scan.exact_search` (ties: lower
     row first). ``seeds`` is a list of vectors (``[[...], ...]``, ``$seeds``) or a subquery with
     one vector per row: ``knn('l14_img', (SELECT emb FROM read_parquet('seeds.parquet')), 10)``
     (dcdb rewrites that scalar subquery into ``(SELECT array_agg(emb) FROM (...))`` before the
@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from dcdb.errors import AssetError, ParameterError, PoolError, SourceError
+from dcdb.filters import REGISTRARS, arrow_function, constant_argument
 
 EVAL_IMAGE_EXTS = (".webp", ".png", ".jpg", ".jpeg")
 EVAL_BLOCK = 8192
@@ -56,20 +57,19 @@ _eval_cache: dict[tuple, np.ndarray] = {}
 def register(con, pool) -> None:
     import duckdb
 
-    from dcdb.filters.baselines import _arrow_function
     from dcdb.sandbox import read_access
 
     access = read_access(con)  # what the file arguments may name (dcdb.sandbox)
     flist = duckdb.list_type(duckdb.sqltype("FLOAT"))
-    _arrow_function(con, "clip_text", lambda p, m: _clip_text(pool, p, m), ["VARCHAR", "VARCHAR"], flist)
-    _arrow_function(con, "clip_image", lambda p, m: _clip_image(pool, p, m, access), ["VARCHAR", "VARCHAR"],
+    arrow_function(con, "clip_text", lambda p, m: _clip_text(pool, p, m), ["VARCHAR", "VARCHAR"], flist)
+    arrow_function(con, "clip_image", lambda p, m: _clip_image(pool, p, m, access), ["VARCHAR", "VARCHAR"],
                     flist)
     row = duckdb.struct_type({"seed": duckdb.sqltype("INTEGER"), "uid": duckdb.sqltype("VARCHAR"),
                               "rank": duckdb.sqltype("INTEGER"), "similarity": duckdb.sqltype("FLOAT"),
                               "row": duckdb.sqltype("BIGINT"), "recall": duckdb.sqltype("DOUBLE")})
     seeds_t = duckdb.list_type(flist)
     for name, ann in (("knn", False), ("knn_ann", True)):
-        _arrow_function(con, f"_dcdb_{name}_rows", _knn_function(pool, ann), ["VARCHAR", seeds_t, "BIGINT"],
+        arrow_function(con, f"_dcdb_{name}_rows", _knn_function(pool, ann), ["VARCHAR", seeds_t, "BIGINT"],
                         duckdb.list_type(row))
         cols = "r.seed AS seed, r.uid AS uid, r.rank AS rank, r.similarity AS similarity, r.row AS row"
         cols += ", r.recall AS recall" if ann else ""
@@ -80,11 +80,11 @@ def register(con, pool) -> None:
     dims = sorted({int(s["dim"]) for s in pool.spaces.values()})
     if len(dims) == 1:
         vec = duckdb.array_type(duckdb.sqltype("FLOAT"), dims[0])
-        _arrow_function(con, "contaminated", lambda v, src, t: _contaminated(pool, v, src, t, access),
+        arrow_function(con, "contaminated", lambda v, src, t: _contaminated(pool, v, src, t, access),
                         [vec, "VARCHAR", "DOUBLE"], "BOOLEAN")
     elif dims:
         # One name, several dims: DuckDB casts FLOAT[d] to FLOAT[] for the list signature.
-        _arrow_function(con, "contaminated", lambda v, src, t: _contaminated(pool, v, src, t, access),
+        arrow_function(con, "contaminated", lambda v, src, t: _contaminated(pool, v, src, t, access),
                         [flist, "VARCHAR", "DOUBLE"], "BOOLEAN")
 
 
@@ -116,12 +116,6 @@ def _normalised(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v, axis=-1, keepdims=True)
 
 
-def _constant(arr, what: str):
-    from dcdb.filters.baselines import _constant as const
-
-    return const(arr, what)
-
-
 def _clip_text(pool, prompts, models):
     import pyarrow as pa
 
@@ -129,7 +123,7 @@ def _clip_text(pool, prompts, models):
 
     out = {}
     values = prompts.to_pylist()
-    model = _constant(models, "model")
+    model = constant_argument(models, "model")
     space = _model_space(pool, model, "txt")
     ckpt = checkpoint_for(pool, space)
     for p in set(values):
@@ -152,7 +146,7 @@ def _clip_image(pool, paths, models, access=None):
     from dcdb.encoders import encode_images
     from dcdb.vectors.seeds import open_image
 
-    model = _constant(models, "model")
+    model = constant_argument(models, "model")
     space = _model_space(pool, model, "img")
     values = paths.to_pylist()
     out = {}
@@ -174,8 +168,8 @@ def _knn_rows(pool, spaces, seeds, ks, ann: bool):
     from dcdb.vectors import knn as K
     from dcdb.vectors.seeds import check_vectors, list_column_to_matrix
 
-    space = _constant(spaces, "space")
-    k = _constant(ks, "k")
+    space = constant_argument(spaces, "space")
+    k = constant_argument(ks, "k")
     if k is None:
         raise ParameterError("knn(): k is NULL", hint="give k, e.g. knn('l14_img', seeds, 10)")
     pool.lance_path(space)
@@ -209,7 +203,7 @@ def _row_list_type():
 
 
 def _rows_value(pool, space: str, res) -> list[dict[str, Any]]:
-    from dcdb.vectors.knn import open_space, uids_of
+    from dcdb.vectors.scan import open_space, uids_of
 
     ds, _ = open_space(pool, space)
     s, k = res.rows.shape
@@ -365,10 +359,10 @@ def _contaminated(pool, vectors, sources, thresholds, access=None):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    source = _constant(sources, "source")
+    source = constant_argument(sources, "source")
     if access is not None:
         access.check(source, "eval")
-    t = _constant(thresholds, "threshold")
+    t = constant_argument(thresholds, "threshold")
     if t is None or not (-1.0 <= float(t) <= 1.0):
         raise ParameterError(f"contaminated(): threshold must be a cosine in [-1, 1], got {t}", hint="e.g. 0.9")
     n = len(vectors)
@@ -392,8 +386,6 @@ def _contaminated(pool, vectors, sources, thresholds, access=None):
 
 
 def _install() -> None:
-    from dcdb.filters import REGISTRARS
-
     if register not in REGISTRARS:
         REGISTRARS.append(register)
 

@@ -51,7 +51,7 @@ _NEEDED = [f"index.{s}" for s in _FILEMAP.values()] + [f"{s}.exc" for s in _FILE
 # ------------------------------------------------------------------------------- locating
 
 
-class _Source:
+class Source:
     """A WordNet database: a dict folder or NLTK's wordnet.zip."""
 
     def __init__(self, where: Path, zip_prefix: str | None = None):
@@ -78,22 +78,22 @@ class _Source:
             return False
 
 
-def _nltk_candidates() -> list[_Source]:
+def _nltk_candidates() -> list[Source]:
     """NLTK's data folders (without importing nltk): $NLTK_DATA and its default locations."""
     roots = [Path(p) for p in os.environ.get("NLTK_DATA", "").split(os.pathsep) if p]
     roots += [Path.home() / "nltk_data", Path("/usr/share/nltk_data"), Path("/usr/local/share/nltk_data"),
               Path("/usr/lib/nltk_data"), Path("/usr/local/lib/nltk_data")]
     out = []
     for r in roots:
-        out.append(_Source(r / "corpora" / "wordnet"))
-        out.append(_Source(r / "corpora" / "wordnet.zip", "wordnet/"))
+        out.append(Source(r / "corpora" / "wordnet"))
+        out.append(Source(r / "corpora" / "wordnet.zip", "wordnet/"))
     return out
 
 
-def locate(explicit: str | os.PathLike | None = None) -> _Source:
+def locate(explicit: str | os.PathLike | None = None) -> Source:
     """Find a WordNet 3.0 database (see the module docstring for the order), or say how to get one."""
     if explicit:
-        src = _Source(Path(explicit).expanduser())
+        src = Source(Path(explicit).expanduser())
         if not src.complete():
             raise AssetError(
                 f"WordNet folder {str(src.where)!r} lacks some of {', '.join(_NEEDED)}",
@@ -103,7 +103,7 @@ def locate(explicit: str | os.PathLike | None = None) -> _Source:
     env = os.environ.get(WORDNET_ENV)
     if env:
         return locate(env)
-    for src in [*_nltk_candidates(), _Source(DEBIAN_DICT)]:
+    for src in [*_nltk_candidates(), Source(DEBIAN_DICT)]:
         if src.where.exists() and src.complete():
             return src
     raise AssetError(
@@ -119,7 +119,7 @@ def locate(explicit: str | os.PathLike | None = None) -> _Source:
 class WordNet:
     """The part of NLTK's WordNet reader that ``synsets(word)[0].offset()`` uses."""
 
-    def __init__(self, source: _Source, *, iterate: bool = True):
+    def __init__(self, source: Source, *, iterate: bool = True):
         self.source = source
         self.iterate = iterate  # NLTK 3.8.1 morphy step 3 (DataComp's pinned version)
         self.index: dict[str, dict[str, list[int]]] = {}

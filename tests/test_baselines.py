@@ -316,9 +316,9 @@ REQUIRE_WORDNET_ENV = "DCDB_TEST_REQUIRE_WORDNET"  # .ci/run installs wordnet-ba
 
 
 def _real_wordnet():
-    from dcdb.filters.wordnet import DEBIAN_DICT, _Source
+    from dcdb.filters.wordnet import DEBIAN_DICT, Source
 
-    src = _Source(DEBIAN_DICT)
+    src = Source(DEBIAN_DICT)
     if not src.complete():
         if os.environ.get(REQUIRE_WORDNET_ENV) == "1":
             pytest.fail(f"{REQUIRE_WORDNET_ENV}=1 but Debian's wordnet-base is not in {DEBIAN_DICT}")

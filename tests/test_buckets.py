@@ -151,10 +151,10 @@ def test_ingest_buckets_checks(world, tmp_path, small_src):
 
 
 def test_interrupted_bucketed_ingest_resumes(small_src, tmp_path, monkeypatch):
-    from dcdb.ingest import buckets
+    from dcdb.ingest import pool as ingest_mod
     from dcdb.ingest.pool import ingest
 
-    real_merge, real_split = buckets._merge_bucket, buckets._split_shard
+    real_merge, real_split = ingest_mod._merge_bucket, ingest_mod._split_shard
     calls = {"split": 0}
 
     def failing_merge(task):
@@ -166,14 +166,14 @@ def test_interrupted_bucketed_ingest_resumes(small_src, tmp_path, monkeypatch):
         calls["split"] += 1
         return real_split(task)
 
-    monkeypatch.setattr(buckets, "_merge_bucket", failing_merge)
-    monkeypatch.setattr(buckets, "_split_shard", counting_split)
+    monkeypatch.setattr(ingest_mod, "_merge_bucket", failing_merge)
+    monkeypatch.setattr(ingest_mod, "_split_shard", counting_split)
     with pytest.raises(KeyboardInterrupt):
         ingest(small_src, tmp_path / "b", jobs=1, buckets=4)
     with pytest.raises(PoolError, match="incomplete"):
         open_pool(tmp_path / "b")
     assert calls["split"] == 3
-    monkeypatch.setattr(buckets, "_merge_bucket", real_merge)
+    monkeypatch.setattr(ingest_mod, "_merge_bucket", real_merge)
     rep = ingest(small_src, tmp_path / "b", jobs=1, buckets=4)
     assert calls["split"] == 3  # the split shards were kept; only the buckets were finished
     assert rep.rows == 200 and not (tmp_path / "b" / ".ingest").exists()

@@ -66,7 +66,8 @@ def seeds_npy(tmp_path):
 
 
 def test_topk_blocks_match_numpy_with_ties():
-    from dcdb.vectors.knn import exact_topk, numpy_bruteforce
+    from dcdb.vectors.knn import numpy_bruteforce
+    from dcdb.vectors.scan import exact_topk
 
     rng = np.random.default_rng(0)
     p = rng.standard_normal((3000, 16)).astype(np.float32)

@@ -168,8 +168,8 @@ def test_read_tar_samples_matches_webdataset(tmp_path, fmt):
     (webdataset splits the key at the first dot)."""
     from dcdb.train.data import (
         IMAGE_EXTS,
-        _has_image_and_text,
-        _image_and_text_only,
+        has_image_and_text,
+        image_and_text_only,
         read_tar_samples,
         tar_samples,
     )
@@ -184,8 +184,8 @@ def test_read_tar_samples_matches_webdataset(tmp_path, fmt):
     path = tmp_path / "s.tar"
     _write_tar(path, members, fmt)
     ours = list(read_tar_samples(str(path)))
-    ref = [_image_and_text_only(s) for s in tar_samples(lambda e: False)(iter([{"url": str(path)}]))
-           if _has_image_and_text(s)]
+    ref = [image_and_text_only(s) for s in tar_samples(lambda e: False)(iter([{"url": str(path)}]))
+           if has_image_and_text(s)]
     assert [s["__key__"] for s in ours] == [s["__key__"] for s in ref] == ["a", "b", "e", long]  # g.seg.*: extension "seg.jpg"
     for a, b in zip(ours, ref):
         assert {k: a[k] for k in (*IMAGE_EXTS, "txt") if k in a} == {k: b[k] for k in b if k != "__key__"}

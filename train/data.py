@@ -173,7 +173,7 @@ def fingerprint(shards: list[Path], num_samples: int) -> str:
 # ----------------------------------------------------------------------------------- stream
 
 
-def _log_and_continue(exn: Exception) -> bool:
+def log_and_continue(exn: Exception) -> bool:
     """webdataset handler: skip a bad sample or shard with a log line (open_clip does the same)."""
     log.warning("skipping a training sample: %r", exn)
     return True
@@ -202,7 +202,7 @@ def tar_samples(handler: Callable[[Exception], bool]):
     return stage
 
 
-def read_tar_samples(url: str, handler: Callable[[Exception], bool] = _log_and_continue) -> Iterator[dict]:
+def read_tar_samples(url: str, handler: Callable[[Exception], bool] = log_and_continue) -> Iterator[dict]:
     """The image+caption samples of one local shard: ``{"__key__", "__url__", <image ext>, "txt"}``
     with the raw bytes of the sample's first image member and its caption, nothing else read.
 
@@ -252,8 +252,8 @@ def _is_meta(key: str) -> bool:
 def _wds_tar_samples(url: str, handler: Callable[[Exception], bool]) -> Iterator[dict]:
     """Image+caption samples of ``url`` through webdataset's ``tarfile`` reader (compressed tars)."""
     for sample in tar_samples(handler)(iter([{"url": url}])):
-        if _has_image_and_text(sample):
-            yield _image_and_text_only(sample)
+        if has_image_and_text(sample):
+            yield image_and_text_only(sample)
 
 
 def fast_tar_samples(handler: Callable[[Exception], bool]):
@@ -266,17 +266,17 @@ def fast_tar_samples(handler: Callable[[Exception], bool]):
     return stage
 
 
-def _has_image_and_text(sample: dict[str, Any]) -> bool:
+def has_image_and_text(sample: dict[str, Any]) -> bool:
     return "txt" in sample and any(ext in sample for ext in IMAGE_EXTS)
 
 
-def _image_and_text_only(sample: dict[str, Any]) -> dict[str, Any]:
+def image_and_text_only(sample: dict[str, Any]) -> dict[str, Any]:
     """Drop every member but the first image and the caption, so nothing else gets decoded."""
     ext = next(e for e in IMAGE_EXTS if e in sample)
     return {"__key__": sample["__key__"], ext: sample[ext], "txt": sample["txt"]}
 
 
-class _Tokenize:
+class Tokenize:
     """Picklable ``caption -> token tensor`` for dataloader workers."""
 
     def __init__(self, tokenizer: Callable):
@@ -286,7 +286,7 @@ class _Tokenize:
         return self.tokenizer(text)[0]
 
 
-def _seeded_shuffle(seed: int, bufsize: int = SHUFFLE_BUFSIZE, initial: int = SHUFFLE_INITIAL):
+def seeded_shuffle(seed: int, bufsize: int = SHUFFLE_BUFSIZE, initial: int = SHUFFLE_INITIAL):
     """A shuffle stage whose RNG depends on ``seed`` and the dataloader worker index."""
     import webdataset as wds
     from webdataset.utils import make_seed, pytorch_worker_seed
@@ -377,20 +377,20 @@ def sample_pipeline(shards: ShardSet, *, preprocess: Callable, tokenizer: Callab
 
     head = [
         wds.ResampledShards(list(shards.shards), seed=seed, deterministic=True),
-        fast_tar_samples(_log_and_continue),  # image and caption only: the shuffle buffer holds no .json
-        _seeded_shuffle(seed),
+        fast_tar_samples(log_and_continue),  # image and caption only: the shuffle buffer holds no .json
+        seeded_shuffle(seed),
     ]
     transform = BatchTransform.from_preprocess(preprocess)
     if transform is not None:
         tail = [
-            _crop_stage(transform, seed, _log_and_continue),
+            _crop_stage(transform, seed, log_and_continue),
             wds.batched(batch_size, collation_fn=_Collate(fast_tokenizer(tokenizer)), partial=False),
         ]
     else:  # any other transform: applied per sample, as open_clip_train does
         tail = [
-            wds.decode("pilrgb", handler=_log_and_continue),
+            wds.decode("pilrgb", handler=log_and_continue),
             wds.rename(image=";".join(IMAGE_EXTS), text="txt"),
-            wds.map_dict(image=preprocess, text=_Tokenize(tokenizer)),
+            wds.map_dict(image=preprocess, text=Tokenize(tokenizer)),
             wds.to_tuple("image", "text"),
             wds.batched(batch_size, partial=False),
         ]

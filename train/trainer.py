@@ -458,7 +458,7 @@ def _initial_info(recipe: Recipe, shards: ShardSet, seed: int, policy: LoaderPol
     import torch
     import webdataset
 
-    from dcdb import __version__
+    from dcdb.version import __version__
 
     base = get_recipe(recipe.scale)
     overrides = {k: getattr(recipe, k) for k in ("batch_size", "samples_seen") if getattr(recipe, k) != getattr(base, k)}

@@ -18,7 +18,7 @@ import sys
 
 import click
 
-from dcdb import __version__
+from dcdb.version import __version__
 from dcdb.errors import DcdbError, one_line
 
 # ----------------------------------------------------------------------------------- plumbing

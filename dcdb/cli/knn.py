@@ -48,6 +48,7 @@ def knn_cmd(c: Ctx, pool, space, seed_file, seed_column, seed_subset, texts, ima
     from dcdb.io import check_output
     from dcdb.store import open_pool
     from dcdb.vectors import knn as K
+    from dcdb.vectors.scan import open_space
     from dcdb.vectors.seeds import load_seeds
 
     if pairs:
@@ -66,7 +67,7 @@ def knn_cmd(c: Ctx, pool, space, seed_file, seed_column, seed_subset, texts, ima
     res = K.search(p, space, seeds.vectors, k, exact=exact, where=where, min_recall=min_recall,
                    recall_sample=recall_sample, nprobes=nprobes, refine_factor=refine_factor,
                    progress=not c.quiet, ann_only=ann_only, log=c.log)
-    ds, _ = K.open_space(p, space)
+    ds, _ = open_space(p, space)
     arr = K.result_uids(ds, res)
     manifest = K.manifest(p, space, seeds, res, arr, where=where, output=output)
     dest.write(p, arr, lambda _kind, _dest, _fmt: manifest)
@@ -110,7 +111,7 @@ def encoder_cmd(c: Ctx, pool, space, checkpoint):
     """Show or set the CLIP checkpoint that encodes text prompts and images for a space's model
     (used by `dcdb knn --text/--image`, clip_text() and clip_image() in SQL, contaminated())."""
     from dcdb.store import open_pool
-    from dcdb.vectors.seeds import checkpoint_for, set_checkpoint
+    from dcdb.encoders import checkpoint_for, set_checkpoint
 
     p = open_pool(pool)
     if checkpoint:

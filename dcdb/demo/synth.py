@@ -341,7 +341,7 @@ def _embeddings(
 # ------------------------------------------------------------------------------------ shard
 
 
-def _shard_rows(rows: int, shards: int) -> list[int]:
+def shard_rows(rows: int, shards: int) -> list[int]:
     base, extra = divmod(rows, shards)
     return [base + (i < extra) for i in range(shards)]
 
@@ -497,7 +497,7 @@ def synth_pool(
     jobs = jobs if can_spawn() else 1
     tasks = [
         (str(out), seed, i, n, dtype if embeddings else None, nan_fraction)
-        for i, n in enumerate(_shard_rows(rows, shards))
+        for i, n in enumerate(shard_rows(rows, shards))
     ]
     total_bytes = 0
     with tqdm(

@@ -57,7 +57,7 @@ from dcdb import errors
 from dcdb import uids as U
 from dcdb.errors import DcdbError, PoolError, UsageError
 from dcdb.io import atomic_path, write_json
-from dcdb.query import FilterFile, FilterResult, _collect_into, check_copies_total
+from dcdb.query import FilterFile, FilterResult, collect_into, check_copies_total
 from dcdb.store import Pool
 
 ENGINES = ("local", "ray")
@@ -536,7 +536,7 @@ def _query_task(pool_path: str, group: list[int], sql: str, params: dict[str, An
             else:  # decoded into one buffer of the group's size: no copy to join the batches
                 from dcdb.store import open_pool
 
-                arr, copies_parts, _nrows = _collect_into(reader, name, view.rows, open_pool(pool_path).rows)
+                arr, copies_parts, _nrows = collect_into(reader, name, view.rows, open_pool(pool_path).rows)
     except statement_errors() as exc:
         if not is_statement_error(exc):
             raise
@@ -791,8 +791,8 @@ def run_distributed(
     from dcdb.ingest.buckets import pool_buckets
     from dcdb.engine import connect, stored_subsets
     from dcdb.plan import plan_filter
-    from dcdb.query import bind_parameters, check_statement
-    from dcdb.sandbox import apply, path_values
+    from dcdb.query import bind_parameters
+    from dcdb.sandbox import apply, check_statement, path_values
 
     t0 = time.perf_counter()
     if pool_buckets(pool) is None:
@@ -951,7 +951,7 @@ def _merge_topk(done: dict[int, dict[str, Any]], topk, pool_rows: int, name: str
     marker names (a retried task may have left another copy)."""
     import duckdb
 
-    from dcdb.engine import sql_string
+    from dcdb.sqltext import sql_string
 
     by_file: dict[str, list[int]] = {}
     for b in sorted(done):
@@ -965,7 +965,7 @@ def _merge_topk(done: dict[int, dict[str, Any]], topk, pool_rows: int, name: str
     reader = con.sql(
         f"SELECT {sel} FROM ({rows}) ORDER BY {topk.order_sql} LIMIT {topk.limit} OFFSET {topk.offset}"
     ).to_arrow_reader(1 << 20)
-    arr, copies_parts, nrows = _collect_into(reader, name, 0, pool_rows)
+    arr, copies_parts, nrows = collect_into(reader, name, 0, pool_rows)
     if copies_parts is not None:
         arr = np.repeat(arr, np.concatenate(copies_parts) if copies_parts else np.empty(0, np.int64))
     return U.sort(arr), nrows

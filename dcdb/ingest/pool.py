@@ -40,11 +40,11 @@ from typing import Any, Self
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from dcdb import errors, uids
 from dcdb.errors import DcdbError, OutputError, PoolError, SourceError, UsageError, WorkerError
+from dcdb.ingest.buckets import bucket_bits, bucket_name, bucket_of, check_same_buckets
 from dcdb.io import (
     LOCK_NAME,
     TMP_MARK,
@@ -64,6 +64,7 @@ from dcdb.store import (
     MANIFEST,
     METADATA_DIR,
     STAGING_DIR,
+    nan_to_null,
 )
 from dcdb.demo.synth import can_spawn
 
@@ -569,16 +570,6 @@ def _read_shard_table(task: ShardTask) -> pa.Table:
     return pa.Table.from_arrays([nan_to_null(c) for c in columns], schema=task.schema)
 
 
-def nan_to_null(col: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
-    """Float NaN -> NULL. DataComp's pandas code reads both as NaN and no comparison with it is
-    true; in DuckDB a NULL compares as unknown (row dropped) and sorts with NULLS LAST, whereas
-    DuckDB's NaN is larger than every number (``NaN >= 0.3`` is true) -- so storing NULL makes
-    plain SQL thresholds behave like DataComp's numpy ones."""
-    if not pa.types.is_floating(col.type):
-        return col
-    return pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)
-
-
 def _statistics_columns(schema: pa.Schema) -> list[str]:
     """Columns that get min/max statistics: all but floating point ones.
 
@@ -925,7 +916,7 @@ def _remove_stale_metadata(pool: Path, plan: Plan) -> None:
 
 
 def _manifest(pool: Path, plan: Plan, entries: list[dict[str, Any]], duplicates: int) -> dict[str, Any]:
-    from dcdb import __version__
+    from dcdb.version import __version__
 
     return {
         "format": FORMAT,
@@ -967,6 +958,185 @@ def _commit(pool: Path, plan: Plan, entries: list[dict[str, Any]]) -> dict[str, 
     return manifest
 
 
+# ------------------------------------------------------------------------ bucket repartition
+# ``ingest --buckets N`` (layout: dcdb/ingest/buckets.py) stages the repartition inside
+# ``POOL/.ingest/`` in two resumable phases before the normal ingest runs on the buckets:
+#
+# A. per source shard (parallel): read parquet + npz, split the rows by bucket into one Arrow IPC
+#    file (one record batch per bucket present) and journal it;
+# B. per bucket (parallel): gather its batch from every shard's file (memory-mapped), sort by uid
+#    (stable), write ``bucket-XXXXX.parquet`` + ``.npz`` -- a DataComp-format source shard.
+#
+# Only one source shard (phase A) or one bucket (phase B) is in a worker's memory at a time, so N
+# must make a bucket fit in memory (12.8M rows / 256 buckets = 50k rows, ~340 MB with embeddings).
+
+_STAGE = "buckets"
+
+
+@dataclass
+class _SplitTask:
+    shard: Any  # ShardTask
+    out: str
+    bits: int
+
+
+@dataclass
+class _MergeTask:
+    bucket: int
+    parts: list[tuple[str, int]]  # (arrow file, batch index) in source shard order
+    out: str
+    schema: Any
+    spaces: dict[str, dict[str, Any]]
+
+
+def _stage_dir(pool: Path, bits: int, fingerprint: str) -> Path:
+    return pool / STAGING_DIR / _STAGE / f"b{bits}-{fingerprint[:16]}"
+
+
+def _split_shard(task: _SplitTask) -> dict[str, Any]:
+    """Phase A: one source shard -> an Arrow IPC file, one record batch per bucket present."""
+    shard = task.shard
+    table = _read_shard_table(shard)
+    uid_arr = uids.from_arrow(table.column("uid"), source=shard.parquet)
+    columns, fields = list(table.columns), list(table.schema)
+    if shard.npz is not None:
+        for space, info in shard.spaces.items():
+            arr = _load_embedding(shard, space)
+            values = pa.array(np.ascontiguousarray(arr).reshape(-1))
+            columns.append(pa.FixedSizeListArray.from_arrays(values, info["dim"]))
+            fields.append(pa.field(space, pa.list_(values.type, info["dim"])))
+    table = pa.Table.from_arrays(columns, schema=pa.schema(fields))
+    bucket = bucket_of(uid_arr, task.bits)
+    order = np.argsort(bucket, kind="stable")
+    table = table.take(pa.array(order))
+    sorted_b = bucket[order]
+    present, starts, counts = np.unique(sorted_b, return_index=True, return_counts=True)
+    index = {}
+    out = Path(task.out)
+    with atomic_path(out) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            for i, (b, start, n) in enumerate(zip(present, starts, counts)):
+                writer.write_batch(table.slice(int(start), int(n)).combine_chunks().to_batches()[0])
+                index[str(int(b))] = i
+    return {"name": shard.name, "signature": shard.signature, "file": out.name, "batches": index,
+            "rows": shard.rows}
+
+
+def _merge_bucket(task: _MergeTask) -> dict[str, Any]:
+    """Phase B: one bucket's rows from every shard, sorted by uid (stable) -> parquet + npz."""
+    batches = []
+    for path, i in task.parts:
+        with pa.memory_map(path) as src:
+            batches.append(pa.ipc.open_file(src).get_batch(i))
+    names = [f.name for f in task.schema]
+    if batches:
+        table = pa.Table.from_batches(batches)
+        uid_arr = uids.from_arrow(table.column("uid"), source=f"bucket {task.bucket}")
+        order = np.lexsort((uid_arr["f1"], uid_arr["f0"]))  # stable: duplicates keep source order
+        table = table.take(pa.array(order))
+    else:
+        fields = list(task.schema) + [
+            pa.field(s, pa.list_(pa.from_numpy_dtype(np.dtype(i["dtype"])), i["dim"])) for s, i in task.spaces.items()
+        ]
+        table = pa.schema(fields).empty_table()
+    out = Path(task.out)
+    name = bucket_name(task.bucket)
+    if task.spaces:
+        arrays = {}
+        for space, info in task.spaces.items():
+            col = table.column(space).combine_chunks()
+            flat = col.flatten().to_numpy(zero_copy_only=False)
+            arrays[space] = flat.astype(info["dtype"], copy=False).reshape(len(col), info["dim"])
+        with atomic_path(out / f"{name}.npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    with atomic_path(out / f"{name}.parquet") as tmp:
+        pq.write_table(table.select(names), tmp, row_group_size=100_000, compression="zstd",
+                       compression_level=1)
+    return {"bucket": task.bucket, "rows": table.num_rows}
+
+
+def _run_all(fn, tasks: list, jobs: int, label: str, progress: bool) -> list:
+    """``fn`` over ``tasks`` on ``jobs`` spawned processes (in this process when jobs == 1)."""
+    from tqdm import tqdm
+
+    out = []
+    with tqdm(total=len(tasks), desc=label, unit="part", file=sys.stderr, disable=not progress) as bar:
+        if jobs <= 1 or len(tasks) <= 1 or not can_spawn():
+            for t in tasks:
+                out.append(fn(t))
+                bar.update(1)
+            return out
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=mp.get_context("spawn")) as ex:
+            for r in ex.map(fn, tasks):
+                out.append(r)
+                bar.update(1)
+    return out
+
+
+def repartition(plan, pool: Path, buckets: int, *, jobs: int = 2, progress: bool = False):
+    """Stage SRC as N uid buckets (phases A and B above) and return the ingest plan whose shards
+    are the buckets, with SRC's fingerprint and the bucketing record. Resumable."""
+    bits = bucket_bits(buckets)
+    stage = _stage_dir(pool, bits, plan.fingerprint)
+    if (pool / STAGING_DIR / _STAGE).is_dir():  # stages of another source or bucket count
+        for d in (pool / STAGING_DIR / _STAGE).iterdir():
+            if d != stage:
+                shutil.rmtree(d, ignore_errors=True)
+    parts, src = stage / "parts", stage / "src"
+    parts.mkdir(parents=True, exist_ok=True)
+    src.mkdir(parents=True, exist_ok=True)
+    complete = src / "_complete"  # phases A and B done: the split parts are gone, buckets stay
+    if not complete.is_file():
+        _split_and_merge(plan, pool, parts, src, buckets, bits, jobs, progress)
+        complete.write_text("")
+        shutil.rmtree(parts, ignore_errors=True)  # a full copy of the pool: free it before ingesting
+    bplan = plan_source(src)
+    if bplan.rows != plan.rows or len(bplan.shards) != buckets:
+        raise PoolError(
+            f"bucket staging in {str(stage)!r} holds {bplan.rows:,} rows in {len(bplan.shards)} buckets, "
+            f"expected {plan.rows:,} in {buckets}",
+            hint=f"delete {str(stage)!r} and re-run the same command",
+        )
+    spaces = {k: dict(v) for k, v in plan.spaces.items()}
+    return Plan(
+        src=plan.src,
+        shards=bplan.shards,
+        schema=plan.schema,
+        spaces=spaces,
+        source_fingerprint=plan.fingerprint,
+        buckets={"count": buckets, "bits": bits, "key": "uid", "order": "uid"},
+    )
+
+
+def _split_and_merge(plan, pool: Path, parts: Path, src: Path, buckets: int, bits: int, jobs: int,
+                     progress: bool) -> None:
+    # Phase A: split every source shard not split yet (journal = parts/<shard>.json).
+    journals: dict[str, dict[str, Any]] = {}
+    todo = []
+    for task in _tasks(pool, plan, plan.shards):
+        j = _read_json(parts / f"{task.name}.json")
+        if j and j.get("signature") == task.signature and (parts / j["file"]).is_file():
+            journals[task.name] = j
+        else:
+            todo.append(_SplitTask(task, str(parts / f"{task.name}.arrow"), bits))
+    for j in _run_all(_split_shard, todo, jobs, "split", progress):
+        write_json(parts / f"{j['name']}.json", j)
+        journals[j["name"]] = j
+    # Phase B: every bucket whose parquet + npz are not written yet.
+    merges = []
+    for b in range(buckets):
+        name = bucket_name(b)
+        done = (src / f"{name}.parquet").is_file() and (not plan.spaces or (src / f"{name}.npz").is_file())
+        if done:
+            continue
+        where = [(str(parts / journals[s.name]["file"]), journals[s.name]["batches"][str(b)])
+                 for s in plan.shards if str(b) in journals[s.name]["batches"]]
+        merges.append(_MergeTask(b, where, str(src), plan.schema, plan.spaces))
+    _run_all(_merge_bucket, merges, jobs, "buckets", progress)
+
+
 # ------------------------------------------------------------------------------------ entry
 
 
@@ -989,8 +1159,6 @@ def ingest(
     if jobs < 1:
         raise UsageError(f"jobs must be at least 1, got {jobs}", hint="pass -j N with N >= 1, or leave it out")
     if buckets is not None:
-        from dcdb.ingest.buckets import bucket_bits
-
         bucket_bits(buckets)  # refuse a bad count before reading anything
     t0 = time.perf_counter()
     plan = plan_source(src)
@@ -1006,8 +1174,6 @@ def _ingest(plan: Plan, pool: Path, t0: float, *, jobs: int, progress: bool, buc
     """``ingest`` once POOL is locked."""
     complete = _prepare_pool(pool, plan)
     if complete is not None:
-        from dcdb.ingest.buckets import check_same_buckets
-
         check_same_buckets(pool, complete, buckets)
         shutil.rmtree(_staging(pool), ignore_errors=True)  # left if killed right after the manifest
         return IngestReport(
@@ -1023,8 +1189,6 @@ def _ingest(plan: Plan, pool: Path, t0: float, *, jobs: int, progress: bool, buc
         )
     bytes_read = sum(s.source_bytes for s in plan.shards)
     if buckets is not None:
-        from dcdb.ingest.buckets import repartition
-
         plan = repartition(plan, pool, buckets, jobs=jobs, progress=progress)
     done = _done_entries(pool, plan)
     todo = [s for s in plan.shards if s.name not in done]

@@ -500,7 +500,7 @@ def _check_pool_uids(pool, files: list[Path], shards_dir: Path) -> list[str]:
     (returned) with the counts when some are not."""
     import duckdb
 
-    from dcdb.engine import parquet_list
+    from dcdb.sqltext import parquet_list
 
     con = duckdb.connect(":memory:")
     try:

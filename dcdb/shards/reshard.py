@@ -111,7 +111,7 @@ def load_selection(subset: str | os.PathLike | np.ndarray, warn: Log = _stderr) 
     matches; here it is sorted and a warning says so.
     """
     if isinstance(subset, np.ndarray):
-        arr, source = U._check_dtype(subset), None
+        arr, source = U.check_dtype(subset), None
         name = "the uid array"
     else:
         arr, source = U.load(subset), str(subset)
@@ -1180,7 +1180,7 @@ def _finish(
     out: Path, plan: Plan, state, sel: Selection, report: ReshardReport, args: dict[str, Any]
 ) -> None:
     """sample_ids.npy, missing_uids.npy, meta.json (last), and the state marked complete."""
-    from dcdb import __version__
+    from dcdb.version import __version__
 
     U.save(out / "sample_ids.npy", sel.uids, sorted_=True)
     U.save(out / "missing_uids.npy", _missing_uids(plan, sel, state), sorted_=True)

@@ -1,2 +1,2 @@
-"""Vectors: exact kNN over a space (``knn``), Lance ANN indexes (``ann``), seed sets (``seeds``)
-and near-duplicate groups (``dedup``)."""
+"""Vectors: shared space scans and exact top-k (``scan``), kNN search over a space (``knn``), Lance
+ANN indexes (``ann``), seed sets (``seeds``) and near-duplicate groups (``dedup``)."""

@@ -68,7 +68,7 @@ def build_index(pool, space: str, *, kind: str = DEFAULT_KIND, partitions: int |
                 sub_vectors: int | None = None, force: bool = False, progress: bool = False) -> dict[str, Any]:
     """Build (or with ``force`` replace) the ANN index of ``space``; return its record."""
     from dcdb.io import write_json
-    from dcdb.vectors.knn import open_space
+    from dcdb.vectors.scan import open_space
 
     if kind not in KINDS:
         raise UsageError(f"unknown index kind {kind!r}", hint=f"use one of {', '.join(KINDS)}")
@@ -259,7 +259,7 @@ def ann_search(pool, space: str, seeds: np.ndarray, k: int, *, rows: np.ndarray 
                refine_factor: int | None = None, seed: int = 0, progress: bool = False,
                log: Callable[[str], None] | None = None):
     """ANN top-k of every seed with recall measured on a sample (see the module doc)."""
-    from dcdb.vectors.knn import KnnResult, exact_search, exact_topk, rows_bar, scan_vectors
+    from dcdb.vectors.scan import KnnResult, exact_search, exact_topk, rows_bar, scan_vectors
     from dcdb.store import open_lance
 
     say = log or (lambda _m: None)

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from dcdb.encoders import checkpoint_for, set_checkpoint  # noqa: F401 -- cli_knn imports them from here
 from dcdb.encoders import encode_images, encode_texts
 from dcdb.errors import PoolError, SourceError, UsageError
 
@@ -145,7 +144,7 @@ def subset_rows(pool, name: str) -> np.ndarray:
 
     from dcdb import uids as U
     from dcdb.engine import check_subset_name
-    from dcdb.vectors.knn import open_space
+    from dcdb.vectors.scan import open_space
     from dcdb.subsets import read_manifest
 
     check_subset_name(name)
@@ -165,7 +164,7 @@ def subset_rows(pool, name: str) -> np.ndarray:
 
 def vectors_of_rows(pool, space: str, rows: np.ndarray) -> np.ndarray:
     """Raw float32 vectors of pool rows ``rows`` in ``space``."""
-    from dcdb.vectors.knn import open_space
+    from dcdb.vectors.scan import open_space
 
     ds, dim = open_space(pool, space)
     parts = []
