@@ -226,26 +226,13 @@ def _merge_bucket(task: _MergeTask) -> dict[str, Any]:
 
 
 def _run_all(fn, tasks: list, jobs: int, label: str, progress: bool) -> list:
-    """``fn`` over ``tasks`` on ``jobs`` spawned processes (in this process when jobs == 1)."""
+    """``fn`` over ``tasks`` on ``jobs`` processes (dcdb.parallel; in this process for one job)."""
     from tqdm import tqdm
 
-    from dcdb.demo.synth import can_spawn
+    from dcdb import parallel
 
-    out = []
     with tqdm(total=len(tasks), desc=label, unit="part", file=sys.stderr, disable=not progress) as bar:
-        if jobs <= 1 or len(tasks) <= 1 or not can_spawn():
-            for t in tasks:
-                out.append(fn(t))
-                bar.update(1)
-            return out
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=mp.get_context("spawn")) as ex:
-            for r in ex.map(fn, tasks):
-                out.append(r)
-                bar.update(1)
-    return out
+        return list(parallel.map(fn, tasks, jobs, progress=lambda task, result: bar.update(1)))
 
 
 def repartition(plan, pool: Path, buckets: int, *, jobs: int = 2, progress: bool = False):
