@@ -112,11 +112,9 @@ def _check_free(pool: Pool, group: str, force: bool) -> None:
 
 
 def _jobs(pool: Pool, jobs: int | None) -> int:
-    from dcdb.demo.synth import can_spawn
-
     if jobs is not None:
         return max(1, jobs)
-    if pool.rows < PARALLEL_MIN_ROWS or len(pool.shards) < 2 or not can_spawn():
+    if pool.rows < PARALLEL_MIN_ROWS or len(pool.shards) < 2:  # no spawn: dcdb.parallel runs in-process
         return 1
     return max(1, min(os.cpu_count() or 1, len(pool.shards)))
 
@@ -155,29 +153,11 @@ def _worker_init(env: dict[str, str]) -> None:
 
 def _ordered_results(tasks: list, fn: Callable, jobs: int) -> Iterator[Any]:
     """``fn`` over ``tasks`` in order: in-process, or on ``jobs`` spawned processes with at most
-    ``2 * jobs`` shards in flight (bounded memory)."""
-    if jobs <= 1:
-        for t in tasks:
-            yield fn(t)
-        return
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    ``2 * jobs`` shards in flight (bounded memory); workers get this process's ``DCDB_*`` settings."""
+    from dcdb import parallel
 
     env = {k: v for k, v in os.environ.items() if k.startswith("DCDB_")}
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
-                             initializer=_worker_init, initargs=(env,)) as ex:
-        pending = []
-        it = iter(tasks)
-        for t in it:
-            pending.append(ex.submit(fn, t))
-            if len(pending) >= 2 * jobs:
-                break
-        while pending:
-            fut = pending.pop(0)
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(ex.submit(fn, nxt))
-            yield fut.result()
+    return parallel.map(fn, tasks, jobs, window=2 * jobs, initializer=_worker_init, initargs=(env,))
 
 
 def _text_info(name: str, params: dict[str, str]) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from dcdb import parallel
 from dcdb.errors import OutputError, UsageError
 
 SHARD_NAME = "{:08d}"
@@ -432,8 +433,10 @@ def _prepare_out(out: Path, force: bool, keep: set[str]) -> None:
         raise OutputError(f"cannot create synth output folder {str(out)!r}: {exc}", hint="choose a writable folder") from exc
 
 
-def _make_shard(out: str, seed: int, index: int, n: int, dtype: str | None, nan_fraction: float) -> int:
-    """Generate and write shard ``index`` (in a worker or in-process); return its bytes on disk."""
+def _make_shard(task: tuple[str, int, int, int, str | None, float]) -> int:
+    """Generate and write shard ``index`` of ``(out, seed, index, n, dtype, nan_fraction)`` (in a
+    worker or in-process); return its bytes on disk."""
+    out, seed, index, n, dtype, nan_fraction = task
     out_path = Path(out)
     np_dtype = np.dtype(dtype) if dtype else None
     params = _global_params(seed) if dtype else None
@@ -441,13 +444,6 @@ def _make_shard(out: str, seed: int, index: int, n: int, dtype: str | None, nan_
     _write_shard(out_path, index, table, arrays)
     exts = ("parquet", "npz") if dtype else ("parquet",)
     return sum((out_path / f"{SHARD_NAME.format(index)}.{e}").stat().st_size for e in exts)
-
-
-def can_spawn() -> bool:
-    """Whether spawned worker processes can start: they re-import ``__main__`` from its file,
-    which fails for a script fed on stdin (``python - <<EOF``). Callers fall back to in-process."""
-    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-    return main_file is None or os.path.isfile(main_file)
 
 
 def _default_jobs(rows: int, shards: int) -> int:
@@ -494,7 +490,6 @@ def synth_pool(
     _prepare_out(out, force, {f"{SHARD_NAME.format(i)}.{e}" for i in range(shards) for e in exts})
 
     jobs = _default_jobs(rows, shards) if jobs is None else max(1, min(jobs, shards))
-    jobs = jobs if can_spawn() else 1
     tasks = [
         (str(out), seed, i, n, dtype if embeddings else None, nan_fraction)
         for i, n in enumerate(shard_rows(rows, shards))
@@ -503,19 +498,9 @@ def synth_pool(
     with tqdm(
         total=rows, unit="rows", unit_scale=True, desc="synth", file=sys.stderr, disable=not progress
     ) as bar:
-        if jobs == 1:
-            for task in tasks:
-                total_bytes += _make_shard(*task)
-                bar.update(task[3])
-        else:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor, as_completed
-
-            with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-                futures = {pool.submit(_make_shard, *task): task[3] for task in tasks}
-                for fut in as_completed(futures):
-                    total_bytes += fut.result()
-                    bar.update(futures[fut])
+        for _task, size in parallel.as_completed(_make_shard, tasks, jobs,
+                                                 progress=lambda task, size: bar.update(task[3])):
+            total_bytes += size
     return {
         "rows": rows,
         "shards": shards,

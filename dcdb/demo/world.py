@@ -52,17 +52,15 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dcdb.errors import OutputError, SourceError, UsageError
+from dcdb import parallel
+from dcdb.errors import OutputError, SourceError, UsageError, WorkerError
 from dcdb.io import atomic_path, write_json
 from dcdb.store import DATACOMP_COLUMNS
 from dcdb.tario import Member, TarReader, write_samples
@@ -1565,45 +1563,35 @@ def _n_workers(workers: int | None, total: int) -> int:
     if workers is not None:
         if workers < 1:
             raise UsageError(f"workers must be at least 1, got {workers}", hint="pass 1 or more")
-        return workers if _spawn_safe() else 1
-    return 1 if total < 2000 or not _spawn_safe() else max(1, min(2, os.cpu_count() or 1))
-
-
-def _spawn_safe() -> bool:
-    """Whether spawned workers can re-import ``__main__`` (not when it is stdin or a vanished file)."""
-    import sys
-
-    path = getattr(sys.modules.get("__main__"), "__file__", None)
-    return path is None or Path(path).is_file()
+        return workers
+    return 1 if total < 2000 else max(1, min(2, os.cpu_count() or 1))
 
 
 def _run_jobs(jobs: list[tuple], workers: int, progress: bool) -> list[dict[str, Any]]:
-    """Run the jobs in-process (1 worker) or in a spawn pool; show a progress bar on stderr."""
+    """Run the jobs in-process (1 worker) or on worker processes (dcdb.parallel); show a progress
+    bar on stderr."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(jobs), desc="world", unit="part", disable=not progress, leave=False)
-    results = []
     try:
-        if workers == 1:
-            for fn, args in jobs:
-                results.append(fn(*args))
-                bar.update()
-            return results
-        try:
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as ex:
-                futures = [ex.submit(fn, *args) for fn, args in jobs]
-                for fut in as_completed(futures):
-                    results.append(fut.result())
-                    bar.update()
-        except BrokenProcessPool as exc:
-            raise OutputError(
-                "a world worker process died before finishing",
-                hint="call build_world under `if __name__ == '__main__':` in scripts (workers are spawned), "
-                "or pass workers=1 (-j 1); check free memory",
-            ) from exc
-        return results
+        done = parallel.as_completed(_run_job, jobs, workers, progress=lambda job, result: bar.update(),
+                                     on_death=_worker_died)
+        return [result for _job, result in done]
     finally:
         bar.close()
+
+
+def _run_job(job: tuple) -> dict[str, Any]:
+    fn, args = job
+    return fn(*args)
+
+
+def _worker_died(job: tuple) -> WorkerError:
+    return WorkerError(
+        "a world worker process died before finishing",
+        hint="call build_world under `if __name__ == '__main__':` in scripts (workers are spawned), "
+        "or pass workers=1 (-j 1); check free memory",
+    )
 
 
 def _manifest(cs, pool, results, *, seed, shard_size, rates, teacher_samples, seconds) -> dict[str, Any]:

@@ -42,7 +42,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dcdb import errors, uids
+from dcdb import errors, parallel, uids
 from dcdb.errors import DcdbError, OutputError, PoolError, SourceError, UsageError, WorkerError
 from dcdb.ingest.buckets import bucket_bits, bucket_name, bucket_of, check_same_buckets
 from dcdb.io import (
@@ -66,7 +66,6 @@ from dcdb.store import (
     STAGING_DIR,
     nan_to_null,
 )
-from dcdb.demo.synth import can_spawn
 
 # Metadata parquet written into the pool. Measured on synthetic 100k-row shards (best of 5):
 # snappy 18.1 MB / 0.112 s to write, zstd-1 11.5 MB / 0.119 s, zstd-1 without dictionaries on the
@@ -786,49 +785,31 @@ class _Progress:
         self.bar.close()
 
 
-def _run_inline(pool: Path, tasks: list[ShardTask], bar: _Progress) -> None:
-    for task in tasks:
-        result = _run_task(task)
-        if not result["ok"]:
-            _raise_worker_error(result)
-        _record(pool, result["entry"])
-        bar.shard_done(task.rows)
-
-
-def _run_parallel(pool: Path, tasks: list[ShardTask], jobs: int, bar: _Progress) -> None:
-    """Shards on ``jobs`` spawned processes; on a bad shard, finish running ones, then raise."""
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from concurrent.futures.process import BrokenProcessPool
-
-    failure = died = None
-    executor = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"))
+def _run_tasks(pool: Path, tasks: list[ShardTask], jobs: int, bar: _Progress) -> None:
+    """Shards on ``jobs`` processes (dcdb.parallel; in this process for one job); on a bad shard,
+    start no more, record the ones still running as they finish, then raise."""
+    failure = None
     try:
-        futures = {executor.submit(_run_task, t): t for t in tasks}
-        for fut in as_completed(futures):
-            if fut.cancelled():
-                continue
-            try:
-                result = fut.result()
-            except BrokenProcessPool:  # a worker was killed (OOM killer, kill -9): keep what finished
-                died = died or futures[fut]
-                continue
-            if result["ok"]:
-                _record(pool, result["entry"])
-                bar.shard_done(futures[fut].rows)
-            elif failure is None:
-                failure = result
-                for other in futures:
-                    other.cancel()
-    finally:
-        executor.shutdown(wait=True, cancel_futures=True)
-    if failure is not None:
+        with parallel.as_completed(_run_task, tasks, jobs, on_death=_worker_died) as results:
+            for task, result in results:
+                if result["ok"]:
+                    _record(pool, result["entry"])
+                    bar.shard_done(task.rows)
+                elif failure is None:
+                    failure = result
+                    results.cancel()
+    except WorkerError:  # a worker was killed (OOM killer, kill -9): what finished is kept
+        if failure is None:
+            raise
+    if failure is not None:  # the bad shard says more than a dead worker
         _raise_worker_error(failure)
-    if died is not None:
-        raise WorkerError(
-            f"a worker process died while ingesting (killed, or out of memory), around shard {died.name}",
-            hint="re-run the same command (with a smaller -j if memory is short): finished shards are kept",
-        )
+
+
+def _worker_died(task: ShardTask) -> WorkerError:
+    return WorkerError(
+        f"a worker process died while ingesting (killed, or out of memory), around shard {task.name}",
+        hint="re-run the same command (with a smaller -j if memory is short): finished shards are kept",
+    )
 
 
 # ----------------------------------------------------------------------------------- commit
@@ -1055,24 +1036,13 @@ def _merge_bucket(task: _MergeTask) -> dict[str, Any]:
 
 
 def _run_all(fn, tasks: list, jobs: int, label: str, progress: bool) -> list:
-    """``fn`` over ``tasks`` on ``jobs`` spawned processes (in this process when jobs == 1)."""
+    """``fn`` over ``tasks`` on ``jobs`` processes (dcdb.parallel; in this process for one job)."""
     from tqdm import tqdm
 
-    out = []
-    with tqdm(total=len(tasks), desc=label, unit="part", file=sys.stderr, disable=not progress) as bar:
-        if jobs <= 1 or len(tasks) <= 1 or not can_spawn():
-            for t in tasks:
-                out.append(fn(t))
-                bar.update(1)
-            return out
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
+    from dcdb import parallel
 
-        with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=mp.get_context("spawn")) as ex:
-            for r in ex.map(fn, tasks):
-                out.append(r)
-                bar.update(1)
-    return out
+    with tqdm(total=len(tasks), desc=label, unit="part", file=sys.stderr, disable=not progress) as bar:
+        return list(parallel.map(fn, tasks, jobs, progress=lambda task, result: bar.update(1)))
 
 
 def repartition(plan, pool: Path, buckets: int, *, jobs: int = 2, progress: bool = False):
@@ -1196,10 +1166,7 @@ def _ingest(plan: Plan, pool: Path, t0: float, *, jobs: int, progress: bool, buc
     rows_todo = sum(s.rows for s in todo)
     try:
         with _Progress(rows_todo, len(done), len(plan.shards), progress) as bar:
-            if tasks and (jobs == 1 or len(tasks) == 1 or not can_spawn()):
-                _run_inline(pool, tasks, bar)
-            elif tasks:
-                _run_parallel(pool, tasks, min(jobs, len(tasks)), bar)
+            _run_tasks(pool, tasks, jobs, bar)
     except BaseException:  # every worker has exited: drop what a killed or failed one left
         _remove_orphan_fragments(pool, plan)
         _remove_temp_files(pool)

@@ -374,28 +374,13 @@ def _run_index_tasks(tasks: list[IndexTask], jobs: int, progress: bool) -> list[
     """Index tars on ``jobs`` processes (in-process for one); first failure raised after the rest."""
     from tqdm import tqdm
 
-    from dcdb import errors
-    from dcdb.demo.synth import can_spawn
+    from dcdb import errors, parallel
 
-    results, failure = [], None
+    failure = None
     with tqdm(
         total=len(tasks), unit="tar", desc="index shards", file=sys.stderr, disable=not progress
     ) as bar:
-        if jobs == 1 or len(tasks) < 2 or not can_spawn():
-            outcomes = map(_index_one, tasks)
-            for r in outcomes:
-                results.append(r)
-                bar.update(1)
-                if not r["ok"]:
-                    break
-        else:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
-
-            with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=mp.get_context("spawn")) as ex:
-                for r in ex.map(_index_one, tasks):
-                    results.append(r)
-                    bar.update(1)
+        results = list(parallel.map(_index_one, tasks, jobs, progress=lambda task, result: bar.update(1)))
     for r in results:
         if not r["ok"] and failure is None:
             failure = r

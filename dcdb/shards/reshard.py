@@ -61,8 +61,9 @@ from typing import Any
 
 import numpy as np
 
+from dcdb import parallel
 from dcdb import uids as U
-from dcdb.errors import DcdbError, OutputError, ReshardError, UsageError
+from dcdb.errors import DcdbError, OutputError, ReshardError, UsageError, WorkerError
 from dcdb.io import (LOCK_NAME, TMP_MARK, atomic_path, check_folder, kill_point, write_error, write_json, write_lock,
                      write_target, writing)
 from dcdb.shards.index import IMAGE_EXTS, LOST_STATUS
@@ -830,42 +831,16 @@ def _raise_worker_error(result: dict[str, Any], resume: str) -> None:
 
 
 def _map(fn, items: list, jobs: int, window: int | None = None) -> Iterator[Any]:
-    """``fn`` over ``items`` in order: in this process for one job, else on ``jobs`` spawned
-    processes with at most ``window`` items in flight (bounded memory)."""
-    from dcdb.demo.synth import can_spawn
-
-    if jobs == 1 or len(items) < 2 or not can_spawn():
-        yield from map(fn, items)
-        return
-    yield from _map_parallel(fn, items, min(jobs, len(items)), window or 2 * jobs)
+    """``fn`` over ``items`` in order (dcdb.parallel): in this process for one job, else on ``jobs``
+    spawned processes with at most ``window`` items in flight (bounded memory)."""
+    return parallel.map(fn, items, jobs, window=window or 2 * jobs, on_death=_worker_died)
 
 
-def _map_parallel(fn, items, jobs: int, window: int) -> Iterator[Any]:
-    import multiprocessing as mp
-    from collections import deque
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
-    from dcdb.errors import WorkerError
-
-    with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as ex:
-        pending: deque = deque()
-        it = iter(items)
-        try:
-            for item in it:
-                pending.append(ex.submit(fn, item))
-                if len(pending) >= window:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        except BrokenProcessPool:
-            raise WorkerError(
-                "a worker process died (killed, or out of memory)",
-                hint="re-run the same command (with a smaller -j if memory is short): finished shards are kept",
-            ) from None
-        finally:
-            for f in pending:
-                f.cancel()
+def _worker_died(task) -> WorkerError:
+    return WorkerError(
+        "a worker process died (killed, or out of memory)",
+        hint="re-run the same command (with a smaller -j if memory is short): finished shards are kept",
+    )
 
 
 # ---------------------------------------------------------------------------------- report
