@@ -10,7 +10,8 @@
   leaderboard), run once per session for every test that needs a demo world or trained teachers.
   Only tests marked ``slow`` use it (it trains four small CLIPs: about a minute on 2 cores).
 
-Sources are function-scoped because tests corrupt them on purpose; generating one takes ~20 ms.
+Sources are function-scoped because tests corrupt them on purpose: each is a private copy of a
+source generated once per session for its arguments.
 """
 
 from __future__ import annotations
@@ -28,16 +29,39 @@ SMALL_ROWS, SMALL_SHARDS, SMALL_SEED = 200, 3, 7
 TINY_ROWS, TINY_SHARDS, TINY_SEED = 10, 2, 11
 
 
+@pytest.fixture(scope="session")
+def _src_cache(tmp_path_factory) -> dict:
+    """Sources already generated this session: (rows, shards, seed, kwargs) -> folder (never handed out)."""
+    return {"root": tmp_path_factory.mktemp("src_cache"), "made": {}}
+
+
+#: synth_pool arguments that only select what is generated (a source with them is cached)
+_DATA_KWARGS = {"dtype", "embeddings", "nan_fraction"}
+
+
 @pytest.fixture
-def make_src(tmp_path):
-    """Factory: ``make_src(rows=200, shards=3, seed=0, name="src", **kwargs) -> Path``."""
+def make_src(tmp_path, _src_cache):
+    """Factory: ``make_src(rows=200, shards=3, seed=0, name="src", **kwargs) -> Path``.
+
+    synth_pool gives the same bytes for the same arguments (tests/test_synth.py), so each set of
+    arguments is generated once per session and copied (files with fresh times) into the test's
+    folder; an existing folder or other arguments (``force``) go to synth_pool itself.
+    """
     from dcdb.demo.synth import synth_pool
 
     def make(
         rows: int = SMALL_ROWS, shards: int = SMALL_SHARDS, seed: int = 0, name: str = "src", **kwargs
     ) -> Path:
         out = tmp_path / name
-        synth_pool(out, rows=rows, shards=shards, seed=seed, jobs=1, **kwargs)
+        if out.exists() or not set(kwargs) <= _DATA_KWARGS:
+            synth_pool(out, rows=rows, shards=shards, seed=seed, jobs=1, **kwargs)
+            return out
+        key = (rows, shards, seed, tuple(sorted(kwargs.items())))
+        made = _src_cache["made"]
+        if key not in made:
+            made[key] = _src_cache["root"] / str(len(made))
+            synth_pool(made[key], rows=rows, shards=shards, seed=seed, jobs=1, **kwargs)
+        shutil.copytree(made[key], out, copy_function=shutil.copyfile)
         return out
 
     return make
