@@ -472,8 +472,8 @@ def _reshard_inputs(tmp_path):
     """A tiny demo world's img2dataset shards, indexed in a pool, its uid list and a local reshard."""
     from dcdb.demo.world import build_world
 
-    build_world(tmp_path / "w", samples=60, concepts=3, seed=2, shard_size=20, eval_per_class=2,
-                retrieval_samples=10, workers=1)
+    build_world(tmp_path / "w", samples=60, concepts=3, seed=2, shard_size=20, teacher_samples=0,
+                eval_per_class=2, retrieval_samples=10, workers=1)  # no teacher split: unused here
     wpool, uids = tmp_path / "wpool", tmp_path / "all.npy"
     r = CliRunner()
     res = r.invoke(cli, ["-q", "ingest", str(tmp_path / "w" / "metadata"), str(wpool), "-j", "1",

@@ -337,8 +337,8 @@ def worlds(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("index_worlds")
     for i, seed in ((1, 2), (2, 3)):
-        build_world(root / f"w{i}", samples=40, concepts=2, seed=seed, shard_size=20, eval_per_class=1,
-                    retrieval_samples=4, workers=1)
+        build_world(root / f"w{i}", samples=40, concepts=2, seed=seed, shard_size=20, teacher_samples=0,
+                    eval_per_class=1, retrieval_samples=4, workers=1)  # no teacher split: unused here
     ingest(root / "w1" / "metadata", root / "pool1", jobs=1)
     (root / "half").mkdir()
     shutil.copy(root / "w1" / "metadata" / "00000000.parquet", root / "half")

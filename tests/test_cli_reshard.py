@@ -16,7 +16,9 @@ def test_ingest_shards_then_query_reshard(tmp_path):
 
     from dcdb.demo.world import build_world
 
-    build_world(tmp_path / "world", samples=240, concepts=6, workers=1)
+    # the pool and its shards only: no teacher split, the smallest eval tasks
+    build_world(tmp_path / "world", samples=240, concepts=6, teacher_samples=0, eval_per_class=1,
+                retrieval_samples=1, workers=1)
     r = CliRunner()
     pool, out = tmp_path / "pool", tmp_path / "out"
     res = r.invoke(cli, ["-q", "ingest", str(tmp_path / "world" / "metadata"), str(pool), "-j", "1",

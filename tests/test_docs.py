@@ -38,3 +38,18 @@ def test_every_filter_is_documented():
     for name in builtin_filters():
         assert f"`{name}`" in README, f"sql/{name}.sql is not documented in README.md"
         assert load_filter(name).description, f"sql/{name}.sql has no description in its header"
+
+
+def test_ci_runs_the_whole_suite_and_the_readme_gives_the_fast_loop():
+    """`.ci/run` runs the README's test command, which deselects nothing (slow tests included);
+    the README names the developers' fast loop."""
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    ci = [line.strip() for line in (root / ".ci" / "run").read_text().splitlines() if "pytest" in line
+          and not line.lstrip().startswith("#")]
+    assert ci == ["python -m pytest -q"]
+    assert "\npython -m pytest -q\n" in README
+    opts = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert "-m" not in opts["addopts"].split() and any(m.startswith("slow:") for m in opts["markers"])
+    assert '`python -m pytest -q -m "not slow"`' in README

@@ -195,6 +195,7 @@ def test_dataloader_workers_after_lance_raise_no_warning(world, tmp_path):
     assert res.samples_seen >= 64 and res.checkpoint.is_file()
 
 
+@pytest.mark.slow  # the module's training run (10 steps, 5 checkpoints), as every test that uses it
 def test_train_writes_checkpoints_and_run_info(run, world):
     out, result = run
     ckpts = out / "checkpoints"

@@ -375,6 +375,7 @@ def test_worker_nice_lowers_priority():
     assert out.strip() == "3"
 
 
+@pytest.mark.slow  # two real trainings, each with a dataloader worker process
 def test_train_applies_and_restores_the_cpu_split(shards, tmp_path, monkeypatch):
     from dcdb.train import train, trainer
 
