@@ -50,7 +50,7 @@ def run_sql(pool, sql: str, given: dict[str, str], *, fmt: str = "table", output
     """Run ``sql`` (one SELECT, EXPLAIN allowed) and return the text to print (or None when the
     result went to ``output``, written atomically in ``fmt``: see ``sql_format``)."""
 
-    from dcdb.engine import connect, is_statement_error, pool_reader, statement_errors
+    from dcdb.engine import connect, pool_reader, statement_errors
     from dcdb.query import bind_parameters, parse_filter
     from dcdb.sandbox import apply, path_values
 
@@ -77,15 +77,12 @@ def run_sql(pool, sql: str, given: dict[str, str], *, fmt: str = "table", output
                 return _text_out(_table(reader, max_rows), output)
             return _write(reader, fmt, output)
     except statement_errors() as exc:
-        if not is_statement_error(exc):
+        from dcdb.query import statement_error
+
+        err = statement_error(con, exc, "sql", pool)
+        if err is None:
             raise
-        from dcdb.query import translate_error
-
-        raise translate_error(con, exc, "sql", pool) from None
-    except (OSError, ValueError) as exc:  # pyarrow's, while streaming: it wraps a scan's error
-        from dcdb.query import reraise_streamed
-
-        reraise_streamed(con, exc)
+        raise err from None
 
 
 def _table(reader, max_rows: int) -> str:

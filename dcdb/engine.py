@@ -412,17 +412,13 @@ MACROS = (
 
 
 def statement_errors() -> tuple[type[Exception], ...]:
-    """What running a statement through :func:`pool_reader` may raise: DuckDB's errors, and the
-    same errors re-raised by pyarrow as ``OSError`` (errno None) when they happen while batches
-    stream. Catch these, then let :func:`is_statement_error` tell a real file-system fault
-    (errno set, e.g. a full disk while writing) from them."""
+    """What running a statement through :func:`pool_reader` may raise: DuckDB's errors, and what
+    pyarrow re-raises while batches stream (``OSError`` without errno for DuckDB's errors,
+    ``ValueError`` around a registered function's or an embedding scan's error). Catch these and
+    let ``dcdb.query.statement_error`` say which dcdb error they are."""
     import duckdb
 
-    return (duckdb.Error, OSError)
-
-
-def is_statement_error(exc: Exception) -> bool:
-    return not isinstance(exc, OSError) or exc.errno is None
+    return (duckdb.Error, OSError, ValueError)
 
 
 def pool_damage(pool: Pool, exc: Exception) -> PoolError | None:

@@ -39,7 +39,6 @@ from dcdb.errors import (
 )
 from dcdb.sandbox import SQL_HINT, check_statement
 from dcdb.store import Pool
-from dcdb.subsets import store_subset
 
 PARAM_TYPES = ("int", "float", "str", "bool", "path")
 _PARAM_RE = re.compile(
@@ -297,7 +296,7 @@ def run_filter(pool: Pool, filt: FilterFile, given: dict[str, str] | None = None
     opens is sandboxed (dcdb.sandbox): the filter reads only the pool and its path parameters; a
     connection passed as ``con`` is the caller's and runs as it is."""
 
-    from dcdb.engine import connect, is_statement_error, pool_reader, statement_errors
+    from dcdb.engine import connect, pool_reader, statement_errors
 
     t0 = time.perf_counter()
     own = con is None
@@ -315,11 +314,10 @@ def run_filter(pool: Pool, filt: FilterFile, given: dict[str, str] | None = None
         with pool_reader(con, sql, params, 1 << 20) as reader:
             arr, copies_parts, nrows = collect_into(reader, filt.name, pool.rows)
     except statement_errors() as exc:
-        if not is_statement_error(exc):
+        err = statement_error(con, exc, f"filter {filt.name!r}", pool)
+        if err is None:
             raise
-        _reraise(con, filt, pool, exc)
-    except (OSError, ValueError) as exc:  # pyarrow's, while streaming: it wraps a scan's error
-        reraise_streamed(con, exc)
+        raise err from None
     if copies_parts is not None:
         copies = np.concatenate(copies_parts) if copies_parts else np.empty(0, np.int64)
         arr = np.repeat(arr, copies)
@@ -329,8 +327,21 @@ def run_filter(pool: Pool, filt: FilterFile, given: dict[str, str] | None = None
     )
 
 
-def _reraise(con, filt: FilterFile, pool: Pool, exc: Exception):
-    raise translate_error(con, exc, f"filter {filt.name!r}", pool) from None
+def statement_error(con, exc: Exception, what: str, pool: Pool | None) -> Exception | None:
+    """The dcdb error for what running ``what`` raised (caught as ``engine.statement_errors()``),
+    or None when it is none of dcdb's to name and must go on as it is: a file-system fault
+    (``OSError`` with an errno, e.g. a full disk while writing) or a ``ValueError`` with no
+    registered function's or embedding scan's error behind it (a bug)."""
+    import duckdb
+
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return None
+    if isinstance(exc, ValueError) and not isinstance(exc, duckdb.Error):
+        from dcdb.engine import scan_error
+        from dcdb.filters import take_error
+
+        return take_error(con) or scan_error(con)
+    return translate_error(con, exc, what, pool)
 
 
 def translate_error(con, exc: Exception, what: str, pool: Pool | None) -> Exception:
@@ -377,18 +388,6 @@ def check_copies_total(total: int, pool_rows: int, name: str) -> None:
             f"{COPIES_TOTAL_MIN:,})",
             hint="lower the copies column (the resharder writes every copy as a sample)",
         )
-
-
-def reraise_streamed(con, exc: Exception):
-    """The dcdb error behind an error pyarrow raised while the result streamed (an embedding
-    scan that found a damaged file, a Python function's error), else ``exc`` itself."""
-    from dcdb.engine import scan_error
-    from dcdb.filters import take_error
-
-    err = take_error(con) or scan_error(con)
-    if err is None:
-        raise exc
-    raise err from None
 
 
 def collect_into(reader, name: str, capacity: int, pool_rows: int | None = None):
@@ -506,12 +505,6 @@ def write_uids(path: str | Path, arr: np.ndarray, fmt: str) -> Path:
     return path
 
 
-def write_manifest(path: str | Path, manifest: dict[str, Any]) -> Path:
-    from dcdb.io import write_json
-
-    return write_json(path, manifest)
-
-
 def write_output(path: str | Path, arr: np.ndarray, fmt: str, manifest: dict[str, Any]) -> Path:
     """A uid file and its manifest (OUTPUT.json) as one unit: both are written under temp names,
     the old manifest is removed, then the uid file and the manifest are renamed into place. A
@@ -538,12 +531,6 @@ def manifest_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".json")
 
 
-def save_subset(pool: Pool, name: str, result: FilterResult, *, force: bool = False) -> Path:
-    """Store a filter result in the pool as subset ``name``."""
-    npy = pool.subsets_dir / f"{name}.npy"
-    return store_subset(pool, name, result.uids, result.manifest(output=str(npy), fmt="npy"), force=force)
-
-
 __all__ = [
     "FilterFile",
     "FilterResult",
@@ -553,6 +540,5 @@ __all__ = [
     "check_statement",
     "load_filter",
     "run_filter",
-    "save_subset",
     "write_uids",
 ]

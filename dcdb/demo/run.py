@@ -164,7 +164,7 @@ def _ingest(world: Path, pool_dir: Path, progress: bool, log: Callable[[str], No
 
 
 def _filters(pool, names: Sequence[str], out: Path, log: Callable[[str], None]) -> dict[str, int]:
-    from dcdb.query import load_filter, run_filter, write_manifest, write_uids
+    from dcdb.query import load_filter, run_filter, write_output
 
     out.mkdir(parents=True, exist_ok=True)
     kept = {}
@@ -175,8 +175,7 @@ def _filters(pool, names: Sequence[str], out: Path, log: Callable[[str], None]) 
             continue
         sql, params = DEMO_FILTERS[name]
         res = run_filter(pool, load_filter(sql), dict(params))
-        write_uids(target, res.uids, "npy")
-        write_manifest(target.with_name(target.name + ".json"), res.manifest(output=str(target), fmt="npy"))
+        write_output(target, res.uids, "npy", res.manifest(output=str(target), fmt="npy"))
         kept[name] = res.rows
         log(f"  {name}: {res.rows:,} of {pool.rows:,} ({res.rows / pool.rows:.0%})")
     return kept

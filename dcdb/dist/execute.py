@@ -214,9 +214,13 @@ def _connect(pool_path: str, group: list[int], allow: list[str] | None = None, n
 
 
 def _duck_error(con, exc: Exception, what: str):
-    from dcdb.query import translate_error
+    """Raise the dcdb error for what a bucket's statement raised, or ``exc`` itself."""
+    from dcdb.query import statement_error
 
-    raise translate_error(con, exc, f"{what} (on a bucket)", None) from None
+    err = statement_error(con, exc, f"{what} (on a bucket)", None)
+    if err is None:
+        raise exc
+    raise err from None
 
 
 def _write_group(out_dir: str, group: list[int], ext: str, data, entries: list[dict[str, Any]]) -> None:
@@ -438,7 +442,7 @@ def _bucket_scores(pool_path: str, group: list[int], source: tuple, params: dict
             yield b, n, numbers(col.combine_chunks() if col.num_chunks != 1 else col.chunk(0))
         return
 
-    from dcdb.engine import connect, is_statement_error, pool_reader, statement_errors
+    from dcdb.engine import connect, pool_reader, statement_errors
     from dcdb.sandbox import apply
 
     t0 = time.perf_counter()
@@ -449,8 +453,6 @@ def _bucket_scores(pool_path: str, group: list[int], source: tuple, params: dict
         with pool_reader(con, f"SELECT score FROM ({source[1]})", params) as reader:
             col = reader.read_all().column(0)
     except statement_errors() as exc:
-        if not is_statement_error(exc):
-            raise
         _duck_error(con, exc, "the clip_cut score scan")
     con.close()
     if len(col) != sum(counts):
@@ -524,7 +526,7 @@ def _query_task(pool_path: str, group: list[int], sql: str, params: dict[str, An
     if fault and not os.path.exists(fault):  # test hook: this worker dies once, mid-run
         Path(fault).write_text(f"worker {os.getpid()} killed on buckets {group}\n")
         os._exit(137)
-    from dcdb.engine import is_statement_error, pool_reader, statement_errors
+    from dcdb.engine import pool_reader, statement_errors
 
     t0 = time.perf_counter()
     view, con = _connect(pool_path, group, allow, name)
@@ -538,8 +540,6 @@ def _query_task(pool_path: str, group: list[int], sql: str, params: dict[str, An
 
                 arr, copies_parts, _nrows = collect_into(reader, name, view.rows, open_pool(pool_path).rows)
     except statement_errors() as exc:
-        if not is_statement_error(exc):
-            raise
         _duck_error(con, exc, f"filter {name!r}")
     con.close()
     rows = [int(s["rows"]) for s in view.shards]
