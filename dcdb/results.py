@@ -75,9 +75,10 @@ class UidDestination:
     def to_stdout(self) -> bool:
         return not self.output and not self.save
 
-    def write(self, pool: Pool | None, uids: np.ndarray, manifest: Manifest) -> list[str]:
+    def write(self, pool: Pool | None, uids: np.ndarray, manifest: Manifest, *, stdout: bool = True) -> list[str]:
         """Write ``uids`` (sorted, one entry per copy) to every destination; the labels of where
-        they went (``stdout`` when neither -o nor --save was given)."""
+        they went (``stdout`` when neither -o nor --save was given). ``stdout=False`` leaves the
+        printing to the caller (``print_uids``), for one that writes something else first."""
         from dcdb.query import write_output
         from dcdb.subsets import store_subset
 
@@ -89,7 +90,7 @@ class UidDestination:
             npy = str(pool.subsets_dir / f"{self.save}.npy")
             store_subset(pool, self.save, uids, manifest("save", npy, "npy"), force=self.force)
             where.append(f"subset {self.save}")
-        if self.to_stdout:
+        if self.to_stdout and stdout:
             print_uids(uids)
             where.append("stdout")
         return where

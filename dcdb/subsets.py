@@ -104,7 +104,6 @@ def combination_manifest(op: str, refs: list[str], arr: np.ndarray, pool: Pool |
     }
 
 
-
 def check_save(pool: Pool, name: str, *, force: bool) -> Path:
     """Before ``--save NAME`` runs anything: the subset's files in the pool (``.npy``, ``.parquet``,
     ``.json``) are missing or regular files (see ``dcdb.io.write_target``), and an existing subset

@@ -320,15 +320,12 @@ def _torch_load(path: Path, param: str, *, weights_only: bool) -> Any:
 
 
 def _to_numpy_tree(obj: Any) -> Any:
+    """What ``torch.load`` gave, with every tensor as numpy (float16/32/64 kept), like
+    :func:`read_torch_zip`'s results."""
     if isinstance(obj, dict):
         return {k: _to_numpy_tree(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return type(obj)(_to_numpy_tree(v) for v in obj)
-    return _to_numpy(obj)
-
-
-def _to_numpy(obj: Any) -> Any:
-    """A torch tensor as numpy (float16/32/64 kept), anything else unchanged."""
     if type(obj).__module__.startswith("torch") and hasattr(obj, "detach"):
         return obj.detach().cpu().numpy()
     return obj
@@ -364,8 +361,7 @@ def _read_array(path: Path, param: str, key: str | None = None) -> np.ndarray:
                 hint="DataComp's ImageNet files hold {'image_features': tensor}; centroids a plain array",
             )
         obj = obj[key]
-    obj = _to_numpy(obj)
-    if not isinstance(obj, np.ndarray):
+    if not isinstance(obj, np.ndarray):  # (load_torch_file gives tensors as numpy already)
         raise AssetError(
             f"-p {param}: {path.name!r} holds a {type(obj).__name__}, not an array or tensor",
             hint="give the file DataComp published, or a .npy array",

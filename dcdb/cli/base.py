@@ -43,14 +43,10 @@ def _fail(message: str, hint: str | None, code: int):
 
 
 def _os_hint(exc: OSError) -> str:
+    """The hint for an OSError ``_fault_error`` did not name (full, read-only and denied it does)."""
     import errno
 
     return {
-        errno.ENOSPC: "free some space on that disk, or write somewhere else",
-        errno.EDQUOT: "your disk quota is used up: free some space, or write somewhere else",
-        errno.EROFS: "that file system is read-only: write somewhere else",
-        errno.EACCES: "check the permissions, or write somewhere else",
-        errno.EPERM: "check the permissions, or write somewhere else",
         errno.ENOENT: "check the path",
         errno.EMFILE: "raise the open-file limit (ulimit -n) or use fewer -j workers",
     }.get(exc.errno, "check the path and the disk, then re-run (a re-run resumes or redoes cleanly)")
@@ -294,8 +290,6 @@ def _native_stderr_filtered(fn):
     return wrapper
 
 
-
-
 class DcdbGroup(click.Group):
     """The root group: click's own usage errors (unknown option, missing argument, bad value) are
     printed like dcdb's, as one ``error:`` line and a hint, with exit code 2."""
@@ -343,11 +337,7 @@ def cli(ctx: click.Context, quiet: bool) -> None:
     ctx.obj["quiet"] = quiet
 
 
-
-
 # ------------------------------------------------------------------------- shared by commands
-
-
 
 
 def param_pairs(pairs) -> dict[str, str]:

@@ -48,8 +48,6 @@ def synth_pool_cmd(c: Ctx, out, rows, shards, seed, dtype, no_embeddings, force)
     c.log(f"wrote {info['rows']:,} rows in {info['shards']} shards to {out} ({time.perf_counter() - t0:.1f}s)")
 
 
-
-
 # ------------------------------------------------------------------------------------- demo
 
 
@@ -71,10 +69,6 @@ def demo_cmd(c: Ctx, folder, samples, seeds, samples_seen, force):
     check_folder(folder, what="demo folder")
     click.echo(run_demo(folder, samples=samples, seeds=seeds, samples_seen=samples_seen, force=force,
                         progress=not c.quiet, log=c.log))
-
-
-
-
 
 
 @command(cli, "world")

@@ -86,8 +86,7 @@ def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, reshard_
 
         work_dir = work_dir or (f"{output}{WORK_SUFFIX}" if output else None)
         res = run_distributed(p, filt, given, engine=engine, work_dir=work_dir, progress=not c.quiet, log=c.log)
-    to_stdout = dest.to_stdout
-    where = dest.write(p, res.uids, lambda _kind, path, fmt: res.manifest(output=path, fmt=fmt)) if not to_stdout else []
+    where = dest.write(p, res.uids, lambda _kind, path, fmt: res.manifest(output=path, fmt=fmt), stdout=False)
     if reshard_out:
         from dcdb.shards.reshard import reshard
 
@@ -95,8 +94,11 @@ def query_cmd(c: Ctx, filter_ref, pool, params, output, fmt, save_name, reshard_
                       progress=not c.quiet, subset_label=f"dcdb query {filt.name}", engine=engine)
         c.log(rep.summary())
         where.append(f"shards in {reshard_out}")
-    if to_stdout:  # after the shards: the uids come last, as a pipe's reader expects them
-        where += dest.write(p, res.uids, lambda *_: {})
+    if dest.to_stdout:  # after the shards: the uids come last, as a pipe's reader expects them
+        from dcdb.results import print_uids
+
+        print_uids(res.uids)
+        where.append("stdout")
     rate = p.rows / res.seconds if res.seconds > 0 else float("inf")
     where = ", ".join(where)
     c.log(
