@@ -1,7 +1,9 @@
-"""One process executor: ``fn`` over tasks on N worker processes, or in this process.
+"""One executor: ``fn`` over tasks on N worker processes, in this process, or on a Ray cluster.
 
 Every process pool of dcdb goes through here (ingest and its bucket pre-pass, annotate, the shard
-index, reshard, the demo's synth and world):
+index, reshard, the demo's synth and world), and so does every use of Ray (``--engine ray``: the
+bucket tasks of dcdb/dist/execute.py, reshard's per-tar tasks); ``engine`` picks where the tasks
+run, the rest of the call is the same:
 
 - ``map(fn, tasks, jobs)``: the results in task order. ``window`` bounds the tasks in flight (each
   result waits for its turn in memory) and lets ``tasks`` be a lazy iterable, built as workers
@@ -29,6 +31,17 @@ When something fails:
 - leaving the results early (``close()``, the ``with`` block, an exception in the loop that
   consumes them) drops the tasks not started and waits for the running ones: when the caller's
   clean-up runs, no worker writes any more.
+
+``engine="ray"`` (the section at the end of this module) runs each task as a Ray task of one CPU
+on the cluster ``RAY_ADDRESS`` names, or a local one (found, or started in this process); ``jobs``
+is not used there: the cluster places the tasks (``workers`` says how many CPUs it has). Ray is
+imported only then. The same rules hold, with Ray's words: results in task order or as they
+finish, ``window``, ``progress``, ``fn``'s exception back as itself, and a worker that died (Ray
+retries such a task ``RAY_MAX_RETRIES`` times first) as ``on_death(task)``. A task handed to the
+cluster counts as started (Ray cannot take a queued task back without losing a running one's
+result): ``cancel()`` stops handing tasks over; leaving early cancels the tasks in flight (queued
+ones never run, a running one may be interrupted; outputs are atomic) and waits until they have
+stopped. There is no ``initializer`` on Ray.
 """
 
 from __future__ import annotations
@@ -39,8 +52,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from dcdb.errors import DcdbError, WorkerError
+from dcdb.errors import DcdbError, UsageError, WorkerError
 
+ENGINES = ("local", "ray")  # where the tasks run: processes on this machine, or a Ray cluster
 START_METHOD = "spawn"  # never fork: the parent's DuckDB/Lance/Arrow threads would be copied mid-flight
 # what the CLI said when a pool broke under a caller that did not name its work (cli._fault_error)
 DIED = "a worker process died before finishing (killed, or out of memory)"
@@ -69,19 +83,27 @@ def died(task: Any = None) -> DcdbError:
 
 def map(fn: Callable[[Any], Any], tasks: Iterable[Any], jobs: int, *, window: int | None = None,
         progress: Callable[[Any, Any], None] | None = None, initializer: Callable[..., None] | None = None,
-        initargs: tuple = (), on_death: Callable[[Any], DcdbError] = died) -> Results:
+        initargs: tuple = (), on_death: Callable[[Any], DcdbError] = died, engine: str = "local") -> Results:
     """``fn(task)`` for each of ``tasks``, results in task order (see the module docstring)."""
     return Results(fn, tasks, jobs, ordered=True, window=window, progress=progress, initializer=initializer,
-                   initargs=initargs, on_death=on_death)
+                   initargs=initargs, on_death=on_death, engine=engine)
 
 
 def as_completed(fn: Callable[[Any], Any], tasks: Iterable[Any], jobs: int, *,
                  progress: Callable[[Any, Any], None] | None = None,
                  initializer: Callable[..., None] | None = None, initargs: tuple = (),
-                 on_death: Callable[[Any], DcdbError] = died) -> Results:
+                 on_death: Callable[[Any], DcdbError] = died, engine: str = "local") -> Results:
     """``(task, fn(task))`` for each of ``tasks`` as they finish (see the module docstring)."""
     return Results(fn, tasks, jobs, ordered=False, window=None, progress=progress, initializer=initializer,
-                   initargs=initargs, on_death=on_death)
+                   initargs=initargs, on_death=on_death, engine=engine)
+
+
+def workers(jobs: int, engine: str = "local") -> int:
+    """How many tasks run at once: the worker processes ``jobs`` gives here, the CPUs of the Ray
+    cluster on ``engine="ray"`` (connecting to it)."""
+    if engine == "ray":
+        return ray_workers()
+    return processes(jobs)
 
 
 class Results:
@@ -91,14 +113,14 @@ class Results:
     refers to a separate state object, never back to this one, so no reference cycle delays it."""
 
     def __init__(self, fn, tasks, jobs: int, *, ordered: bool, window: int | None, progress, initializer,
-                 initargs: tuple, on_death) -> None:
-        run = _Run(fn, tasks, jobs, ordered, window, progress, initializer, initargs, on_death)
+                 initargs: tuple, on_death, engine: str = "local") -> None:
+        if engine not in ENGINES:
+            raise UsageError(f"unknown engine {engine!r}", hint=f"use one of {', '.join(ENGINES)}")
+        kind = _RayRun if engine == "ray" else _Run
+        run = kind(fn, tasks, jobs, ordered, window, progress, initializer, initargs, on_death)
         self.processes = run.processes
         self._run = run
-        if run.processes == 1:
-            self._gen = run.inline()
-        else:
-            self._gen = run.in_order() if ordered else run.completed()
+        self._gen = run.results()
 
     def __iter__(self) -> Iterator[Any]:
         return self
@@ -108,9 +130,7 @@ class Results:
 
     def cancel(self) -> None:
         """Start no more tasks; the running ones still finish and are yielded."""
-        self._run.cancelled = True
-        for fut in list(self._run.futures):
-            fut.cancel()
+        self._run.cancel()
 
     def close(self) -> None:
         """Drop the tasks not started, wait for the running ones, stop the workers."""
@@ -133,6 +153,16 @@ class _Run:
         self.progress, self.initializer, self.initargs, self.on_death = progress, initializer, initargs, on_death
         self.futures: dict[Any, Any] = {}  # submitted, not yet yielded: future -> task
         self.cancelled = False
+
+    def results(self) -> Iterator[Any]:
+        if self.processes == 1:
+            return self.inline()
+        return self.in_order() if self.ordered else self.completed()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        for fut in list(self.futures):
+            fut.cancel()
 
     def out(self, task, result):
         if self.progress is not None:
@@ -222,3 +252,169 @@ class _Run:
         finally:
             self.futures.clear()
             ex.shutdown(wait=True, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------------------- Ray
+#
+# engine="ray": the same calls on a Ray cluster. Ray is imported here only, only for that engine.
+
+RAY_CONNECT_TIMEOUT = 5.0  # seconds to wait for a TCP answer from RAY_ADDRESS
+RAY_MAX_RETRIES = 3  # Ray runs a task again this often when its worker dies (a task writes atomically)
+
+_remotes: dict[Callable, Any] = {}  # fn -> its Ray remote function (made once: Ray exports it once per job)
+
+
+def ray_connect():
+    """The ``ray`` module, connected to the cluster ``RAY_ADDRESS`` names or a local one (found, or
+    started in this process) unless this process is connected already."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise UsageError("--engine ray needs Ray", hint="pip install 'dcdb[ray]'") from exc
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        address = os.environ.get("RAY_ADDRESS") or None
+        check_ray_address(address)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        except (ConnectionError, RuntimeError, TimeoutError) as exc:
+            raise UsageError(
+                f"cannot start or reach a Ray cluster{f' at {address}' if address else ''}: {exc}",
+                hint="start one with `ray start --head`, point RAY_ADDRESS at it, or use --engine local",
+            ) from None
+    return ray
+
+
+def ray_workers() -> int:
+    """The CPUs of the Ray cluster (connecting to it): the tasks that run at once."""
+    return int(ray_connect().cluster_resources().get("CPU", 1))
+
+
+def check_ray_address(address: str | None, timeout: float = RAY_CONNECT_TIMEOUT) -> None:
+    """Fail fast on a RAY_ADDRESS nothing answers at: ``ray.init`` would retry it for minutes.
+    ``None``, ``auto`` and ``local`` (a local cluster, found or started) are left to Ray; anything
+    else must be ``[ray://]HOST:PORT`` with something listening there."""
+    import socket
+
+    if address is None or address.strip().lower() in ("", "auto", "local"):
+        return
+    hint = "start a cluster with `ray start --head` and use the address it prints, unset RAY_ADDRESS " \
+           "for a local one, or use --engine local"
+    rest = address.strip().split("://", 1)[-1].rstrip("/")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"RAY_ADDRESS {address!r} is not HOST:PORT (or ray://HOST:PORT)", hint=hint)
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise UsageError(f"no Ray cluster answers at RAY_ADDRESS {address!r}: {exc.strerror or exc}",
+                         hint=hint) from None
+
+
+_DIED = object()  # a result: the task's worker died (on each of Ray's tries)
+
+
+class _RayRun:
+    """What one ``map``/``as_completed`` call with ``engine="ray"`` runs: one Ray task per task."""
+
+    def __init__(self, fn, tasks, jobs: int, ordered: bool, window: int | None, progress, initializer,
+                 initargs: tuple, on_death) -> None:
+        if initializer is not None:
+            raise ValueError("engine='ray' has no initializer: do that set-up in fn")
+        self.ray = ray_connect()
+        self.processes = ray_workers()
+        remote = _remotes.get(fn)
+        if remote is None:
+            remote = _remotes[fn] = self.ray.remote(num_cpus=1, max_retries=RAY_MAX_RETRIES)(fn)
+        self.remote = remote
+        self.tasks, self.ordered, self.window = tasks, ordered, window
+        self.progress, self.on_death = progress, on_death
+        self.refs: dict[Any, Any] = {}  # submitted, not yet yielded: ObjectRef -> task
+        self.cancelled = False
+
+    def results(self) -> Iterator[Any]:
+        return self.in_order() if self.ordered else self.completed()
+
+    def cancel(self) -> None:
+        self.cancelled = True  # the tasks on the cluster run on: Ray cannot tell queued from running
+
+    def out(self, task, result):
+        if self.progress is not None:
+            self.progress(task, result)
+        return result if self.ordered else (task, result)
+
+    def submit(self, task) -> Any:
+        ref = self.remote.remote(task)
+        self.refs[ref] = task
+        return ref
+
+    def get(self, ref) -> tuple[Any, Any]:
+        """``(task, result)`` of ``ref``: ``fn``'s exception raised as itself; ``_DIED`` for a task
+        whose worker died on every try, ``_NONE`` for one cancelled."""
+        exceptions = self.ray.exceptions
+        task = self.refs.pop(ref)
+        try:
+            return task, self.ray.get(ref)
+        except exceptions.TaskCancelledError:
+            return task, _NONE
+        except exceptions.RayTaskError as exc:  # fn raised: its exception (a DcdbError keeps its hint)
+            raise exc.cause from exc
+        except exceptions.RayError:  # the worker died (killed, out of memory), node lost, ...
+            return task, _DIED
+
+    def stop(self) -> None:
+        """Drop the tasks in flight and wait until none runs any more."""
+        refs = list(self.refs)
+        self.refs.clear()
+        for ref in refs:
+            self.ray.cancel(ref)
+        if refs:
+            self.ray.wait(refs, num_returns=len(refs), fetch_local=False)
+
+    def in_order(self) -> Iterator[Any]:
+        pending: deque = deque()  # ObjectRefs, oldest first
+        tasks = iter(self.tasks)
+        window = self.window or float("inf")
+
+        def fill() -> None:
+            while not self.cancelled and len(pending) < window:
+                task = next(tasks, _NONE)
+                if task is _NONE:
+                    return
+                pending.append(self.submit(task))
+
+        try:
+            fill()
+            while pending:
+                ref = pending.popleft()
+                fill()  # keep the window full while this one is awaited and consumed
+                task, result = self.get(ref)
+                if result is _DIED:
+                    raise self.on_death(task)
+                if result is not _NONE:
+                    yield self.out(task, result)
+        finally:
+            self.stop()
+
+    def completed(self) -> Iterator[Any]:
+        dead = _NONE  # of the tasks whose workers died, the first submitted
+        try:
+            for task in self.tasks:
+                if self.cancelled:
+                    break
+                self.submit(task)
+            order = {ref: i for i, ref in enumerate(self.refs)}
+            pending, first = list(self.refs), None
+            while pending:
+                done, pending = self.ray.wait(pending, num_returns=1)
+                for ref in done:
+                    task, result = self.get(ref)
+                    if result is _DIED:  # keep what the other workers finish
+                        if first is None or order[ref] < first:
+                            dead, first = task, order[ref]
+                    elif result is not _NONE:
+                        yield self.out(task, result)
+            if dead is not _NONE:
+                raise self.on_death(dead)
+        finally:
+            self.stop()

@@ -129,3 +129,27 @@ def demo(tmp_path_factory) -> DemoRun:
     lines: list[str] = []
     out = run_demo(folder, **DEMO_KW, log=lines.append)
     return DemoRun(folder, out, lines)
+
+
+@pytest.fixture
+def loopback_netns():
+    """``run(argv, **subprocess_kwargs)``: runs ``argv`` in a fresh network namespace with only
+    loopback up, where Ray must run (DESIGN §8: Ray contacts a cloud metadata address otherwise).
+    Skips, with the reason, when Ray is not installed or ``unshare --net`` is not permitted."""
+    import shlex
+    import subprocess
+
+    pytest.importorskip("ray")
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        pytest.skip("unshare or ip is not installed")
+    r = subprocess.run(["unshare", "--net", "sh", "-c", "ip link set lo up"], capture_output=True, check=False)
+    if r.returncode != 0:
+        pytest.skip(f"cannot create a network namespace (unshare --net: {r.stderr.decode().strip()[:80]}); "
+                    "Ray may only run where its traffic cannot leave the machine")
+
+    def run(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+        cmd = f"ip link set lo up && exec {shlex.join(argv)}"
+        return subprocess.run(["unshare", "--net", "sh", "-c", cmd], capture_output=True, text=True, check=False,
+                              **kwargs)
+
+    return run

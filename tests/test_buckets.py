@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -440,7 +439,7 @@ def test_bad_ray_address_fails_fast():
     only loopback sockets here, no Ray."""
     import socket
 
-    from dcdb.dist.execute import check_ray_address
+    from dcdb.parallel import check_ray_address
 
     for ok in (None, "", "auto", "local"):
         check_ray_address(ok)  # left to Ray: a local cluster
@@ -456,16 +455,6 @@ def test_bad_ray_address_fails_fast():
         server.listen()
         check_ray_address(f"127.0.0.1:{server.getsockname()[1]}")
         check_ray_address(f"ray://127.0.0.1:{server.getsockname()[1]}")
-
-
-def _netns_works() -> str | None:
-    if shutil.which("unshare") is None or shutil.which("ip") is None:
-        return "unshare or ip is not installed"
-    r = subprocess.run(["unshare", "--net", "sh", "-c", "ip link set lo up"], capture_output=True, check=False)
-    if r.returncode != 0:
-        return f"cannot create a network namespace (unshare --net: {r.stderr.decode().strip()[:80]}); " \
-               "Ray may only run where its traffic cannot leave the machine"
-    return None
 
 
 def _reshard_inputs(tmp_path):
@@ -488,14 +477,10 @@ def _reshard_inputs(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::ResourceWarning")  # webdataset 1.0.2 leaves tar files open
-def test_ray_engine_identical_to_local(world, tmp_path):
+def test_ray_engine_identical_to_local(loopback_netns, world, tmp_path):
     """Every baseline with --engine ray (2-CPU local cluster, loopback-only netns) gives the same
     bytes as --engine local; a worker killed mid-run still does; an unsplittable filter is refused;
     dcdb reshard --engine ray writes the same tars."""
-    pytest.importorskip("ray")
-    why = _netns_works()
-    if why:
-        pytest.skip(why)
     env = world["env"]
     reshard_args = _reshard_inputs(tmp_path)
     want = [_query(world["plain"], n, p, tmp_path / f"local{i}.npy", env) for i, (n, p) in enumerate(world["cases"])]
@@ -507,9 +492,7 @@ def test_ray_engine_identical_to_local(world, tmp_path):
                                 "bad_address": f"127.0.0.1:{_closed_port()}"}))
     driver = Path(__file__).with_name("ray_driver.py")
     child_env = {**os.environ, **env, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
-    cmd = f"ip link set lo up && exec {sys.executable} {driver} {spec}"
-    r = subprocess.run(["unshare", "--net", "sh", "-c", cmd], env=child_env, capture_output=True, text=True,
-                       timeout=300, check=False)
+    r = loopback_netns([sys.executable, str(driver), str(spec)], env=child_env, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads((tmp_path / "report.json").read_text())
     for i, (name, params) in enumerate(cases):

@@ -32,8 +32,9 @@ one file only):
    lists in bucket order into the result, or merges the top-k candidates. It returns the same
    FilterResult as the local engine.
 
-Ray is imported only here, only for ``engine="ray"``; it connects to ``RAY_ADDRESS`` or a local
-cluster (``ray start --head``), or starts one in this process.
+How the tasks run is dcdb/parallel.py's (``engine="ray"``: Ray is imported there, only for it; it
+connects to ``RAY_ADDRESS`` or a local cluster, ``ray start --head``, or starts one in this
+process); this module says what runs.
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ from typing import Any
 
 import numpy as np
 
-from dcdb import errors
+from dcdb import errors, parallel
 from dcdb import uids as U
-from dcdb.errors import DcdbError, PoolError, UsageError
+from dcdb.errors import DcdbError, PoolError, UsageError, WorkerError
 from dcdb.io import atomic_path, write_json
 from dcdb.query import FilterFile, FilterResult, collect_into, check_copies_total
 from dcdb.store import Pool
@@ -73,111 +74,44 @@ WORK_SUFFIX = ".dcdb-work"  # dcdb query --engine ray: OUTPUT.dcdb-work holds th
 # ---------------------------------------------------------------------------------- backends
 
 
-class SerialBackend:
-    """Tasks in this process, one after another (tests, and a baseline for the Ray overhead)."""
+class Backend:
+    """Where a phase's tasks run, through ``dcdb.parallel``: ``ray``, one Ray task per bucket group
+    (Ray places them and retries a task whose worker died), or ``serial``, in this process one after
+    another (the tests, and a baseline for the Ray overhead)."""
 
-    name = "serial"
-    workers = 1
+    def __init__(self, engine: str):
+        if engine not in ("ray", "serial"):
+            raise UsageError(f"unknown engine {engine!r}", hint=f"use one of {', '.join(ENGINES)}")
+        self.name = engine
+        self.engine = "ray" if engine == "ray" else "local"
+        self.workers = parallel.workers(1, self.engine)
 
     def map(self, fn: Callable, tasks: list[tuple], progress: Callable[[Any], None] | None = None) -> list:
-        out = []
-        for t in tasks:
-            out.append(fn(*t))
+        """``fn(*task)`` for each of ``tasks``, results in task order; ``progress(result)`` as each finishes."""
+        out: list[Any] = [None] * len(tasks)
+        for (i, _fn, _args), result in parallel.as_completed(
+            _call, [(i, fn, t) for i, t in enumerate(tasks)], self.workers, engine=self.engine, on_death=_died
+        ):
+            out[i] = result
             if progress:
-                progress(out[-1])
+                progress(result)
         return out
 
 
-class RayBackend:
-    """One Ray task per bucket group; Ray places them and retries a task whose worker died."""
-
-    name = "ray"
-
-    def __init__(self, max_retries: int = 3):
-        try:
-            import ray
-        except ImportError as exc:
-            raise UsageError("--engine ray needs Ray", hint="pip install 'dcdb[ray]'") from exc
-        if not ray.is_initialized():
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            address = os.environ.get("RAY_ADDRESS") or None
-            check_ray_address(address)
-            try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-            except (ConnectionError, RuntimeError, TimeoutError) as exc:
-                raise UsageError(
-                    f"cannot start or reach a Ray cluster{f' at {address}' if address else ''}: {exc}",
-                    hint="start one with `ray start --head`, point RAY_ADDRESS at it, or use --engine local",
-                ) from None
-        self.ray = ray
-        self.max_retries = max_retries
-        self.workers = int(ray.cluster_resources().get("CPU", 1))
-        self._remote: dict[Callable, Any] = {}
-
-    def map(self, fn: Callable, tasks: list[tuple], progress: Callable[[Any], None] | None = None) -> list:
-        ray = self.ray
-        remote = self._remote.get(fn)
-        if remote is None:
-            remote = self._remote[fn] = ray.remote(num_cpus=1, max_retries=self.max_retries)(fn)
-        refs = [remote.remote(*t) for t in tasks]
-        index = {r: i for i, r in enumerate(refs)}
-        out: list[Any] = [None] * len(refs)
-        pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for r in done:
-                out[index[r]] = ray.get(r)
-                if progress:
-                    progress(out[index[r]])
-        return out
+def _call(task: tuple) -> Any:
+    _i, fn, args = task
+    return fn(*args)
 
 
-RAY_CONNECT_TIMEOUT = 5.0  # seconds to wait for a TCP answer from RAY_ADDRESS
-
-
-def check_ray_address(address: str | None, timeout: float = RAY_CONNECT_TIMEOUT) -> None:
-    """Fail fast on a RAY_ADDRESS nothing answers at: ``ray.init`` would retry it for minutes.
-    ``None``, ``auto`` and ``local`` (a local cluster, found or started) are left to Ray; anything
-    else must be ``[ray://]HOST:PORT`` with something listening there."""
-    import socket
-
-    if address is None or address.strip().lower() in ("", "auto", "local"):
-        return
-    hint = "start a cluster with `ray start --head` and use the address it prints, unset RAY_ADDRESS " \
-           "for a local one, or use --engine local"
-    rest = address.strip().split("://", 1)[-1].rstrip("/")
-    host, sep, port = rest.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UsageError(f"RAY_ADDRESS {address!r} is not HOST:PORT (or ray://HOST:PORT)", hint=hint)
-    try:
-        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout).close()
-    except OSError as exc:
-        raise UsageError(f"no Ray cluster answers at RAY_ADDRESS {address!r}: {exc.strerror or exc}",
-                         hint=hint) from None
-
-
-def ray_map(fn: Callable, items, jobs: int | None = None, window: int | None = None):
-    """``fn`` over ``items`` as Ray tasks, results in input order, at most ``window`` in flight
-    (default: twice the cluster's CPUs) -- the resharder's per-shard tasks on ``--engine ray``."""
-    backend = RayBackend()
-    ray = backend.ray
-    remote = ray.remote(num_cpus=1, max_retries=backend.max_retries)(fn)
-    window = window or 2 * backend.workers
-    pending: list = []
-    for item in items:
-        pending.append(remote.remote(item))
-        if len(pending) >= window:
-            yield ray.get(pending.pop(0))
-    while pending:
-        yield ray.get(pending.pop(0))
-
-
-def backend_for(engine: str):
-    if engine == "ray":
-        return RayBackend()
-    if engine == "serial":
-        return SerialBackend()
-    raise UsageError(f"unknown engine {engine!r}", hint=f"use one of {', '.join(ENGINES)}")
+def _died(task: tuple) -> WorkerError:
+    _i, fn, args = task
+    what = "the score keys" if fn is radix_task else f"buckets {args[1][0]}-{args[1][-1]}"
+    return WorkerError(
+        f"a Ray worker died (killed, or out of memory) running {fn.__name__} on {what}, "
+        f"also each of the {parallel.RAY_MAX_RETRIES} times Ray retried it",
+        hint="re-run the same command: the buckets already finished are kept in its work folder; "
+             "if the workers ran out of memory, give them more",
+    )
 
 
 # ------------------------------------------------------------------------------------- tasks
@@ -813,7 +747,7 @@ def run_distributed(
     if log:
         log(f"plan: {plan.describe()}")
     t = time.perf_counter()
-    backend = backend_for(engine)
+    backend = Backend(engine)
     bits = int(pool_buckets(pool)["bits"])
     temp = None
     if work_dir is None:

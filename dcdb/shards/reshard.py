@@ -830,9 +830,13 @@ def _raise_worker_error(result: dict[str, Any], resume: str) -> None:
     raise cls(result["message"], hint=f"{result['hint']}; {resume}" if result["hint"] else resume)
 
 
-def _map(fn, items: list, jobs: int, window: int | None = None) -> Iterator[Any]:
+def _map(fn, items: list, jobs: int, window: int | None = None, engine: str = "local") -> Iterator[Any]:
     """``fn`` over ``items`` in order (dcdb.parallel): in this process for one job, else on ``jobs``
-    spawned processes with at most ``window`` items in flight (bounded memory)."""
+    spawned processes with at most ``window`` items in flight (bounded memory); on ``engine="ray"``
+    (``_run_task`` only) as Ray tasks, at most twice the cluster's CPUs in flight."""
+    if engine == "ray":
+        return parallel.map(fn, items, jobs, window=window or 2 * parallel.workers(jobs, engine),
+                            on_death=_ray_worker_died, engine=engine)
     return parallel.map(fn, items, jobs, window=window or 2 * jobs, on_death=_worker_died)
 
 
@@ -840,6 +844,14 @@ def _worker_died(task) -> WorkerError:
     return WorkerError(
         "a worker process died (killed, or out of memory)",
         hint="re-run the same command (with a smaller -j if memory is short): finished shards are kept",
+    )
+
+
+def _ray_worker_died(task: ShardTask) -> WorkerError:
+    return WorkerError(
+        f"a Ray worker died (killed, or out of memory) writing {OUTPUT_SHARD_FORMAT.format(task.index)}, "
+        f"also each of the {parallel.RAY_MAX_RETRIES} times Ray retried it",
+        hint="re-run the same command: finished shards are kept",
     )
 
 
@@ -1057,12 +1069,8 @@ def _write_shards(
     engine: str = "local",
 ) -> None:
     """Write the output tars in ``todo``; record each in the state file as it finishes. With
-    ``engine="ray"`` each tar is a Ray task (dcdb/dist/execute.py), same bytes."""
+    ``engine="ray"`` each tar is a Ray task (dcdb.parallel), same bytes."""
     from tqdm import tqdm
-
-    mapper = _map
-    if engine == "ray":
-        from dcdb.dist.execute import ray_map as mapper
 
     done = state["done"]
     for k in todo:
@@ -1074,7 +1082,7 @@ def _write_shards(
         total=total, unit="sample", unit_scale=True, desc="reshard", file=sys.stderr, disable=not progress
     ) as bar:
         tasks = (plan.task(k, out, strict) for k in todo)
-        for r in mapper(_run_task, _Lazy(tasks, len(todo)), jobs):
+        for r in _map(_run_task, _Lazy(tasks, len(todo)), jobs, engine=engine):
             if not r["ok"]:
                 _raise_worker_error(r, "re-run the same command: finished shards are kept")
             res = r["result"]
