@@ -1,13 +1,21 @@
-"""dcdb.parallel, the one process executor: results in task order or as they finish, a worker's
-DcdbError back as itself, a killed worker as one WorkerError, in-process for one job."""
+"""dcdb.parallel, the one executor: results in task order or as they finish, a worker's
+DcdbError back as itself, a killed worker as one WorkerError, in-process for one job; the same
+calls on a Ray cluster (engine="ray"), and Ray imported only for that engine.
+
+The Ray test runs a real 2-CPU local Ray cluster in a subprocess inside a loopback-only network
+namespace (the ``loopback_netns`` fixture; Ray never runs outside one), with this folder as its
+working directory, so Ray's workers import this module's task functions by name."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -39,6 +47,15 @@ def env_value(task: int) -> str | None:
 
 def set_env(value: str) -> None:
     os.environ["DCDB_TEST_PARALLEL"] = value
+
+
+def die_once_on_2(task: tuple[int, str]) -> int:
+    """Task 2 kills its worker the first time (it leaves the file ``task[1]``), then returns."""
+    i, marker = task
+    if i == 2 and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return i
 
 
 def wait_for(task: tuple[int, str]) -> int:
@@ -130,3 +147,94 @@ def test_cancel_drops_tasks_not_started_and_lazy_tasks_are_built_as_needed(tmp_p
 
 def test_the_initializer_runs_in_each_worker():
     assert list(parallel.map(env_value, range(4), 2, initializer=set_env, initargs=("set",))) == ["set"] * 4
+
+
+def test_no_ray_unless_the_ray_engine_runs():
+    """``import dcdb`` and the modules that can run on Ray, and a local map, import no Ray."""
+    code = ("import sys, dcdb, dcdb.parallel as p, dcdb.dist.execute, dcdb.shards.reshard, dcdb.cli\n"
+            "assert list(p.map(abs, [-1, 2], 1)) == [1, 2]\n"
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_an_unknown_engine_is_a_usage_error():
+    from dcdb.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown engine 'spark'") as exc:
+        parallel.map(square, range(3), 1, engine="spark")
+    assert "local, ray" in exc.value.hint
+
+
+def ray_checks(folder: str) -> None:
+    """The Ray engine through the same calls, on a 2-CPU local cluster: run by
+    test_the_ray_engine_behind_the_same_calls in its namespace; writes FOLDER/report.json."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    report: dict = {}
+    seen: list = []
+    res = parallel.map(square, range(12), 1, engine="ray", window=3, progress=lambda t, r: seen.append(t))
+    got = list(res)
+    report["processes"] = res.processes
+    report["map"] = [r for r, _ in got]
+    report["in_workers"] = bool({pid for _, pid in got} - {os.getpid()})
+    report["progress"] = seen
+    pairs = parallel.as_completed(square, range(12), 1, engine="ray")
+    report["as_completed"] = sorted([t, r] for t, (r, _) in pairs)
+    report["workers"] = parallel.workers(1, "ray")
+    for name, call in (("map", parallel.map), ("as_completed", parallel.as_completed)):
+        try:
+            list(call(fail_on_3, range(6), 1, engine="ray"))
+        except ShardIndexError as exc:
+            report[f"raised_{name}"] = [type(exc).__name__, exc.message, exc.hint]
+    # a worker that dies once: Ray runs the task again; one that dies every time: on_death(task)
+    report["retried"] = list(parallel.map(die_once_on_2, [(i, f"{folder}/died") for i in range(4)], 1,
+                                          engine="ray"))
+    on_death = lambda t: WorkerError(f"died on task {t}", hint="re-run")  # noqa: E731
+    try:
+        list(parallel.map(die_on_2, range(4), 1, engine="ray", on_death=on_death))
+    except WorkerError as exc:
+        report["died_map"] = [exc.message, exc.hint]
+    finished = []
+    try:
+        for task, result in parallel.as_completed(die_on_2, range(4), 1, engine="ray", on_death=on_death):
+            finished.append(result)
+    except WorkerError as exc:
+        report["died_as_completed"] = [sorted(finished), exc.message]
+    # a window takes tasks from a generator only as it needs them; leaving early stops
+    taken: list = []
+
+    def tasks():
+        for i in range(10):
+            taken.append(i)
+            yield i
+
+    with parallel.map(square, tasks(), 1, engine="ray", window=2) as res:
+        report["first"] = next(res)[0]
+        report["taken"] = len(taken)
+    ray.shutdown()
+    Path(folder, "report.json").write_text(json.dumps(report))
+
+
+@pytest.mark.slow
+def test_the_ray_engine_behind_the_same_calls(loopback_netns, tmp_path):
+    """engine="ray": results in task order (window, progress) or as they finish, a DcdbError raised
+    in a task back as itself with its message and hint, a worker that dies once retried by Ray, one
+    that dies every time as on_death(task): the same contract as the worker processes."""
+    here = Path(__file__).parent
+    code = f"import test_parallel; test_parallel.ray_checks({str(tmp_path)!r})"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    r = loopback_netns([sys.executable, "-c", code], cwd=here, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["processes"] == report["workers"] == 2
+    assert report["map"] == [i * i for i in range(12)] and report["in_workers"]
+    assert report["progress"] == list(range(12))  # called here, as each result is yielded
+    assert report["as_completed"] == [[i, i * i] for i in range(12)]
+    for name in ("map", "as_completed"):
+        assert report[f"raised_{name}"] == ["ShardIndexError", "task 3 is bad", "fix task 3"]
+    assert report["retried"] == [0, 1, 2, 3] and (tmp_path / "died").exists()
+    assert report["died_map"] == ["died on task 2", "re-run"]
+    assert report["died_as_completed"] == [[0, 1, 3], "died on task 2"]  # what finished, then the error
+    assert report["first"] == 0 and report["taken"] <= 3
