@@ -58,7 +58,7 @@ from dcdb import errors, parallel
 from dcdb import uids as U
 from dcdb.errors import DcdbError, PoolError, UsageError, WorkerError
 from dcdb.io import atomic_path, write_json
-from dcdb.query import FilterFile, FilterResult, collect_into, check_copies_total
+from dcdb.query import FilterFile, FilterResult, check_copies_total, collect_into
 from dcdb.store import Pool
 
 ENGINES = ("local", "ray")
@@ -136,8 +136,8 @@ def _guarded(fn, *args) -> dict[str, Any]:
 def _connect(pool_path: str, group: list[int], allow: list[str] | None = None, name: str = "query"):
     """A task's connection on a bucket view of the pool, sandboxed as the local engine's
     (dcdb.sandbox): it reads only the pool and ``allow`` (the filter's path parameter values)."""
-    from dcdb.ingest.buckets import bucket_view
     from dcdb.engine import connect
+    from dcdb.ingest.buckets import bucket_view
     from dcdb.sandbox import apply
     from dcdb.store import open_pool
 
@@ -722,8 +722,8 @@ def run_distributed(
 ) -> FilterResult:
     """Run ``filt`` on the bucketed ``pool`` group by group on ``engine`` ("ray" or "serial").
     Same result as ``dcdb.query.run_filter``; PlanError when the filter cannot be split."""
-    from dcdb.ingest.buckets import pool_buckets
     from dcdb.engine import connect, stored_subsets
+    from dcdb.ingest.buckets import pool_buckets
     from dcdb.plan import plan_filter
     from dcdb.query import bind_parameters
     from dcdb.sandbox import apply, check_statement, path_values
