@@ -49,7 +49,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -60,8 +59,8 @@ from typing import Any
 import numpy as np
 
 from dcdb import parallel
-from dcdb.errors import OutputError, SourceError, UsageError, WorkerError
-from dcdb.io import atomic_path, write_json
+from dcdb.errors import SourceError, UsageError, WorkerError
+from dcdb.io import atomic_path, prepare_folder, write_json
 from dcdb.store import DATACOMP_COLUMNS
 from dcdb.tario import Member, TarReader, write_samples
 
@@ -1155,33 +1154,6 @@ def _check_sizes(samples: int, shard_size: int, teacher_samples: int, per_class:
             raise UsageError(f"{name} must be at least {lo}, got {v}", hint=f"pass a {name} of {lo} or more")
 
 
-def _prepare_out(out: str | os.PathLike, force: bool) -> Path:
-    """Refuse a non-empty folder unless ``force``; with force, remove only what a world consists of."""
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"world output {str(out)!r} is a file", hint="give a folder path")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise OutputError(
-                f"world output {str(out)!r} is not empty",
-                hint="choose an empty folder or pass --force to replace it",
-            )
-        for name in LAYOUT:
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    try:
-        for sub in ("metadata", "truth", "shards", "teacher/shards", "eval"):
-            (out / sub).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(
-            f"cannot create world folder {str(out)!r}: {exc}", hint="choose a writable path"
-        ) from exc
-    return out
-
-
 def build_world(
     out: str | os.PathLike,
     *,
@@ -1208,7 +1180,11 @@ def build_world(
     _check_sizes(samples, shard_size, teacher_samples, eval_per_class, retrieval_samples)
     merged = check_rates(rates)
     cs = make_concepts(concepts, seed)
-    out = _prepare_out(out, force)
+    out = prepare_folder(  # with force, only what a world consists of goes
+        Path(out).expanduser(), force=force, what="world output", clear=lambda p: p.name in LAYOUT,
+        not_empty="choose an empty folder or pass --force to replace it",
+        subfolders=("metadata", "truth", "shards", "teacher/shards", "eval"),
+    )
     pool = plan_pool(cs, samples, seed, merged)
     teacher = plan_clean(cs, teacher_samples, seed, "teacher")
     jobs = _jobs(out, cs, pool, teacher, seed, shard_size, eval_per_class, retrieval_samples)
