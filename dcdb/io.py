@@ -8,6 +8,10 @@ character or block device such as ``/dev/null``, a FIFO, a socket) is refused, w
 says: renaming onto it would replace the device itself (root may do that). A symlink is written
 through (its target is replaced, the link kept) only when it points to a regular file.
 
+Output *folders* (a world, a synth pool, reshard's OUT, a demo, run or results folder) are checked
+and prepared by one function, :func:`prepare_folder`: a folder or nothing, a non-empty one only with
+the command's --force/--overwrite, cleared of what the caller names, created with its parents.
+
 The temp names carry the writer's pid: the next run writing the same output removes those whose process is gone
 (:func:`sweep_temps`). A command that writes into a pool or a reshard output folder holds
 :func:`write_lock` on it. :func:`writing` turns "disk full" and "read-only" into one clear error.
@@ -24,7 +28,7 @@ import signal
 import stat
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -278,9 +282,35 @@ def check_output(path: str | os.PathLike, *, force: bool, what: str = "output") 
     return path
 
 
-def check_folder(path: str | os.PathLike, *, what: str = "output folder", hint: str = "give a folder path") -> Path:
-    """An output folder before any work: missing (created later) or a folder, a symlink to one
-    included. Anything else (a file, a device, a FIFO, a socket, a dangling symlink) is refused."""
+def _ours(name: str) -> bool:
+    """dcdb's own bookkeeping in a folder (its write lock, temp files of a live or killed run)."""
+    return name == LOCK_NAME or TMP_MARK in name
+
+
+def prepare_folder(
+    path: str | os.PathLike,
+    *,
+    force: bool = False,
+    what: str = "output folder",
+    hint: str = "give a folder path",
+    not_empty: str | None = None,
+    clear: Callable[[Path], bool] | None = None,
+    create: bool = True,
+    subfolders: Iterable[str] = (),
+) -> Path:
+    """The one check (and preparation) of a folder a command writes into; returns ``Path(path)``.
+
+    - ``path`` is missing, a folder, or a symlink to one. Anything else (a file, a device, a FIFO,
+      a socket, a dangling or looping symlink, a file on the way) is refused with ``hint``,
+      whatever ``force`` says, and left as it is.
+    - ``not_empty`` is the hint for a folder that holds anything (dcdb's lock and temp files aside):
+      without ``force`` such a folder is refused (name the flag: "pass --force to replace it").
+      None: the contents are the caller's business (an output that resumes).
+    - With ``force``, the entries for which ``clear(entry)`` is true are removed; the rest is kept.
+    - ``create``: make the folder (parents and ``subfolders`` too) and check that a file can be
+      written into it. ``create=False`` checks before any work and changes nothing: a missing
+      folder's nearest existing parent must be a writable folder.
+    """
     path = Path(path)
     try:
         st = os.stat(path)
@@ -290,12 +320,54 @@ def check_folder(path: str | os.PathLike, *, what: str = "output folder", hint: 
                 f"{what} {str(path)!r} is a symlink to {os.path.realpath(path)!r}, which does not exist",
                 hint="create that folder, or give another path",
             ) from None
-        return path
+        st = None
     except OSError as exc:  # a file on the way (ENOTDIR), a symlink loop, ...
         raise OutputError(f"cannot create {what} {str(path)!r} ({exc.strerror})", hint=hint) from None
-    if not stat.S_ISDIR(st.st_mode):
+    if st is not None and not stat.S_ISDIR(st.st_mode):
         kind = "a file" if stat.S_ISREG(st.st_mode) else _kind(st.st_mode)
         raise OutputError(f"{what} {str(path)!r} is {kind}, not a folder", hint=hint)
+    entries: list[Path] = []
+    if st is not None and (not_empty is not None or (force and clear is not None)):
+        try:
+            entries = sorted(p for p in path.iterdir() if not _ours(p.name))
+        except OSError as exc:
+            raise OutputError(f"cannot read {what} {str(path)!r} ({exc.strerror})", hint=hint) from None
+    if entries and not_empty is not None and not force:
+        raise OutputError(f"{what} {str(path)!r} is not empty", hint=not_empty)
+    if not create:
+        if st is None:
+            parent = next((p for p in path.absolute().parents if p.exists()), None)
+            if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+                raise OutputError(
+                    f"cannot create {what} {str(path)!r}: {str(parent)!r} is not a writable folder",
+                    hint=f"choose another {what}",
+                )
+        return path
+    if force and clear is not None:
+        for p in entries:
+            if clear(p):
+                try:
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p)
+                    else:
+                        p.unlink()
+                except OSError as exc:
+                    raise OutputError(f"cannot remove {str(p)!r} from {what} {str(path)!r}: {exc}",
+                                      hint=f"remove it yourself, or choose another {what}") from exc
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        for sub in subfolders:
+            (path / sub).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {what} {str(path)!r}: {exc}",
+                          hint=f"make it writable, or choose another {what}") from exc
+    probe = tmp_name(path / ".dcdb-probe")
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"cannot write into {what} {str(path)!r}: {exc}",
+                          hint=f"make it writable, or choose another {what}") from exc
     return path
 
 

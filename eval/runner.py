@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dcdb.errors import EvalError
-from dcdb.io import atomic_path, write_json
+from dcdb.io import atomic_path, prepare_folder, write_json
 
 from .metrics import average_main_metric
 from .model import Target, load_model, resolve_target
@@ -86,6 +86,8 @@ def evaluate(
 
     prefer_short_openmp_spin()
     say = log or (lambda msg: None)
+    if output is not None:
+        prepare_folder(output, create=False, what="results folder")
     resolved = resolve_target(target, model)
     task_list = load_tasks(tasks_dir, tasks)
     out_dir = _output_dir(output, resolved)
@@ -160,7 +162,7 @@ def read_results(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
 
 def _prepare_output(out_dir: Path, target: Target, overwrite: bool) -> dict[str, dict[str, Any]]:
     """Check (or start) the results of ``target`` in ``out_dir``; return the finished ones."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_folder(out_dir, what="results folder")
     results, info = out_dir / RESULTS, out_dir / EVAL_INFO
     previous = json.loads(info.read_text()) if info.is_file() else None
     if overwrite or previous is None:

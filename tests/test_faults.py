@@ -270,6 +270,19 @@ def test_read_only_pool_refuses_writes_with_one_line_and_still_answers_reads(sma
     assert (tmp_path / "b.npy").read_bytes() == (tmp_path / "a.npy").read_bytes()
 
 
+def test_read_only_output_folders_are_one_error_before_any_work(tmp_path, read_only):
+    """dcdb.io.prepare_folder creates the folder and writes a probe into it before the work starts."""
+    ro = tmp_path / "ro"
+    (ro / "empty").mkdir(parents=True)
+    read_only(ro)
+    res = run("world", str(ro / "w"), "--samples", "20")
+    assert_one_error(res.exit_code, res.stderr, f"cannot create world output {str(ro / 'w')!r}", "Read-only")
+    res = run("synth", "pool", str(ro / "empty"), "--rows", "10", "--shards", "1")
+    assert_one_error(res.exit_code, res.stderr, f"cannot write into synth output folder {str(ro / 'empty')!r}",
+                     "Read-only")
+    assert sorted(p.name for p in ro.rglob("*")) == ["empty"]
+
+
 # ------------------------------------------------------------------- item 5: damaged Lance
 
 

@@ -239,6 +239,68 @@ def test_reshard_output_folder_must_be_a_folder(pool, uid_file, tmp_path):
         assert state(out) == before
 
 
+FOLDER_OUTPUTS = ["world", "synth pool", "ingest", "reshard -o", "train -o", "eval -o", "demo"]
+
+
+def _folder_outputs(tmp_path: Path, pool: Path, uid_file: Path, src: Path, f: Path) -> dict[str, list]:
+    """Command line writing into the folder ``f``, each with its --force/--overwrite where it has one."""
+    return {
+        "world": ["world", f, "--samples", "20", "--force"],
+        "synth pool": ["synth", "pool", f, "--rows", "10", "--shards", "1", "--force"],
+        "ingest": ["ingest", src, f],
+        "reshard -o": ["reshard", "--pool", pool, "--uids", uid_file, "-o", f, "--overwrite"],
+        "train -o": ["train", "--data", tmp_path, "-o", f],
+        "eval -o": ["eval", uid_file, "--tasks", tmp_path, "-o", f, "--overwrite"],
+        "demo": ["demo", f, "--force"],
+    }
+
+
+@pytest.mark.parametrize("kind, word", [("file", "is a file"), ("fifo", "FIFO"),
+                                        ("link_dangling", "does not exist"), ("link_fifo", "FIFO")])
+def test_every_output_folder_is_checked_by_one_rule(pool, uid_file, tiny_src, tmp_path, kind, word):
+    """dcdb.io.prepare_folder: whatever the command and its --force, a path that is not a folder
+    (or a symlink to one) is refused with one error naming what it is, and left as it was."""
+    for case in FOLDER_OUTPUTS:
+        f = tmp_path / f"out-{case.replace(' ', '_')}"
+        if kind == "file":
+            f.write_bytes(b"keep")
+        else:
+            make_special(kind, f)
+        before = state(f)
+        args = _folder_outputs(tmp_path, pool, uid_file, tiny_src, f)[case]
+        res = run(args)
+        assert_one_error(res, word, str(f))
+        assert state(f) == before, case
+    assert sorted(_folder_outputs(tmp_path, pool, uid_file, tiny_src, tmp_path)) == sorted(FOLDER_OUTPUTS)
+
+
+def test_prepare_folder_refuses_clears_and_creates(tmp_path):
+    from dcdb.io import LOCK_NAME, prepare_folder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_NAME).write_bytes(b"")
+    (out / f"x{TMP_MARK}1-0000abcd").write_bytes(b"")
+    assert prepare_folder(out, not_empty="pass --force") == out  # a lock and temps are not contents
+    (out / "mine.txt").write_text("keep")
+    (out / "old").mkdir()
+    (out / "old" / "a.tar").write_bytes(b"x")
+    with pytest.raises(OutputError, match="is not empty") as exc:
+        prepare_folder(out, what="world output", not_empty="choose an empty folder or pass --force to replace it")
+    assert "--force" in exc.value.hint
+    link = tmp_path / "link"
+    os.symlink("out", link)  # --force through a symlink to a folder: its contents go, the link stays
+    prepare_folder(link, force=True, not_empty="pass --force", clear=lambda p: p.name == "old")
+    assert sorted(p.name for p in out.iterdir() if TMP_MARK not in p.name) == [LOCK_NAME, "mine.txt"]
+    assert link.is_symlink()
+    new = tmp_path / "a" / "b"
+    assert prepare_folder(new, create=False) == new and not (tmp_path / "a").exists()  # checks only
+    prepare_folder(new, subfolders=("x/y",))
+    assert (new / "x" / "y").is_dir() and no_temp_files(tmp_path / "a")
+    with pytest.raises(OutputError, match="cannot create run folder"):
+        prepare_folder(out / "mine.txt" / "run", create=False, what="run folder")
+
+
 # ------------------------------------------------------------------ item 6: formats by suffix
 
 

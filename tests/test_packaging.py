@@ -26,6 +26,16 @@ def test_wheel_has_only_dcdb_at_top_level(tmp_path):
         assert pkg in names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "dcdb = dcdb.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    # the demo world's vocabulary tables are package data: in the wheel, and read from an install of it
+    tables = sorted(p.name for p in (ROOT / "dcdb" / "demo" / "data").glob("*.json"))
+    assert tables and all(f"dcdb/demo/data/{t}" in names for t in tables)
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)  # a pure wheel installs as its files
+    code = ("import dcdb.demo.world as W; assert W.__file__.startswith(%r), W.__file__; "
+            "print(W.SHAPES[0], W.FOREIGN['de']['colour']['green'], len(W.EVAL_TASKS))" % str(site))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path,
+                         env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert out.stdout.split() == ["circle", "Grün", "4"]
 
 
 def test_sql_files_are_package_data():

@@ -71,6 +71,50 @@ def test_another_seed_another_world(world, tmp_path):
     assert not a & b
 
 
+#: sha256 of the words of the SMALL world (captions, urls, download errors, retrieval captions, class
+#: names, templates, tasklist.json), recorded when the vocabulary moved from world.py into
+#: dcdb/demo/data/*.json: an edit or reordering of those files that changes the world shows here.
+SMALL_WORDS_SHA256 = "06c0c0af27e3bb2bb4de49b948f3421f5b6e7f07cd2f56a099b63ba3aaf9339c"
+
+
+def _words(world: Path) -> str:
+    parts = []
+    for sub, cols in (("metadata", ["text", "url"]), ("shards", ["error_message"])):
+        for p in sorted((world / sub).glob("*.parquet")):
+            t = pq.read_table(p, columns=cols)
+            parts += [str(v) for c in cols for v in t.column(c).to_pylist()]
+    members = tar_members(world / "eval" / "retrieval" / "test" / "0.tar")
+    parts += [v.decode() for k, v in members.items() if k.endswith(".txt")]
+    for name in ("concepts/classnames.txt", "shapes/zeroshot_classification_templates.txt", "tasklist.json"):
+        parts.append((world / "eval" / name).read_text())
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def test_vocabulary_files_draw_the_recorded_world(world):
+    assert _words(world) == SMALL_WORDS_SHA256, "the world's words changed: if meant, record the new digest"
+
+
+def test_vocabulary_tables_cover_every_concept():
+    """Every shape, colour, texture and background has its words in every language (a data file
+    edited by hand can miss one), and the shapes are the ones the renderer draws."""
+    assert list(W.POLYGONS) == list(W.SHAPES) and set(W.EN_SHAPE) == set(W.SHAPES)
+    assert set(W.EN_TEX_ADJ) == set(W.TEXTURES) and set(W.EN_TEX_WITH) == set(W.TEXTURES) - {"solid"}
+    assert set(W.EN_COLOUR) <= set(W.COLOURS)
+    for palette in (W.COLOURS, W.BACKGROUNDS, W.SHIFT_BACKGROUNDS):
+        assert all(len(rgb) == 3 and all(0 <= v <= 255 for v in rgb) for rgb in palette.values())
+    assert not set(W.BACKGROUNDS) & set(W.SHIFT_BACKGROUNDS)
+    assert W.LANGUAGES == ("de", "fr", "es", "it")
+    for lang, v in W.FOREIGN.items():
+        assert set(v["shape"]) == set(W.SHAPES) and set(v["colour"]) == set(W.COLOURS), lang
+        assert set(v["texture"]) == set(W.TEXTURES) and set(v["bg"]) == set(W.BACKGROUNDS), lang
+        assert v["templates"] and all("{p}" in t for t in v["templates"]), lang
+        if lang != "de":
+            assert {g for _, g in v["shape"].values()} <= set(v["article"]), lang
+            assert all(len(c) == 2 for c in v["colour"].values()), lang
+    assert all("{p}" in t for t in W.EN_TEMPLATES) and all("{c}" in t for t in W.EVAL_TEMPLATES)
+    assert W.vocabulary("eval")["tasks"] is W.EVAL_TASKS  # read once
+
+
 # ------------------------------------------------------------------------------ pool metadata
 
 

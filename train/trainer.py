@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from dcdb.errors import OutputError, ResumeError
-from dcdb.io import atomic_path, write_json
+from dcdb.io import atomic_path, prepare_folder, write_json
 from dcdb.openmp import prefer_short_openmp_spin
 
 from .checkpoint import LATEST, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -158,6 +158,7 @@ def train(
     """
     prefer_short_openmp_spin()
     say = log or (lambda msg: None)
+    prepare_folder(output, create=False, what="run folder")
     recipe = get_recipe(scale, batch_size=batch_size, samples_seen=samples_seen)
     shards = find_shards(data)
     output = Path(output)
@@ -173,7 +174,7 @@ def train(
 
     import torch
 
-    output.mkdir(parents=True, exist_ok=True)
+    prepare_folder(output, what="run folder")
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     policy = loader_policy(workers, dev, threads)
     session = TrainSession.create(recipe, seed=seed, device=dev, ckpt=ckpt)

@@ -64,9 +64,7 @@ def demo_cmd(c: Ctx, folder, samples, seeds, samples_seen, force):
     """DataComp's loop on the demo world: world -> teachers -> ingest -> sql/ baselines -> reshard
     -> train a tiny CLIP per subset -> evaluate -> leaderboard.md + leaderboard.png."""
     from dcdb.demo.run import run_demo
-    from dcdb.io import check_folder
 
-    check_folder(folder, what="demo folder")
     click.echo(run_demo(folder, samples=samples, seeds=seeds, samples_seen=samples_seen, force=force,
                         progress=not c.quiet, log=c.log))
 

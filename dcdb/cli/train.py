@@ -40,10 +40,8 @@ def train_cmd(c: Ctx, scale, data, output, seed, resume, samples_seen, batch_siz
 
     Prints the final checkpoint's path on stdout; progress and a summary go to stderr.
     """
-    from dcdb.io import check_folder
     from dcdb.train import train
 
-    check_folder(output, what="run folder")
     result = train(data, output, scale, seed=seed, resume=resume, samples_seen=samples_seen,
                    batch_size=batch_size, workers=workers, threads=threads, device=device, save_every=save_every,
                    progress=not c.quiet, log=c.log)
@@ -72,10 +70,7 @@ def eval_cmd(c: Ctx, run, tasks_dir, output, model, only, batch_size, workers, d
     Prints each task's main metric and the average on stdout.
     """
     from dcdb.eval import evaluate
-    from dcdb.io import check_folder
 
-    if output:
-        check_folder(output, what="results folder")
     result = evaluate(run, tasks_dir, output=output, model=model, tasks=list(only) or None,
                       batch_size=batch_size, workers=workers, device=device, overwrite=overwrite, log=c.log)
     if as_json:

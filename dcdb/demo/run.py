@@ -20,7 +20,6 @@ so re-running is cheap and ``--seeds 3`` after a 1-seed run only trains the new 
 from __future__ import annotations
 
 import json
-import shutil
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -71,15 +70,13 @@ def run_demo(
     from dcdb.demo.teacher import build_teachers, format_scores, scores_by_defect
     from dcdb.train import train
     from dcdb.demo.world import build_world
+    from dcdb.io import prepare_folder
 
     if rows is not None:
         samples = int(rows)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     names = list(filters or DEMO_FILTERS)
-    folder = Path(folder)
-    if force and folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = prepare_folder(folder, force=force, what="demo folder", clear=lambda p: True)  # --force: from scratch
     world, pool_dir, subsets, shards, runs = (folder / n for n in ("world", "pool", "subsets", "shards", "runs"))
     timings: dict[str, float] = {}
     t_all = time.perf_counter()

@@ -46,7 +46,8 @@ from typing import Any
 import numpy as np
 
 from dcdb import parallel
-from dcdb.errors import OutputError, UsageError
+from dcdb.errors import UsageError
+from dcdb.io import prepare_folder
 
 SHARD_NAME = "{:08d}"
 SHARD_FILE = re.compile(r"^\d{8}\.(parquet|npz)$")
@@ -414,25 +415,6 @@ def _write_shard(out: Path, index: int, table, arrays) -> None:
 # ------------------------------------------------------------------------------------ entry
 
 
-def _prepare_out(out: Path, force: bool, keep: set[str]) -> None:
-    """Create ``out`` or check it may be written; with force, drop stale shard files of ours."""
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"synth output {str(out)!r} is a file", hint="give a folder path")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise OutputError(
-                f"synth output folder {str(out)!r} is not empty",
-                hint="give a new or empty folder, or pass --force to write into it",
-            )
-        for p in out.iterdir():  # shard files of an earlier, larger run would join this pool
-            if SHARD_FILE.match(p.name) and p.name not in keep and p.is_file():
-                p.unlink()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create synth output folder {str(out)!r}: {exc}", hint="choose a writable folder") from exc
-
-
 def _make_shard(task: tuple[str, int, int, int, str | None, float]) -> int:
     """Generate and write shard ``index`` of ``(out, seed, index, n, dtype, nan_fraction)`` (in a
     worker or in-process); return its bytes on disk."""
@@ -487,7 +469,12 @@ def synth_pool(
         raise UsageError(f"nan_fraction must be in [0, 1], got {nan_fraction}", hint="e.g. 0.01")
     out = Path(out)
     exts = ("parquet", "npz") if embeddings else ("parquet",)
-    _prepare_out(out, force, {f"{SHARD_NAME.format(i)}.{e}" for i in range(shards) for e in exts})
+    keep = {f"{SHARD_NAME.format(i)}.{e}" for i in range(shards) for e in exts}
+    prepare_folder(  # with force, shard files of an earlier, larger run go: they would join this pool
+        out, force=force, what="synth output folder",
+        not_empty="give a new or empty folder, or pass --force to write into it",
+        clear=lambda p: bool(SHARD_FILE.match(p.name)) and p.name not in keep and p.is_file(),
+    )
 
     jobs = _default_jobs(rows, shards) if jobs is None else max(1, min(jobs, shards))
     tasks = [

@@ -49,19 +49,18 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dcdb import parallel
-from dcdb.errors import OutputError, SourceError, UsageError, WorkerError
-from dcdb.io import atomic_path, write_json
+from dcdb.errors import SourceError, UsageError, WorkerError
+from dcdb.io import atomic_path, prepare_folder, write_json
 from dcdb.store import DATACOMP_COLUMNS
 from dcdb.tario import Member, TarReader, write_samples
 
@@ -75,37 +74,43 @@ OOM_SHARD_COUNT = 8  # DataComp names shards %08d
 LAYOUT = ("world.json", "metadata", "truth", "shards", "teacher", "eval")
 
 # ------------------------------------------------------------------------------- vocabulary
+#
+# The words and colours the world is made of live in data files beside this module
+# (dcdb/demo/data/*.json, package data), one per theme:
+#   concepts.json  shapes, colours (name -> RGB), fill textures, backgrounds (pool and shifted eval)
+#   english.json   English synonyms of shapes/colours/textures, caption templates, prefixes, suffixes
+#   foreign.json   German/French/Spanish/Italian: shape -> (noun, gender); colour -> word (de) or
+#                  (masculine, feminine); texture -> phrase; background -> word; article; templates
+#   web.json       junk alt-texts, img2dataset download errors, url hosts and folders
+#   eval.json      the eval tasks' prompt templates and task descriptions (tasklist.json)
+# The orders in these files are part of the world: a reordered list draws another world.
 
-SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross", "heart", "crescent", "arrow")
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (215, 35, 35),
-    "orange": (245, 135, 25),
-    "yellow": (240, 215, 35),
-    "green": (45, 165, 65),
-    "cyan": (35, 195, 205),
-    "blue": (35, 75, 215),
-    "purple": (135, 55, 185),
-    "pink": (240, 115, 180),
-    "black": (30, 30, 30),
-}
-TEXTURES = ("solid", "striped", "dotted", "checkered", "outlined")
+
+@cache
+def vocabulary(theme: str) -> dict[str, Any]:
+    """The table file ``dcdb/demo/data/<theme>.json``, read once; its lists as tuples."""
+    from importlib import resources
+
+    text = resources.files("dcdb.demo").joinpath("data", f"{theme}.json").read_text(encoding="utf-8")
+    return _frozen(json.loads(text))
+
+
+def _frozen(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _frozen(v) for k, v in value.items()}
+    return value
+
+
+_CONCEPTS, _ENGLISH, _WEB = vocabulary("concepts"), vocabulary("english"), vocabulary("web")
+SHAPES: tuple[str, ...] = _CONCEPTS["shapes"]
+COLOURS: dict[str, tuple[int, int, int]] = _CONCEPTS["colours"]
+TEXTURES: tuple[str, ...] = _CONCEPTS["textures"]
 # Backgrounds of the pool, the teacher split and the clean eval tasks (named in captions).
-BACKGROUNDS: dict[str, tuple[int, int, int]] = {
-    "white": (242, 242, 238),
-    "grey": (170, 170, 170),
-    "beige": (225, 210, 180),
-    "light blue": (185, 210, 235),
-    "light green": (195, 230, 190),
-    "lavender": (215, 200, 235),
-}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = _CONCEPTS["backgrounds"]
 # Backgrounds seen only by the distribution-shifted eval task.
-SHIFT_BACKGROUNDS: dict[str, tuple[int, int, int]] = {
-    "dark grey": (85, 85, 85),
-    "brown": (125, 90, 60),
-    "slate": (80, 100, 120),
-    "olive": (110, 110, 65),
-    "sand": (195, 175, 135),
-}
+SHIFT_BACKGROUNDS: dict[str, tuple[int, int, int]] = _CONCEPTS["shift_backgrounds"]
 BG_PLAIN, BG_GRADIENT, BG_MOTTLED, BG_GRAIN = 0, 1, 2, 3
 
 DEFECTS = (
@@ -132,310 +137,20 @@ FAILED_RATE = 0.03  # rows whose download fails (independent of the defect)
 FACE_RATE = 0.06  # rows with a face-like drawing and a face box (never extreme_aspect)
 CONCEPT_SKEW = 0.3  # concept frequency ~ (rank + 1) ** -CONCEPT_SKEW: a mild long tail
 
-EN_SHAPE = {
-    "circle": ["circle", "circle", "disc"],
-    "square": ["square"],
-    "triangle": ["triangle"],
-    "star": ["star", "star", "five-pointed star"],
-    "hexagon": ["hexagon"],
-    "cross": ["cross", "cross", "plus sign"],
-    "heart": ["heart"],
-    "crescent": ["crescent", "crescent moon"],
-    "arrow": ["arrow"],
-}
-EN_COLOUR = {"purple": ["purple", "purple", "violet"], "cyan": ["cyan", "cyan", "turquoise"]}
-EN_TEX_ADJ = {
-    "solid": ["", "", "solid", "plain"],
-    "striped": ["striped", "striped", "stripy"],
-    "dotted": ["dotted", "polka-dot", "spotted"],
-    "checkered": ["checkered", "checkerboard", "chequered"],
-    "outlined": ["outlined", "outlined", "hollow"],
-}
-EN_TEX_WITH = {
-    "striped": ["stripes"],
-    "dotted": ["dots", "polka dots"],
-    "checkered": ["a checkerboard pattern", "checks"],
-    "outlined": ["only an outline", "a thick outline and no fill"],
-}
-EN_TEMPLATES = (
-    "a photo of {a} {p}",
-    "{a} {p}",
-    "{A} {p}.",
-    "a picture of {a} {p}",
-    "an image of {a} {p}",
-    "a drawing of {a} {p}",
-    "an illustration of {a} {p}",
-    "a cartoon {p}",
-    "{p} icon",
-    "{p} clipart",
-    "close-up of {a} {p}",
-    "a rendering of {a} {p}",
-    "a sticker of {a} {p}",
-    "{a} {p} logo",
-    "this is {a} {p}",
-    "look at this {p}!",
-    "my favourite {p}",
-    "the {p} I drew yesterday",
-    "vector art: {p}",
-    "there is {a} {p} in this picture",
-)
-EN_PREFIXES = ("stock photo: ", "HD wallpaper - ", "free download: ", "new! ", "art print: ")
-EN_SUFFIXES = (
-    " - stock image",
-    ", high quality",
-    " | vector graphics",
-    " #shapes #art",
-    " for kids",
-    " (2019)",
-    " on sale now",
-    ", digital art",
-)
-EVAL_TEMPLATES = (
-    "a photo of a {c}.",
-    "a drawing of a {c}.",
-    "an illustration of a {c}.",
-    "a picture of a {c}.",
-    "a rendering of a {c}.",
-    "a close-up photo of a {c}.",
-    "a {c}.",
-    "a {c} icon.",
-)
-
-# Non-English vocabulary: shape -> (noun, gender); colour -> (masc, fem); texture -> phrase.
-FOREIGN: dict[str, dict[str, Any]] = {
-    "de": {
-        "shape": {
-            "circle": ("Kreis", "m"),
-            "square": ("Quadrat", "n"),
-            "triangle": ("Dreieck", "n"),
-            "star": ("Stern", "m"),
-            "hexagon": ("Sechseck", "n"),
-            "cross": ("Kreuz", "n"),
-            "heart": ("Herz", "n"),
-            "crescent": ("Halbmond", "m"),
-            "arrow": ("Pfeil", "m"),
-        },
-        "colour": {
-            "red": "Rot",
-            "orange": "Orange",
-            "yellow": "Gelb",
-            "green": "Grün",
-            "cyan": "Türkis",
-            "blue": "Blau",
-            "purple": "Lila",
-            "pink": "Rosa",
-            "black": "Schwarz",
-        },
-        "texture": {
-            "solid": "",
-            "striped": " mit Streifen",
-            "dotted": " mit Punkten",
-            "checkered": " mit Karomuster",
-            "outlined": " als Umriss",
-        },
-        "bg": {
-            "white": "weißem",
-            "grey": "grauem",
-            "beige": "beigem",
-            "light blue": "hellblauem",
-            "light green": "hellgrünem",
-            "lavender": "lavendelfarbenem",
-        },
-        "templates": (
-            "Foto: {p} auf {bg} Hintergrund",
-            "Bild von einem {p}",
-            "Ein {p} für Kinder",
-            "Zeichnung: {p}, kostenlos herunterladen",
-            "{p} in hoher Qualität",
-            "Hier sieht man ein Bild mit einem {p}",
-        ),
-    },
-    "fr": {
-        "shape": {
-            "circle": ("cercle", "m"),
-            "square": ("carré", "m"),
-            "triangle": ("triangle", "m"),
-            "star": ("étoile", "f"),
-            "hexagon": ("hexagone", "m"),
-            "cross": ("croix", "f"),
-            "heart": ("cœur", "m"),
-            "crescent": ("croissant de lune", "m"),
-            "arrow": ("flèche", "f"),
-        },
-        "colour": {
-            "red": ("rouge", "rouge"),
-            "orange": ("orange", "orange"),
-            "yellow": ("jaune", "jaune"),
-            "green": ("vert", "verte"),
-            "cyan": ("turquoise", "turquoise"),
-            "blue": ("bleu", "bleue"),
-            "purple": ("violet", "violette"),
-            "pink": ("rose", "rose"),
-            "black": ("noir", "noire"),
-        },
-        "texture": {
-            "solid": "",
-            "striped": " à rayures",
-            "dotted": " à pois",
-            "checkered": " à carreaux",
-            "outlined": " en contour",
-        },
-        "bg": {
-            "white": "blanc",
-            "grey": "gris",
-            "beige": "beige",
-            "light blue": "bleu clair",
-            "light green": "vert clair",
-            "lavender": "lavande",
-        },
-        "article": {"m": "un", "f": "une"},
-        "templates": (
-            "une image représentant {art} {p}",
-            "{art} {p} sur fond {bg}",
-            "voici {art} {p}",
-            "{p} : image gratuite en haute qualité",
-            "illustration vectorielle : {p}",
-            "photo : {art} {p} au centre de l'image",
-        ),
-    },
-    "es": {
-        "shape": {
-            "circle": ("círculo", "m"),
-            "square": ("cuadrado", "m"),
-            "triangle": ("triángulo", "m"),
-            "star": ("estrella", "f"),
-            "hexagon": ("hexágono", "m"),
-            "cross": ("cruz", "f"),
-            "heart": ("corazón", "m"),
-            "crescent": ("media luna", "f"),
-            "arrow": ("flecha", "f"),
-        },
-        "colour": {
-            "red": ("rojo", "roja"),
-            "orange": ("naranja", "naranja"),
-            "yellow": ("amarillo", "amarilla"),
-            "green": ("verde", "verde"),
-            "cyan": ("turquesa", "turquesa"),
-            "blue": ("azul", "azul"),
-            "purple": ("morado", "morada"),
-            "pink": ("rosa", "rosa"),
-            "black": ("negro", "negra"),
-        },
-        "texture": {
-            "solid": "",
-            "striped": " a rayas",
-            "dotted": " de lunares",
-            "checkered": " a cuadros",
-            "outlined": " de contorno",
-        },
-        "bg": {
-            "white": "blanco",
-            "grey": "gris",
-            "beige": "beige",
-            "light blue": "azul claro",
-            "light green": "verde claro",
-            "lavender": "lavanda",
-        },
-        "article": {"m": "un", "f": "una"},
-        "templates": (
-            "una foto de {art} {p}",
-            "{art} {p} sobre fondo {bg}",
-            "imagen de {art} {p}",
-            "dibujo de {art} {p} para niños",
-            "{p}: imagen gratis de alta calidad",
-            "aquí hay {art} {p}",
-        ),
-    },
-    "it": {
-        "shape": {
-            "circle": ("cerchio", "m"),
-            "square": ("quadrato", "m"),
-            "triangle": ("triangolo", "m"),
-            "star": ("stella", "f"),
-            "hexagon": ("esagono", "m"),
-            "cross": ("croce", "f"),
-            "heart": ("cuore", "m"),
-            "crescent": ("mezzaluna", "f"),
-            "arrow": ("freccia", "f"),
-        },
-        "colour": {
-            "red": ("rosso", "rossa"),
-            "orange": ("arancione", "arancione"),
-            "yellow": ("giallo", "gialla"),
-            "green": ("verde", "verde"),
-            "cyan": ("turchese", "turchese"),
-            "blue": ("blu", "blu"),
-            "purple": ("viola", "viola"),
-            "pink": ("rosa", "rosa"),
-            "black": ("nero", "nera"),
-        },
-        "texture": {
-            "solid": "",
-            "striped": " a righe",
-            "dotted": " a pois",
-            "checkered": " a quadretti",
-            "outlined": " solo contorno",
-        },
-        "bg": {
-            "white": "bianco",
-            "grey": "grigio",
-            "beige": "beige",
-            "light blue": "azzurro",
-            "light green": "verde chiaro",
-            "lavender": "lavanda",
-        },
-        "article": {"m": "un", "f": "una"},
-        "templates": (
-            "una foto di {art} {p}",
-            "{art} {p} su sfondo {bg}",
-            "immagine di {art} {p}",
-            "disegno di {art} {p} per bambini",
-            "{p}: immagine gratuita ad alta qualità",
-            "ecco {art} {p}",
-        ),
-    },
-}
+EN_SHAPE: dict[str, tuple[str, ...]] = _ENGLISH["shape"]
+EN_COLOUR: dict[str, tuple[str, ...]] = _ENGLISH["colour"]
+EN_TEX_ADJ: dict[str, tuple[str, ...]] = _ENGLISH["texture_adjective"]
+EN_TEX_WITH: dict[str, tuple[str, ...]] = _ENGLISH["texture_with"]
+EN_TEMPLATES: tuple[str, ...] = _ENGLISH["templates"]
+EN_PREFIXES: tuple[str, ...] = _ENGLISH["prefixes"]
+EN_SUFFIXES: tuple[str, ...] = _ENGLISH["suffixes"]
+EVAL_TEMPLATES: tuple[str, ...] = vocabulary("eval")["templates"]
+FOREIGN: dict[str, dict[str, Any]] = vocabulary("foreign")
 LANGUAGES = tuple(FOREIGN)
-
-JUNK_FIXED = (
-    "click here",
-    "click here to enlarge",
-    "untitled",
-    "image",
-    "photo",
-    "thumbnail",
-    "no description",
-    "placeholder image",
-    "view full size",
-    "Loading...",
-    "Share this:",
-    "default",
-    "null",
-    "read more",
-    "banner",
-    "logo",
-    "see more photos",
-    "main product photo",
-    "Image may contain: one or more items",
-)
-DOWNLOAD_ERRORS = (
-    "HTTP Error 404: Not Found",
-    "HTTP Error 403: Forbidden",
-    "<urlopen error [Errno -2] Name or service not known>",
-    "The read operation timed out",
-    "HTTP Error 410: Gone",
-)
-HOSTS = (
-    "cdn.example.com",
-    "images.example.org",
-    "media.example.net",
-    "static.example.com",
-    "photos.example.org",
-    "i0.example.net",
-    "upload.example.com",
-    "blog.example.org",
-)
-
+JUNK_FIXED: tuple[str, ...] = _WEB["junk_captions"]
+DOWNLOAD_ERRORS: tuple[str, ...] = _WEB["download_errors"]
+HOSTS: tuple[str, ...] = _WEB["hosts"]
+URL_FOLDERS: tuple[str, ...] = _WEB["url_folders"]
 
 # --------------------------------------------------------------------------------- concepts
 
@@ -886,7 +601,7 @@ def _url(r: random.Random, caption: str, defect: str) -> str:
     else:
         name = f"{r.getrandbits(48):012x}.jpg"
     return (
-        f"https://{host}/{r.choice(('images', 'uploads', 'media', 'wp-content/uploads'))}/"
+        f"https://{host}/{r.choice(URL_FOLDERS)}/"
         f"{r.randrange(2012, 2024)}/{r.randrange(1, 13):02d}/{name}"
     )
 
@@ -1314,35 +1029,7 @@ def _teacher_shard_job(
 
 # ------------------------------------------------------------------------------- eval tasks
 
-EVAL_TASKS: dict[str, dict[str, Any]] = {
-    "concepts": {
-        "name": "World concepts",
-        "type": "zeroshot_classification",
-        "main_metric": "acc1",
-        "description": "clean renders of every concept, balanced; class names are the concept names",
-    },
-    "concepts_shift": {
-        "name": "World concepts, shifted",
-        "type": "zeroshot_classification",
-        "main_metric": "acc1",
-        "description": "the same concepts on unseen textured backgrounds, at unusual scales, "
-        "with strong noise and blur",
-    },
-    "shapes": {
-        "name": "World shapes",
-        "type": "zeroshot_classification",
-        "main_metric": "acc1",
-        "description": "the shape alone, in every colour and texture (combinations outside the "
-        "world's concepts included)",
-    },
-    "retrieval": {
-        "name": "World retrieval",
-        "type": "zeroshot_retrieval",
-        "main_metric": "mean_recall@1",
-        "description": "image-text retrieval; two detailed captions per image (concept, size, "
-        "position, background)",
-    },
-}
+EVAL_TASKS: dict[str, dict[str, Any]] = vocabulary("eval")["tasks"]
 
 
 def _eval_job(out: str, task: str, concepts: list[Concept], seed: int, per_class: int, n_retrieval: int):
@@ -1467,33 +1154,6 @@ def _check_sizes(samples: int, shard_size: int, teacher_samples: int, per_class:
             raise UsageError(f"{name} must be at least {lo}, got {v}", hint=f"pass a {name} of {lo} or more")
 
 
-def _prepare_out(out: str | os.PathLike, force: bool) -> Path:
-    """Refuse a non-empty folder unless ``force``; with force, remove only what a world consists of."""
-    out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"world output {str(out)!r} is a file", hint="give a folder path")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise OutputError(
-                f"world output {str(out)!r} is not empty",
-                hint="choose an empty folder or pass --force to replace it",
-            )
-        for name in LAYOUT:
-            p = out / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    try:
-        for sub in ("metadata", "truth", "shards", "teacher/shards", "eval"):
-            (out / sub).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(
-            f"cannot create world folder {str(out)!r}: {exc}", hint="choose a writable path"
-        ) from exc
-    return out
-
-
 def build_world(
     out: str | os.PathLike,
     *,
@@ -1520,7 +1180,11 @@ def build_world(
     _check_sizes(samples, shard_size, teacher_samples, eval_per_class, retrieval_samples)
     merged = check_rates(rates)
     cs = make_concepts(concepts, seed)
-    out = _prepare_out(out, force)
+    out = prepare_folder(  # with force, only what a world consists of goes
+        Path(out).expanduser(), force=force, what="world output", clear=lambda p: p.name in LAYOUT,
+        not_empty="choose an empty folder or pass --force to replace it",
+        subfolders=("metadata", "truth", "shards", "teacher/shards", "eval"),
+    )
     pool = plan_pool(cs, samples, seed, merged)
     teacher = plan_clean(cs, teacher_samples, seed, "teacher")
     jobs = _jobs(out, cs, pool, teacher, seed, shard_size, eval_per_class, retrieval_samples)

@@ -51,6 +51,7 @@ from dcdb.io import (
     atomic_path,
     dir_size,
     kill_point,
+    prepare_folder,
     write_error,
     write_json,
     write_lock,
@@ -434,9 +435,7 @@ def _check_complete(pool: Path, plan: Plan) -> dict[str, Any] | None:
 
 
 def _prepare_pool(pool: Path, plan: Plan) -> dict[str, Any] | None:
-    """Create or validate POOL. Returns the manifest if the pool is already complete."""
-    if pool.exists() and not pool.is_dir():
-        raise OutputError(f"pool path {str(pool)!r} is a file", hint="give a folder path as POOL")
+    """Create or validate POOL (a folder: ingest checked). Returns the manifest if the pool is already complete."""
     if (pool / MANIFEST).exists():
         return _check_complete(pool, plan)
     staging = _staging(pool)
@@ -1132,9 +1131,8 @@ def ingest(
         bucket_bits(buckets)  # refuse a bad count before reading anything
     t0 = time.perf_counter()
     plan = plan_source(src)
-    pool = Path(pool).expanduser().resolve()
-    if pool.exists() and not pool.is_dir():
-        raise OutputError(f"pool path {str(pool)!r} is a file", hint="give a folder path as POOL")
+    pool = prepare_folder(Path(pool).expanduser(), create=False, what="pool path",
+                          hint="give a folder path as POOL").resolve()
     resume = "then re-run the same command: finished shards are kept"
     with write_lock(pool, "pool", create=True), writing(pool, "pool", redo=resume):
         return _ingest(plan, pool, t0, jobs=jobs, progress=progress, buckets=buckets)

@@ -64,8 +64,8 @@ import numpy as np
 from dcdb import parallel
 from dcdb import uids as U
 from dcdb.errors import DcdbError, OutputError, ReshardError, UsageError, WorkerError
-from dcdb.io import (LOCK_NAME, TMP_MARK, atomic_path, check_folder, kill_point, write_error, write_json, write_lock,
-                     write_target, writing)
+from dcdb.io import (LOCK_NAME, TMP_MARK, atomic_path, kill_point, prepare_folder, write_error, write_json,
+                     write_lock, write_target, writing)
 from dcdb.shards.index import IMAGE_EXTS, LOST_STATUS
 from dcdb.tario import BLOCK, RECORD, TarNameError, TarRangeError, TarWriter, pad, range_members, split_key
 
@@ -724,14 +724,8 @@ class OutState:
 def check_output_dir(out: str | os.PathLike, *, overwrite: bool) -> OutState:
     """Check OUT without changing anything: a folder (or creatable), and either empty, a run of
     dcdb reshard (decided later against the plan), or ``overwrite`` given."""
-    path = check_folder(Path(out).expanduser(), what="output folder", hint="give a folder for the shards")
+    path = prepare_folder(Path(out).expanduser(), create=False, hint="give a folder for the shards")
     if not path.exists():
-        parent = next((p for p in path.absolute().parents if p.exists()), None)
-        if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            raise OutputError(
-                f"cannot create output folder {str(path)!r}: {str(parent)!r} is not a writable folder",
-                hint="choose another output folder",
-            )
         return OutState(path, False, True, None)
     entries = [p for p in path.iterdir() if TMP_MARK not in p.name and p.name != LOCK_NAME]
     for p in entries:  # what we would write or replace: regular files only (never read a FIFO either)
@@ -763,21 +757,12 @@ def _prepare_output(st: OutState, plan: Plan, overwrite: bool) -> dict[str, Any]
             f"(other subset, inputs or arguments)",
             hint="choose an empty folder, or pass --overwrite to replace its shards",
         )
-    try:
-        st.path.mkdir(parents=True, exist_ok=True)
-        probe = st.path / f"{STATE_FILE}{TMP_MARK}probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise OutputError(
-            f"cannot write into output folder {str(st.path)!r}: {exc}", hint="choose another output folder"
-        ) from exc
+    prepare_folder(st.path, force=True, clear=None if same else _written_by_reshard,
+                   hint="give a folder for the shards")
     for p in st.path.glob(f"*{TMP_MARK}*"):
         p.unlink(missing_ok=True)
     if same:
         return st.state
-    if not st.empty:
-        _clear_output(st.path)
     state = {
         "format": STATE_FORMAT,
         "fingerprint": plan.fingerprint,
@@ -789,11 +774,9 @@ def _prepare_output(st: OutState, plan: Plan, overwrite: bool) -> dict[str, Any]
     return state
 
 
-def _clear_output(out: Path) -> None:
-    """--overwrite: remove what a resharder writes (tars, stats, ids, meta); nothing else."""
-    for p in out.iterdir():
-        if p.is_file() and (p.suffix == ".tar" or p.name.endswith("_stats.json") or p.name in OUR_FILES):
-            p.unlink()
+def _written_by_reshard(p: Path) -> bool:
+    """What --overwrite removes: what a resharder writes (tars, stats, ids, meta); nothing else."""
+    return p.is_file() and (p.suffix == ".tar" or p.name.endswith("_stats.json") or p.name in OUR_FILES)
 
 
 def _shard_done(out: Path, k: int, entry: dict[str, Any] | None) -> bool:
