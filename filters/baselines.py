@@ -198,9 +198,10 @@ def _clip_cut_macro() -> str:
     Selected in linear time by radix rounds (dcdb.cuts, the Ray driver's code): when the score is
     a float column of the metadata or of a derived group (``clip_cut_direct``), ``clip_cut_select``
     streams it from those Parquet files (two passes at most, 4 bytes per score kept up to 256 MB)
-    and is evaluated once per statement (a constant). Otherwise one scan collects the scores and
-    ``clip_nth_desc`` selects in memory (8 bytes per scored row). ``ORDER BY ... LIMIT 1 OFFSET n``
-    (a sort) was 5x slower at 12.8M rows than that scan, the scan 3x slower than the stream."""
+    and is evaluated once per statement (a constant, which DuckDB then pushes into the scan).
+    Otherwise one scan collects the scores and ``clip_nth_desc`` selects in memory (8 bytes per
+    scored row). At 12.8M rows (benchmarks/bench_cuts.py, same run) ``ORDER BY ... LIMIT 1 OFFSET
+    n`` took 5.6x the stream's time, that collecting scan 2.7x, numpy's partition of the column 1.8x."""
     scores = "FROM baseline_pool(arch := arch) WHERE fraction IS NOT NULL AND NOT clip_cut_direct(arch)"
     return (
         "CREATE OR REPLACE MACRO clip_cut(arch, fraction, threshold) AS "
