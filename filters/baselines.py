@@ -353,12 +353,12 @@ def _clip_cut_select(arch, fraction, info):
     out = []
     for a, f in zip(arch.to_pylist(), fraction.to_pylist()):
         if (a, f) not in memo:
-            memo[a, f] = None if a is None or f is None else fraction_cut(info, a, f)
+            memo[a, f] = None if a is None or f is None else _fraction_cut(info, a, f)
         out.append(memo[a, f])
     return pa.array(out, pa.float64())
 
 
-def fraction_cut(info: dict[str, Any], arch: str, fraction: float) -> float | None:
+def _fraction_cut(info: dict[str, Any], arch: str, fraction: float) -> float | None:
     """DataComp's fraction threshold of ``arch``'s score over the pool, from its Parquet files
     (``_score_files``) by radix selection (dcdb.cuts); None when the index falls on a NaN.
     Remembered per connection while those files are unchanged: DuckDB may evaluate the constant
@@ -391,6 +391,8 @@ def _read_column(files: list, column: str):
     import pyarrow as pa
     import pyarrow.dataset as ds
 
+    if not files:
+        return
     try:
         for batch in ds.dataset([str(f) for f in files], format="parquet").to_batches(columns=[column]):
             yield batch.column(0).to_numpy(zero_copy_only=False)

@@ -136,12 +136,12 @@ def write_pool(tmp_path, scores: np.ndarray, shards: int = 3, l14: bool = True):
     src = tmp_path / "src"
     src.mkdir()
     table = pa.table({
-        "uid": [f"{(i * 2654435761) % (1 << 64):016x}{i:016x}" for i in range(n)],
-        "url": [f"https://x.example/{i}.jpg" for i in range(n)],
-        "text": ["a photo"] * n,
+        "uid": pa.array([f"{(i * 2654435761) % (1 << 64):016x}{i:016x}" for i in range(n)], pa.string()),
+        "url": pa.array([f"https://x.example/{i}.jpg" for i in range(n)], pa.string()),
+        "text": pa.array(["a photo"] * n, pa.string()),
         "original_width": pa.array([640] * n, pa.int64()),
         "original_height": pa.array([480] * n, pa.int64()),
-        "sha256": ["0" * 64] * n,
+        "sha256": pa.array(["0" * 64] * n, pa.string()),
         "clip_b32_similarity_score": pa.array(scores[::-1].copy(), pa.float32()),
         "clip_l14_similarity_score": pa.array(scores, pa.float32()),
         "face_bboxes": pa.array([[] for _ in range(n)], pa.list_(pa.list_(pa.float64()))),
@@ -269,3 +269,12 @@ def test_nan_scores_are_never_keys():
     assert descending_nth(lambda: iter([x]), index_of(0.25)) == (0.25, 4, 2)
     assert descending_nth(lambda: iter([x]), index_of(0.5)) == (None, 4, 2)  # index 2: a NaN
     assert math.isclose(descending_nth(lambda: iter([x]), index_of(1.0))[0], 0.25)
+
+
+@pytest.mark.parametrize("scores", [np.empty(0, np.float32), np.full(9, np.nan, np.float32)], ids=["empty", "all-nan"])
+def test_clip_score_on_a_pool_with_no_score_keeps_nothing(tmp_path, scores):
+    from dcdb.query import load_filter
+
+    pool, _ = write_pool(tmp_path, scores, shards=1)
+    for f in ("0.3", "1"):
+        assert len(run_filter(pool, load_filter("clip_score"), {"arch": "l14", "fraction": f}).uids) == 0
