@@ -49,6 +49,7 @@ CONST_TABLE_FUNCTIONS = {
     "read_json", "read_json_auto", "read_ndjson", "glob",
 }
 ROW_MACROS_WITH_SELECT = set()  # scalar macros that read tables but are row-local (none yet)
+POOL_FUNCTIONS = {"clip_cut_select"}  # scalar functions that read the whole pool (per bucket: wrong)
 NO_LOCATION = 18446744073709551615
 CUT_PARAM = "__dcdb_cut_{}"
 CONST_PARAM = "__dcdb_const_{}"
@@ -374,6 +375,9 @@ class _Analyser:
             if name == "clip_cut":
                 if self.clip_cut(e):
                     return
+            elif name in POOL_FUNCTIONS:
+                raise PlanError(f"{name}(...) reads the scores of the whole pool, not of one bucket",
+                                hint="use clip_cut(arch, fraction, NULL), or run it with --engine local")
             elif name in self.aggregates:
                 found["aggregates"].append(f"{name}()")
             elif name in self.macros:

@@ -25,10 +25,11 @@ linear-time for n <= 1).
 
 Python functions (Arrow-vectorised): ``wordnet_hit(offsets, wordnet_ids_file)``,
 ``target_centroids(centroids_file, imagenet_embeddings_glob)``, ``nearest_centroid(vec, file)``,
-``centroids_match(file)``, ``wordnet_offsets_of(text)``, ``clip_cut_mode``, ``clip_cut_index`` and
-``dcdb_fail(kind, message, hint)``. Errors they raise are dcdb's typed errors (AssetError,
-ParameterError, PoolError); ``dcdb.filters.take_error(con)`` returns the last one raised on a connection
-so the caller can re-raise it with its type after DuckDB wrapped it.
+``centroids_match(file)``, ``wordnet_offsets_of(text)``, ``clip_cut_mode``, ``clip_cut_index``,
+``clip_cut_direct``, ``clip_cut_select``, ``clip_nth_desc`` and ``dcdb_fail(kind, message, hint)``.
+Errors they raise are dcdb's typed errors (AssetError, ParameterError, PoolError);
+``dcdb.filters.take_error(con)`` returns the last one raised on a connection so the caller can
+re-raise it with its type after DuckDB wrapped it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from dcdb.cuts import descending_nth, select_desc
 from dcdb.errors import AssetError, DcdbError, ParameterError, PoolError
 from dcdb.filters import REGISTRARS, arrow_function, constant_argument
 
@@ -82,12 +84,14 @@ def _pool_facts(pool, columns: dict[str, str]) -> dict[str, Any]:
     from dcdb.derived import groups
 
     l14 = pool.spaces.get("l14_img")
+    derived = groups(pool)  # the groups the pool view joins (a group added later is not in it)
     return {
         "pool": pool,
+        "derived": derived,
         "path": str(pool.path),
         "l14_dim": int(l14["dim"]) if l14 else None,
         "has_l14": "l14_img" in columns,
-        "centroid_group": groups(pool).get(CENTROID_GROUP) if CENTROID_COLUMN in columns else None,
+        "centroid_group": derived.get(CENTROID_GROUP) if CENTROID_COLUMN in columns else None,
     }
 
 
@@ -100,6 +104,10 @@ def _register_functions(con, info: dict[str, Any]) -> None:
     arrow_function(con, "clip_nth_desc", _clip_nth_desc, [duckdb.list_type(duckdb.sqltype("DOUBLE")), "BIGINT"],
                     "DOUBLE", special_nulls=True)
     arrow_function(con, "clip_cut_index", _clip_cut_index, ["BIGINT", "BIGINT", "DOUBLE"], "BIGINT",
+                    special_nulls=True)
+    arrow_function(con, "clip_cut_direct", lambda a: _clip_cut_direct(a, info), ["VARCHAR"], "BOOLEAN",
+                    special_nulls=True)
+    arrow_function(con, "clip_cut_select", lambda a, f: _clip_cut_select(a, f, info), ["VARCHAR", "DOUBLE"], "DOUBLE",
                     special_nulls=True)
     arrow_function(con, "wordnet_hit", lambda o, p: _wordnet_hit(o, p, info["access"]),
                     [duckdb.list_type(duckdb.sqltype("INTEGER")), "VARCHAR"],
@@ -187,14 +195,19 @@ def _clip_cut_macro() -> str:
     """``clip_cut(arch, fraction, threshold)``: DataComp's threshold. Fraction mode: the value at
     index n = int(N*f) (N counts every row) of the scores sorted descending with NaN (NULL in
     ``pool``) last, as numpy sorts -scores; an index that falls on a NaN gives NULL: nothing kept.
-    One scan collects the non-NULL scores and ``clip_nth_desc`` selects the n-th largest with
-    ``np.partition`` (linear time): ``ORDER BY ... LIMIT 1 OFFSET n`` keeps an n-row heap and was
-    5x slower at 12.8M rows. Memory: 8 bytes per scored row (DataComp's np.sort holds as much)."""
-    scores = "FROM baseline_pool(arch := arch) WHERE fraction IS NOT NULL"
+    Selected in linear time by radix rounds (dcdb.cuts, the Ray driver's code): when the score is
+    a float column of the metadata or of a derived group (``clip_cut_direct``), ``clip_cut_select``
+    streams it from those Parquet files (two passes at most, 4 bytes per score kept up to 256 MB)
+    and is evaluated once per statement (a constant, which DuckDB then pushes into the scan).
+    Otherwise one scan collects the scores and ``clip_nth_desc`` selects in memory (8 bytes per
+    scored row). At 12.8M rows (benchmarks/bench_cuts.py, same run) ``ORDER BY ... LIMIT 1 OFFSET
+    n`` took 5.6x the stream's time, that collecting scan 2.7x, numpy's partition of the column 1.8x."""
+    scores = "FROM baseline_pool(arch := arch) WHERE fraction IS NOT NULL AND NOT clip_cut_direct(arch)"
     return (
         "CREATE OR REPLACE MACRO clip_cut(arch, fraction, threshold) AS "
         "CASE WHEN clip_cut_mode(CAST(fraction AS DOUBLE), CAST(threshold AS DOUBLE)) = 'threshold' "
         "THEN clip_threshold_as(arch, threshold) "
+        "WHEN clip_cut_direct(arch) THEN clip_cut_select(arch, CAST(fraction AS DOUBLE)) "
         "ELSE (SELECT clip_nth_desc(list(CAST(clip_score AS DOUBLE)) FILTER (WHERE clip_score IS NOT NULL), "
         f"clip_cut_index(count(*), count(clip_score), CAST(fraction AS DOUBLE))) {scores}) END"
     )
@@ -283,12 +296,109 @@ def _clip_nth_desc(values, index):
     for i in range(len(values)):
         lst, k = values[i], index[i].as_py()
         scores = lst.values.to_numpy(zero_copy_only=False) if lst.is_valid else np.empty(0)
-        if k is None or not 0 <= k < len(scores):
-            out.append(None)
-            continue
-        j = len(scores) - 1 - k  # ascending position of the k-th largest
-        out.append(float(np.partition(scores, j)[j]))
+        out.append(None if k is None else select_desc(scores, k))
     return pa.array(out, pa.float64())
+
+
+def score_column(pool, arch: str, derived: dict[str, dict[str, Any]] | None = None) -> tuple[str | None, str] | None:
+    """Where ``baseline_pool``'s ``clip_score`` for ``arch`` is stored when it is a float column
+    read as it is: ``(group, column)`` for a derived group (the last group that has the column
+    wins, as in the ``pool`` view; ``derived``: the groups the view joins, default the pool's
+    now) or ``(None, column)`` for the metadata. None when the column is of another type, absent,
+    or ``arch`` unknown: the SQL path then computes it (or raises the error)."""
+    from dcdb.derived import groups
+
+    column = ARCH_COLUMNS.get(arch)
+    if column is None:
+        return None
+
+    def has(cols) -> bool | None:  # None: not there; False: there but not a float column
+        for c in cols:
+            if c.get("name") == column:
+                return c.get("type") in ("float", "double")
+        return None
+
+    for name, group in reversed(list((groups(pool) if derived is None else derived).items())):
+        found = has(group.get("columns", []))
+        if found is not None:
+            return (name, column) if found else None
+    return (None, column) if has(pool.manifest.get("columns", [])) else None
+
+
+def _score_files(info: dict[str, Any], arch: str) -> tuple[list, str] | None:
+    """(the Parquet files, the column) that the pool view reads ``clip_score`` of ``arch`` from."""
+    from dcdb.derived import group_files
+
+    known = info.setdefault("score_files", {})
+    if arch not in known:
+        src = score_column(info["pool"], arch, info["derived"])
+        if src is not None:
+            group, column = src
+            files = group_files(info["pool"], group) if group else info["pool"].metadata_files()
+            src = (files, column)
+        known[arch] = src
+    return known[arch]
+
+
+def _clip_cut_direct(arch, info):
+    import pyarrow as pa
+
+    return pa.array([a is not None and _score_files(info, a) is not None for a in arch.to_pylist()], pa.bool_())
+
+
+def _clip_cut_select(arch, fraction, info):
+    import pyarrow as pa
+
+    memo: dict[tuple, float | None] = {}
+    out = []
+    for a, f in zip(arch.to_pylist(), fraction.to_pylist()):
+        if (a, f) not in memo:
+            memo[a, f] = None if a is None or f is None else _fraction_cut(info, a, f)
+        out.append(memo[a, f])
+    return pa.array(out, pa.float64())
+
+
+def _fraction_cut(info: dict[str, Any], arch: str, fraction: float) -> float | None:
+    """DataComp's fraction threshold of ``arch``'s score over the pool, from its Parquet files
+    (``_score_files``) by radix selection (dcdb.cuts); None when the index falls on a NaN.
+    Remembered per connection while those files are unchanged: DuckDB may evaluate the constant
+    more than once for one statement (planning it for EXPLAIN, then running it)."""
+    import os
+
+    files, column = _score_files(info, arch)
+    try:
+        stamp = tuple((st.st_size, st.st_mtime_ns) for st in map(os.stat, files))
+    except OSError as exc:
+        raise PoolError(f"pool {info['path']!r} is damaged: {exc.strerror}: {exc.filename!r}",
+                        hint="re-ingest the pool (or recompute the derived group)") from None
+    cache = info.setdefault("cuts", {})
+    key = (arch, float(fraction), tuple(map(str, files)), stamp)
+    if key not in cache:
+        value, rows, _ = descending_nth(lambda: _read_column(files, column),
+                                        lambda n_rows, n_scored: fraction_index(n_rows, n_scored, fraction))
+        if rows != info["pool"].rows:
+            raise PoolError(f"pool {info['path']!r} is damaged: its {column} column has {rows} rows, the "
+                            f"manifest says {info['pool'].rows}", hint="re-ingest the pool")
+        if len(cache) >= 16:
+            cache.clear()
+        cache[key] = value
+    return cache[key]
+
+
+def _read_column(files: list, column: str):
+    """``column`` of ``files`` in pool order, batch by batch, as numpy floats (NULL -> NaN); the
+    files are read ahead on pyarrow's threads (1.7x a file-by-file read of 128 files here)."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    if not files:
+        return
+    try:
+        for batch in ds.dataset([str(f) for f in files], format="parquet").to_batches(columns=[column]):
+            yield batch.column(0).to_numpy(zero_copy_only=False)
+    except (OSError, pa.ArrowException) as exc:
+        raise PoolError(f"cannot read column {column!r} of the pool's files: {exc}",
+                        hint="the pool may be damaged; re-ingest it (or recompute the derived group)") from None
 
 
 def _clip_cut_index(n_rows, n_scored, fraction):

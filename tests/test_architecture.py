@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"dcdb": "dcdb", "filters": "dcdb.filters", "train": "dcdb.train", "eval": "dcdb.eval"}
-CORE = ("store", "engine", "query", "ingest", "vectors", "shards", "dist", "plan", "uids", "subsets",
+CORE = ("store", "engine", "query", "ingest", "vectors", "shards", "dist", "plan", "cuts", "uids", "subsets",
         "annotate", "derived", "sandbox", "io", "errors", "sqltext", "tario", "results", "version", "parallel")
 DEMO = "dcdb.demo"
 

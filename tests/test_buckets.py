@@ -241,6 +241,7 @@ REFUSED = [
     ("SELECT uid FROM pool WHERE EXISTS (SELECT 1 FROM pool_metadata m WHERE m.text = 'x')", "EXISTS subquery"),
     ("SELECT uid FROM pool UNION ALL SELECT '0123456789abcdef0123456789abcdef'", "UNION"),
     ("SELECT uid FROM pool WHERE clip_l14_similarity_score > geomean(clip_b32_similarity_score)", "geomean()"),
+    ("SELECT uid FROM pool WHERE clip_l14_similarity_score >= clip_cut_select('l14', 0.3)", "clip_cut_select(...)"),
 ]
 
 
@@ -313,12 +314,13 @@ def test_compact_moves_each_bucket_behind_the_previous(tmp_path, monkeypatch, ch
 
 
 def test_sort_keys_order_like_floats():
-    from dcdb.dist.execute import _from_key, _sort_keys
+    from dcdb.cuts import key_value, sort_keys
 
     v = np.array([-np.inf, -3.5, -1e-300, -0.0, 0.0, 5e-324, 0.25, 0.2500001, 7.0, np.inf])
-    keys = _sort_keys(v)
-    assert np.all(np.diff(keys.astype(object)) > 0)
-    assert [_from_key(int(k)) for k in keys] == v.tolist()
+    keys = sort_keys(v)
+    assert keys.dtype == np.uint64 and np.all(np.diff(keys.astype(object)) > 0)
+    assert [key_value(int(k), 64) for k in keys] == v.tolist()
+    assert [np.signbit(key_value(int(k), 64)) for k in keys[3:5]] == [True, False]
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,7 @@ import numpy as np
 
 from dcdb import errors, parallel
 from dcdb import uids as U
+from dcdb.cuts import DIGITS, RadixSelect, histogram, sort_keys, with_prefix
 from dcdb.errors import DcdbError, PoolError, UsageError, WorkerError
 from dcdb.io import atomic_path, write_json
 from dcdb.query import FilterFile, FilterResult, check_copies_total, collect_into
@@ -64,7 +65,6 @@ from dcdb.store import Pool
 ENGINES = ("local", "ray")
 TASKS_PER_WORKER = 1  # bucket groups per worker: balance and cheap retries vs. per-task start-up (connect)
 MAX_TASK_ROWS = 8_000_000  # pool rows per task at most (~130 MB of uids if every row is kept)
-RADIX_BITS = 16
 COLLECT_LIMIT = 1 << 22  # fetch the remaining candidate keys (8 B each) once at most this many are left
 FAULT_ENV = "DCDB_FAULT_INJECT"  # test hook: "<marker file>": the first query task's worker dies once
 MARKER = ".done.json"
@@ -336,17 +336,6 @@ def _sorted_by_bucket(parts, copies_parts, group: list[int], bits: int, name: st
     return pieces, entries
 
 
-def _histogram(keys: np.ndarray, prefix: int, known: int) -> np.ndarray:
-    """Counts of the next RADIX_BITS bits of the keys whose top ``known`` bits are ``prefix``."""
-    if known:
-        keys = keys[(keys >> np.uint64(64 - known)) == np.uint64(prefix)]
-    if known == 0 and RADIX_BITS == 16 and sys.byteorder == "little":
-        digits = keys.view(np.uint16)[3::4]  # the top 16 bits, no arithmetic, no copy
-    else:
-        digits = ((keys >> np.uint64(64 - known - RADIX_BITS)) & np.uint64((1 << RADIX_BITS) - 1)).astype(np.intp)
-    return np.bincount(digits, minlength=1 << RADIX_BITS).astype(np.int64, copy=False)
-
-
 def _bucket_scores(pool_path: str, group: list[int], source: tuple, params: dict[str, Any], times: dict[str, float]):
     """Yield (bucket, its row count, its scores as float64 with NaN for NULL) bucket by bucket.
     ``source`` is ``("file", dir, column)`` -- the column read straight from each bucket's Parquet
@@ -405,10 +394,10 @@ def _scores_task(pool_path: str, group: list[int], source: tuple, params: dict[s
     t0 = time.perf_counter()
     times = {"connect": 0.0}
     entries, parts, offset, rows = [], [], 0, 0
-    hist = np.zeros(1 << RADIX_BITS, dtype=np.int64)
+    hist = np.zeros(DIGITS, dtype=np.int64)
     for b, n, v in _bucket_scores(pool_path, group, source, params, times):
-        keys = _sort_keys(v[~np.isnan(v)])
-        hist += _histogram(keys, 0, 0)
+        keys = sort_keys(v[~np.isnan(v)])  # v is float64: 64-bit keys
+        hist += histogram(keys)
         parts.append(keys)
         entries.append({"bucket": b, "rows": n, "scored": len(keys), "offset": offset})
         offset += keys.nbytes
@@ -419,31 +408,18 @@ def _scores_task(pool_path: str, group: list[int], source: tuple, params: dict[s
     return {"rows": rows, "scored": offset // 8, "buckets": len(group), "hist": hist, "times": times}
 
 
-def _sort_keys(values: np.ndarray) -> np.ndarray:
-    """uint64 keys that sort like the float64 values (ascending; no NaN here: NULLs were dropped)."""
-    bits = np.ascontiguousarray(values, dtype=np.float64).view(np.uint64)
-    neg = (bits >> np.uint64(63)).astype(bool)
-    return np.where(neg, ~bits, bits | np.uint64(1 << 63))
-
-
-def _from_key(key: int) -> float:
-    k = np.uint64(key)
-    bits = k & ~np.uint64(1 << 63) if k >> np.uint64(63) else ~k
-    return float(np.array([bits], dtype=np.uint64).view(np.float64)[0])
-
-
 def _radix_task(segments: list[tuple[str, int, int]], prefix: int, known: int, collect: bool) -> dict[str, Any]:
     """One radix round over key file ``segments`` (path, byte offset, count), among the sort keys
     whose top ``known`` bits are ``prefix``: a histogram of their next 16 bits, or (``collect``)
     the keys themselves."""
-    hist = np.zeros(1 << RADIX_BITS, dtype=np.int64)
+    hist = np.zeros(DIGITS, dtype=np.int64)
     found = []
     for path, offset, count in segments:
         keys = np.fromfile(path, dtype=np.uint64, count=count, offset=offset)
         if collect:
-            found.append(keys[(keys >> np.uint64(64 - known)) == np.uint64(prefix)] if known else keys)
+            found.append(with_prefix(keys, prefix, known))
         else:
-            hist += _histogram(keys, prefix, known)
+            hist += histogram(keys, prefix, known)
     if collect:
         return {"keys": np.concatenate(found) if found else np.empty(0, np.uint64)}
     return {"hist": hist}
@@ -624,28 +600,19 @@ def _run_phase(backend, pool: Pool, out_dir: Path, ext: str, per_task: int | Non
 
 def _score_source(pool: Pool, arch: str) -> tuple:
     """Where phase 1 reads a clip_cut's scores: straight from the Parquet column when the pool
-    has it (the same column ``baseline_pool`` picks: a derived group's wins over the metadata's),
-    else through the score query (which also raises the right error for a bad arch or pool)."""
-    from dcdb.derived import groups as derived_groups
-    from dcdb.filters.baselines import ARCH_COLUMNS
+    has it (the same column ``baseline_pool`` picks: ``score_column``, a derived group's wins over
+    the metadata's), else through the score query (which also raises the right error for a bad
+    arch or pool)."""
+    from dcdb.filters.baselines import score_column
     from dcdb.plan import Cut
     from dcdb.store import DERIVED_DIR
 
-    column = ARCH_COLUMNS.get(arch)
-    if column is not None:
-        def has(cols) -> bool | None:  # None: not there; False: there but not a float column
-            for c in cols:
-                if c.get("name") == column:
-                    return c.get("type") in ("float", "double")
-            return None
-
-        for name, info in reversed(list(derived_groups(pool).items())):
-            found = has(info.get("columns", []))
-            if found is not None:
-                return ("file", f"{DERIVED_DIR}/{name}", column) if found else ("sql", Cut.score_sql)
-        if has(pool.manifest.get("columns", [])) and all(
-            s["metadata"] == f"metadata/{s['name']}.parquet" for s in pool.manifest["shards"]
-        ):
+    src = score_column(pool, arch)
+    if src is not None:
+        group, column = src
+        if group is not None:
+            return ("file", f"{DERIVED_DIR}/{group}", column)
+        if all(s["metadata"] == f"metadata/{s['name']}.parquet" for s in pool.manifest["shards"]):
             return ("file", "metadata", column)
     return ("sql", Cut.score_sql)
 
@@ -685,24 +652,22 @@ def _exact_cut(backend, pool: Pool, cut, work: Path, stats: RunStats, progress: 
     if n >= n_scored:
         value = None  # the index falls in the NULL (NaN) tail: nothing passes, as in DataComp
     else:
-        m = n_scored - 1 - n  # ascending rank of the value
+        sel = RadixSelect(n_scored - 1 - n, n_scored, 64)  # ascending rank of the value (dcdb.cuts)
         chunks = _segments(done, backend.workers)
-        prefix, known, count = 0, 0, n_scored
         # round 1 came back with the scores when every bucket was scanned by this run
         fresh = sum(r["rows"] for r in res) == n_rows
         hist = np.sum([r["hist"] for r in res], axis=0) if res and fresh else None
-        while count > COLLECT_LIMIT and known < 64:  # narrow by 16 bits per round
+        while sel.count > COLLECT_LIMIT and not sel.fixed:  # narrow by 16 bits per round
             if hist is None:
-                hists = _check(backend.map(radix_task, [(c, prefix, known, False) for c in chunks]))
+                hists = _check(backend.map(radix_task, [(c, sel.prefix, sel.known, False) for c in chunks]))
                 hist = np.sum([h["hist"] for h in hists], axis=0)
-            cum = np.cumsum(hist)
-            digit = int(np.searchsorted(cum, m, side="right"))
-            below = int(cum[digit - 1]) if digit else 0
-            m, count = m - below, int(cum[digit]) - below
-            prefix, known, hist = (prefix << RADIX_BITS) | digit, known + RADIX_BITS, None
-        found = _check(backend.map(radix_task, [(c, prefix, known, True) for c in chunks]))
-        keys = np.concatenate([f["keys"] for f in found])
-        value = _from_key(int(np.partition(keys, m)[m]))
+            sel.narrow(hist)
+            hist = None
+        keys = None
+        if not sel.fixed:
+            found = _check(backend.map(radix_task, [(c, sel.prefix, sel.known, True) for c in chunks]))
+            keys = np.concatenate([f["keys"] for f in found])
+        value = sel.value(keys)
     write_json(value_file, {"value": value, "rows": n_rows, "scored": n_scored, "index": n,
                             "fraction": cut.fraction, "arch": cut.arch})
     return value
