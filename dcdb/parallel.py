@@ -32,7 +32,7 @@ When something fails:
   consumes them) drops the tasks not started and waits for the running ones: when the caller's
   clean-up runs, no worker writes any more.
 
-``engine="ray"`` (the section at the end of this module) runs each task as a Ray task of one CPU
+``engine="ray"`` (its section below the local executor) runs each task as a Ray task of one CPU
 on the cluster ``RAY_ADDRESS`` names, or a local one (found, or started in this process); ``jobs``
 is not used there: the cluster places the tasks (``workers`` says how many CPUs it has). Ray is
 imported only then. The same rules hold, with Ray's words: results in task order or as they
@@ -42,17 +42,25 @@ cluster counts as started (Ray cannot take a queued task back without losing a r
 result): ``cancel()`` stops handing tasks over; leaving early cancels the tasks in flight (queued
 ones never run, a running one may be interrupted; outputs are atomic) and waits until they have
 stopped. There is no ``initializer`` on Ray.
+
+The last section is the one completion-marker scheme of every resumable job (``Ledger``,
+``LedgerFile``, ``file_signature``): how a re-run knows which jobs it need not redo.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dcdb.errors import DcdbError, UsageError, WorkerError
+from dcdb.io import atomic_path, json_text
 
 ENGINES = ("local", "ray")  # where the tasks run: processes on this machine, or a Ray cluster
 START_METHOD = "spawn"  # never fork: the parent's DuckDB/Lance/Arrow threads would be copied mid-flight
@@ -418,3 +426,237 @@ class _RayRun:
                 raise self.on_death(dead)
         finally:
             self.stop()
+
+
+# -------------------------------------------------------------------------- completion markers
+#
+# One resume scheme for every job that a killed run should not redo (ingest's shards and bucket
+# stages, reshard's output tars, the Ray engine's bucket groups). A job, once its outputs are in
+# place, is recorded under a key: a fingerprint of what it was made from (input files' sizes and
+# mtimes, parameters), its outputs with their sizes, and what the caller wants back (``info``).
+# A re-run asks ``done(key, inputs=..., params=...)``: the marker, only if it is there, of this
+# layout, of the same fingerprint, and every output it lists still has its recorded size;
+# otherwise None, and the job is redone. A marker that cannot be read (torn, foreign, of an older
+# dcdb) is no marker: redo, never an error. Markers are written atomically (dcdb.io) and only
+# after the outputs, so a marker never vouches for a half file.
+#
+# ``Ledger(folder)`` keeps one marker file per key, ``<key><suffix>``: jobs on other processes or
+# machines record their own. ``LedgerFile(path, kind=, scope=)`` keeps them all in one JSON file
+# written by one process, with the run's ``scope`` (a fingerprint of the whole run): a file of
+# another kind or scope holds no markers. The shard index's per-tar footers are a file format of
+# their own (dcdb/shards/index.py) and share only ``file_signature``.
+
+MARKER_FORMAT = "dcdb-marker"
+MARKER_VERSION = 1
+Inputs = Iterable[str | os.PathLike] | dict[str, str | os.PathLike]  # paths, or name -> path
+
+
+def file_signature(path: str | os.PathLike) -> list[int] | None:
+    """``[size, mtime_ns]`` of a file (through symlinks), or None if it does not exist: what every
+    "is this input unchanged" check of dcdb compares."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def fingerprint(inputs: Inputs = (), params: Any = None) -> str:
+    """sha256 of the inputs' signatures (``file_signature``, taken now) and of ``params`` (JSON):
+    changes when an input file changes size or mtime, or a parameter changes. ``inputs`` is a list
+    of paths (named by their path) or a mapping name -> path (so a moved input folder still matches).
+    Signatures taken before a job ran belong in ``params``: an input that changes while the job
+    runs must not be signed afterwards."""
+    named = inputs if isinstance(inputs, dict) else {os.fspath(p): p for p in inputs}
+    sigs = {str(name): file_signature(p) for name, p in named.items()}
+    text = json.dumps({"inputs": sigs, "params": params}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class Marker:
+    """A recorded job: its key, outputs (path relative to the ledger's root -> size; ``at_least``:
+    files that must be at least that long, such as a file other jobs write into too) and ``info``."""
+
+    key: str
+    fingerprint: str
+    outputs: dict[str, int]
+    at_least: dict[str, int]
+    info: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "outputs": self.outputs, "at_least": self.at_least,
+                "info": self.info}
+
+    @classmethod
+    def from_json(cls, key: str, raw: Any) -> Marker | None:
+        """The marker ``raw`` holds, or None if it is not one (torn, foreign, another layout)."""
+        try:
+            outputs = {str(p): int(n) for p, n in raw["outputs"].items()}
+            at_least = {str(p): int(n) for p, n in raw["at_least"].items()}
+            info, fp = raw["info"], raw["fingerprint"]
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+        if not isinstance(info, dict) or not isinstance(fp, str):
+            return None
+        return cls(key, fp, outputs, at_least, info)
+
+    def intact(self, root: Path) -> bool:
+        """Every output is still there with its recorded size (at least it, for ``at_least``)."""
+        for rel, size in self.outputs.items():
+            sig = file_signature(root / rel)
+            if sig is None or sig[0] != size:
+                return False
+        for rel, size in self.at_least.items():
+            sig = file_signature(root / rel)
+            if sig is None or sig[0] < size:
+                return False
+        return True
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file's value; None when missing, not a regular file (never block on a FIFO), torn."""
+    try:
+        if not path.is_file():
+            return None
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class Ledger:
+    """Completion markers in ``folder``, one file ``<key><suffix>`` per job; outputs are paths
+    relative to ``root`` (default: the folder) or absolute. ``fsync=False`` skips flushing each
+    marker (a killed process still leaves none half written; after a machine crash a marker may
+    outlive its data, which the recorded sizes catch)."""
+
+    def __init__(self, folder: str | os.PathLike, *, root: str | os.PathLike | None = None,
+                 suffix: str = ".json", fsync: bool = True) -> None:
+        self.folder = Path(folder)
+        self.root = Path(root) if root is not None else self.folder
+        self.suffix, self.fsync = suffix, fsync
+
+    # the store: one file per key (LedgerFile overrides these four)
+    def _load(self, key: str) -> Marker | None:
+        raw = _read_json(self.folder / f"{key}{self.suffix}")
+        if not isinstance(raw, dict) or raw.get("format") != MARKER_FORMAT:
+            return None
+        if raw.get("version") != MARKER_VERSION:
+            return None
+        return Marker.from_json(key, raw)
+
+    def _save(self, marker: Marker) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        body = {"format": MARKER_FORMAT, "version": MARKER_VERSION, "key": marker.key, **marker.to_json()}
+        with atomic_path(self.folder / f"{marker.key}{self.suffix}", fsync=self.fsync) as tmp:
+            tmp.write_text(json_text(body))
+
+    def _drop(self, keys: tuple[str, ...]) -> None:
+        for key in keys:
+            (self.folder / f"{key}{self.suffix}").unlink(missing_ok=True)
+
+    def _keys(self, pattern: str) -> list[str]:
+        n = len(self.suffix)
+        return [p.name[:-n] for p in sorted(self.folder.glob(f"{pattern}{self.suffix}")) if p.is_file()]
+
+    # the API
+    def done(self, key: str, *, inputs: Inputs = (), params: Any = None) -> Marker | None:
+        """The marker of job ``key`` if the job needs no redo: recorded with this fingerprint of
+        ``inputs`` and ``params``, every output intact. None otherwise."""
+        marker = self._load(key)
+        if marker is None or marker.fingerprint != fingerprint(inputs, params):
+            return None
+        return marker if marker.intact(self.root) else None
+
+    def record(self, key: str, *, inputs: Inputs = (), params: Any = None,
+               outputs: Iterable[str | os.PathLike] = (), at_least: dict[Any, int] | None = None,
+               info: dict[str, Any] | None = None) -> Marker:
+        """Record job ``key`` as done, once its ``outputs`` are in place (their sizes are taken now)."""
+        sizes = {}
+        for p in outputs:
+            rel = self._rel(p)
+            sizes[rel] = (self.root / rel).stat().st_size
+        marker = Marker(key, fingerprint(inputs, params), sizes,
+                        {self._rel(p): int(n) for p, n in (at_least or {}).items()}, dict(info or {}))
+        self._save(marker)
+        return marker
+
+    def forget(self, *keys: str) -> None:
+        """Drop these jobs' markers: they will be redone."""
+        self._drop(keys)
+
+    def clear(self) -> None:
+        """Drop every marker (a run starting afresh, or one that is over)."""
+        self._drop(tuple(self._keys("*")))
+
+    def markers(self, pattern: str = "*") -> dict[str, Marker]:
+        """Key -> marker of every recorded job (keys matching ``pattern``) whose outputs are intact,
+        whatever its fingerprint: for jobs identified by where the ledger is."""
+        out = {}
+        for key in self._keys(pattern):
+            marker = self._load(key)
+            if marker is not None and marker.intact(self.root):
+                out[key] = marker
+        return out
+
+    def _rel(self, path: str | os.PathLike) -> str:
+        p = Path(path)
+        if p.is_absolute():
+            try:
+                return p.relative_to(self.root).as_posix()
+            except ValueError:
+                return str(p)
+        return p.as_posix()
+
+
+class LedgerFile(Ledger):
+    """The same markers kept in one JSON file ``path`` that one process writes (rewritten whole at
+    each ``record``): ``{"format": kind, "fingerprint": scope, "ledger": version, "markers": {...}}``.
+    ``scope`` identifies the run: markers of another kind, scope or layout are not loaded, and the
+    first ``record``/``forget``/``clear`` replaces them."""
+
+    def __init__(self, path: str | os.PathLike, *, kind: str, scope: str,
+                 root: str | os.PathLike | None = None, fsync: bool = True) -> None:
+        path = Path(path)
+        super().__init__(path.parent, root=root, fsync=fsync)
+        self.path, self.kind, self.scope = path, kind, scope
+        raw = _read_json(path)
+        self._markers: dict[str, Marker] = {}
+        if (isinstance(raw, dict) and raw.get("format") == kind and raw.get("fingerprint") == scope
+                and raw.get("ledger") == MARKER_VERSION and isinstance(raw.get("markers"), dict)):
+            for key, body in raw["markers"].items():
+                marker = Marker.from_json(str(key), body)
+                if marker is not None:
+                    self._markers[marker.key] = marker
+
+    @staticmethod
+    def scope_of(path: str | os.PathLike, kind: str) -> str | None:
+        """The scope of the ledger file ``path`` if it is one of ``kind`` (of any layout), else None."""
+        raw = _read_json(Path(path))
+        if isinstance(raw, dict) and raw.get("format") == kind and isinstance(raw.get("fingerprint"), str):
+            return raw["fingerprint"]
+        return None
+
+    def _write(self) -> None:
+        body = {"format": self.kind, "fingerprint": self.scope, "ledger": MARKER_VERSION,
+                "markers": {key: m.to_json() for key, m in self._markers.items()}}
+        with atomic_path(self.path, fsync=self.fsync) as tmp:
+            tmp.write_text(json_text(body))
+
+    def _load(self, key: str) -> Marker | None:
+        return self._markers.get(key)
+
+    def _save(self, marker: Marker) -> None:
+        self._markers.pop(marker.key, None)  # a redone job goes last, as it finished
+        self._markers[marker.key] = marker
+        self._write()
+
+    def _drop(self, keys: tuple[str, ...]) -> None:
+        for key in keys:
+            self._markers.pop(key, None)
+        self._write()
+
+    def _keys(self, pattern: str) -> list[str]:
+        from fnmatch import fnmatchcase
+
+        return [key for key in self._markers if fnmatchcase(key, pattern)]

@@ -238,3 +238,143 @@ def test_the_ray_engine_behind_the_same_calls(loopback_netns, tmp_path):
     assert report["died_map"] == ["died on task 2", "re-run"]
     assert report["died_as_completed"] == [[0, 1, 3], "died on task 2"]  # what finished, then the error
     assert report["first"] == 0 and report["taken"] <= 3
+
+
+# ------------------------------------------------------------------------- completion markers
+
+
+def _job(tmp_path, ledger_cls=parallel.Ledger):
+    """An input file, an output file, and a ledger in tmp_path/marks with the output recorded."""
+    src, out = tmp_path / "in.bin", tmp_path / "out.bin"
+    src.write_bytes(b"input")
+    out.write_bytes(b"output bytes")
+    ledger = parallel.Ledger(tmp_path / "marks", root=tmp_path)
+    ledger.record("job", inputs=[src], params={"k": 1}, outputs=[out], info={"rows": 7})
+    return src, out, ledger
+
+
+def test_a_marker_holds_only_for_the_same_inputs_and_params_and_intact_outputs(tmp_path):
+    src, out, ledger = _job(tmp_path)
+    marker = ledger.done("job", inputs=[src], params={"k": 1})
+    assert marker is not None and marker.info == {"rows": 7} and marker.outputs == {"out.bin": 12}
+    assert not list((tmp_path / "marks").glob("*dcdb-tmp*"))  # written under a temp name, renamed
+    assert ledger.done("job", inputs=[src], params={"k": 2}) is None  # another parameter
+    assert ledger.done("other", inputs=[src], params={"k": 1}) is None  # never recorded
+    stat = src.stat()
+    os.utime(src, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # the input touched: same size
+    assert ledger.done("job", inputs=[src], params={"k": 1}) is None
+    ledger.record("job", inputs=[src], params={"k": 1}, outputs=[out])
+    src.write_bytes(b"input, longer")  # the input changed size
+    assert ledger.done("job", inputs=[src], params={"k": 1}) is None
+    # inputs named by a label: a moved input folder still matches
+    moved = tmp_path / "moved.bin"
+    ledger.record("named", inputs={"a": src}, outputs=[out])
+    os.replace(src, moved)
+    assert ledger.done("named", inputs={"a": moved}) is not None
+    assert ledger.done("named", inputs={"a": src}) is None  # gone: no signature
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "grown"])
+def test_a_marker_whose_output_is_missing_or_of_another_size_is_not_done(tmp_path, damage):
+    src, out, ledger = _job(tmp_path)
+    if damage == "missing":
+        out.unlink()
+    elif damage == "truncated":
+        os.truncate(out, 5)
+    else:
+        out.write_bytes(b"output bytes and more")
+    assert ledger.done("job", inputs=[src], params={"k": 1}) is None
+    assert ledger.markers() == {}
+
+
+def test_at_least_outputs_may_grow_but_not_shrink(tmp_path):
+    shared = tmp_path / "shared.bin"
+    shared.write_bytes(b"x" * 100)
+    ledger = parallel.Ledger(tmp_path, suffix=".done.json", fsync=False)
+    ledger.record("g1", at_least={shared: 60}, info={"buckets": [1]})
+    shared.write_bytes(b"x" * 200)  # another job wrote past it
+    assert ledger.done("g1").info == {"buckets": [1]}
+    os.truncate(shared, 59)
+    assert ledger.done("g1") is None
+
+
+_MARKER = {"format": "dcdb-marker", "version": 1, "key": "job", "fingerprint": "x", "outputs": {},
+           "at_least": {}, "info": {}}
+
+
+@pytest.mark.parametrize("body", [
+    "",  # empty (never written whole: cannot happen with atomic writes, but a disk may lose it)
+    '{"format": "dcdb-marker", "version": 1, "key": "job", "finger',  # torn
+    "[1, 2, 3]",  # JSON, not a marker
+    json.dumps({**_MARKER, "version": 99}),  # a newer or older layout
+    '{"name": "job", "signature": [1, 2], "bytes": 12}',  # a journal entry of an older dcdb
+    json.dumps({**_MARKER, "outputs": {"out.bin": "many"}}),  # a size that is not a number
+    json.dumps({**_MARKER, "outputs": [], "info": None}),
+])
+def test_a_corrupt_or_foreign_marker_is_not_done_and_no_error(tmp_path, body):
+    src, out, ledger = _job(tmp_path)
+    (tmp_path / "marks" / "job.json").write_text(body)
+    assert ledger.done("job", inputs=[src], params={"k": 1}) is None
+    assert ledger.markers() == {}
+    ledger.record("job", inputs=[src], params={"k": 1}, outputs=[out])  # redone: recorded again
+    assert ledger.done("job", inputs=[src], params={"k": 1}) is not None
+
+
+def test_forget_clear_and_markers_in_key_order(tmp_path):
+    out = tmp_path / "o"
+    out.write_bytes(b"1")
+    ledger = parallel.Ledger(tmp_path / "m", root=tmp_path)
+    for key in ("b-2", "a-1", "b-1"):
+        ledger.record(key, outputs=[out], info={"key": key})
+    assert list(ledger.markers()) == ["a-1", "b-1", "b-2"]
+    assert list(ledger.markers("b-*")) == ["b-1", "b-2"]
+    ledger.forget("b-1", "nothing")
+    assert list(ledger.markers()) == ["a-1", "b-2"]
+    ledger.clear()
+    assert ledger.markers() == {} and not list((tmp_path / "m").iterdir())
+
+
+def test_a_ledger_file_holds_the_markers_of_one_run(tmp_path):
+    out = tmp_path / "00.tar"
+    out.write_bytes(b"tar")
+    path = tmp_path / ".state.json"
+    ledger = parallel.LedgerFile(path, kind="dcdb-test-state", scope="plan-1")
+    assert parallel.LedgerFile.scope_of(path, "dcdb-test-state") is None  # nothing written yet
+    ledger.clear()
+    assert parallel.LedgerFile.scope_of(path, "dcdb-test-state") == "plan-1"
+    for key in ("b", "a"):
+        ledger.record(key, outputs=[out], info={"n": key})
+    again = parallel.LedgerFile(path, kind="dcdb-test-state", scope="plan-1")
+    assert list(again.markers()) == ["b", "a"]  # in the order the jobs finished
+    assert again.done("a").info == {"n": "a"}
+    again.record("b", outputs=[out], info={"n": "b2"})  # redone: last
+    assert list(parallel.LedgerFile(path, kind="dcdb-test-state", scope="plan-1").markers()) == ["a", "b"]
+    # another run (scope) or kind: no markers; the first write replaces them
+    other = parallel.LedgerFile(path, kind="dcdb-test-state", scope="plan-2")
+    assert other.done("a") is None and other.markers() == {}
+    assert parallel.LedgerFile(path, kind="other-kind", scope="plan-1").markers() == {}
+    assert parallel.LedgerFile.scope_of(path, "other-kind") is None
+    other.forget("a")
+    assert parallel.LedgerFile.scope_of(path, "dcdb-test-state") == "plan-2"
+    assert parallel.LedgerFile(path, kind="dcdb-test-state", scope="plan-1").markers() == {}
+
+
+@pytest.mark.parametrize("body", [
+    "{",
+    '{"format": "dcdb-test-state", "fingerprint": "plan-1", "done": {"0": {"bytes_written": 3}}}',  # older
+    '{"format": "dcdb-test-state", "fingerprint": "plan-1", "ledger": 1, "markers": {"a": 5, "b": {}}}',
+])
+def test_a_ledger_file_of_a_foreign_or_older_layout_holds_no_markers(tmp_path, body):
+    path = tmp_path / ".state.json"
+    path.write_text(body)
+    ledger = parallel.LedgerFile(path, kind="dcdb-test-state", scope="plan-1")
+    assert ledger.markers() == {} and ledger.done("a") is None and ledger.done("0") is None
+    # an older layout of the same kind still names its run: the caller can tell it is its own
+    assert parallel.LedgerFile.scope_of(path, "dcdb-test-state") == (None if body == "{" else "plan-1")
+
+
+def test_a_ledger_file_that_is_a_fifo_is_never_read(tmp_path):
+    path = tmp_path / ".state.json"
+    os.mkfifo(path)
+    assert parallel.LedgerFile.scope_of(path, "dcdb-test-state") is None  # would block if opened
+    assert parallel.LedgerFile(path, kind="dcdb-test-state", scope="s").markers() == {}
