@@ -182,11 +182,6 @@ class Plan:
         )
 
 
-def _signature(path: Path) -> list[int]:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns]
-
-
 def _read_parquet_footer(path: Path) -> tuple[int, pa.Schema]:
     try:
         pf = pq.ParquetFile(path)
@@ -349,7 +344,9 @@ def plan_source(src: str | os.PathLike) -> Plan:
                 f"{str(path)!r} has no uid column", hint="a DataComp metadata parquet has a uid column"
             )
         npz = path.with_suffix(".npz") if with_npz else None
-        signature = {"parquet": _signature(path)} | ({"npz": _signature(npz)} if npz else {})
+        signature = {"parquet": parallel.file_signature(path)}
+        if npz:
+            signature["npz"] = parallel.file_signature(npz)
         shard = ShardSource(index, path.stem, path, npz, rows, signature)
         if npz is not None:
             headers = npz_headers(npz)
@@ -486,41 +483,41 @@ def _remove_temp_files(pool: Path) -> None:
 # ---------------------------------------------------------------------------------- journal
 
 
-def _journal_path(pool: Path, name: str) -> Path:
-    return _staging(pool) / _SHARDS / f"{name}.json"
+# One completion marker (dcdb.parallel.Ledger) per finished shard, ``.ingest/shards/<stem>.json``:
+# its source files' signatures as planned, its place, rows and spaces; its outputs (metadata
+# parquet, uids, Lance data files) with their sizes; and the shard's entry (fragment metadata for
+# the commit). A shard is skipped when its marker holds for this plan and its outputs are intact.
 
 
-def _file_intact(path: Path, size: int) -> bool:
-    try:
-        return path.stat().st_size == size
-    except OSError:
-        return False
+def _journal(pool: Path) -> parallel.Ledger:
+    return parallel.Ledger(_staging(pool) / _SHARDS, root=pool)
 
 
-def _entry_intact(pool: Path, entry: dict[str, Any], shard: ShardSource, plan: Plan) -> bool:
-    """True if a journaled shard needs no redo: same source files, outputs present, same sizes."""
-    if entry.get("signature") != shard.signature or entry.get("rows") != shard.rows:
-        return False
-    if entry.get("index") != shard.index or set(entry.get("spaces", {})) != set(plan.spaces):
-        return False
-    try:
-        files = {
-            entry["metadata"]["path"]: entry["metadata"]["bytes"],
-            entry["uids"]["path"]: entry["uids"]["bytes"],
-        }
-        for space in entry["spaces"].values():
-            files.update(space["files"])
-    except (KeyError, TypeError, AttributeError):  # a journal entry from another dcdb version
-        return False
-    return all(_file_intact(pool / rel, size) for rel, size in files.items())
+def _shard_params(name: str, index: int, rows: int, signature: dict[str, Any], spaces) -> dict[str, Any]:
+    """What a journaled shard must have been made from to be kept."""
+    return {"name": name, "index": index, "rows": rows, "signature": signature, "spaces": sorted(spaces)}
+
+
+def _entry_outputs(entry: dict[str, Any]) -> list[str]:
+    files = [entry["metadata"]["path"], entry["uids"]["path"]]
+    for space in entry["spaces"].values():
+        files.extend(space["files"])
+    return files
+
+
+def _journaled(pool: Path, plan: Plan, shard: ShardSource) -> dict[str, Any] | None:
+    """The entry of ``shard`` if a resumed ingest can skip it: same source files, outputs intact."""
+    params = _shard_params(shard.name, shard.index, shard.rows, shard.signature, plan.spaces)
+    marker = _journal(pool).done(shard.name, params=params)
+    return None if marker is None else marker.info
 
 
 def _done_entries(pool: Path, plan: Plan) -> dict[str, dict[str, Any]]:
     """Journal entries of shards that a resumed ingest can skip."""
     done = {}
     for shard in plan.shards:
-        entry = _read_json(_journal_path(pool, shard.name))
-        if entry is not None and _entry_intact(pool, entry, shard, plan):
+        entry = _journaled(pool, plan, shard)
+        if entry is not None:
             done[shard.name] = entry
     return done
 
@@ -757,8 +754,9 @@ def _tasks(pool: Path, plan: Plan, todo: list[ShardSource]) -> list[ShardTask]:
 
 
 def _record(pool: Path, entry: dict[str, Any]) -> None:
-    """Journal one finished shard (atomically): a resumed ingest skips it."""
-    write_json(_journal_path(pool, entry["name"]), entry)
+    """Journal one finished shard (atomically, its outputs in place): a resumed ingest skips it."""
+    params = _shard_params(entry["name"], entry["index"], entry["rows"], entry["signature"], entry["spaces"])
+    _journal(pool).record(entry["name"], params=params, outputs=_entry_outputs(entry), info=entry)
 
 
 class _Progress:
@@ -877,9 +875,9 @@ def _remove_orphan_fragments(pool: Path, plan: Plan) -> None:
     rather than at the next commit."""
     keep = set()
     for shard in plan.shards:
-        entry = _read_json(_journal_path(pool, shard.name)) or {}
-        for space in (entry.get("spaces") or {}).values():
-            keep.update(Path(rel).name for rel in (space or {}).get("files", {}))
+        entry = _journaled(pool, plan, shard) or {}
+        for space in entry.get("spaces", {}).values():
+            keep.update(Path(rel).name for rel in space["files"])
     for space in plan.spaces:
         data = pool / EMBEDDINGS_DIR / f"{space}.lance" / "data"
         for f in data.glob("*") if data.is_dir() else ():
@@ -943,9 +941,10 @@ def _commit(pool: Path, plan: Plan, entries: list[dict[str, Any]]) -> dict[str, 
 # ``POOL/.ingest/`` in two resumable phases before the normal ingest runs on the buckets:
 #
 # A. per source shard (parallel): read parquet + npz, split the rows by bucket into one Arrow IPC
-#    file (one record batch per bucket present) and journal it;
+#    file (one record batch per bucket present) and record it (a dcdb.parallel.Ledger in parts/);
 # B. per bucket (parallel): gather its batch from every shard's file (memory-mapped), sort by uid
-#    (stable), write ``bucket-XXXXX.parquet`` + ``.npz`` -- a DataComp-format source shard.
+#    (stable), write ``bucket-XXXXX.parquet`` + ``.npz`` -- a DataComp-format source shard -- and
+#    record it (in merged/); once every bucket is, the stage's marker ``buckets.json`` lists them all.
 #
 # Only one source shard (phase A) or one bucket (phase B) is in a worker's memory at a time, so N
 # must make a bucket fit in memory (12.8M rows / 256 buckets = 50k rows, ~340 MB with embeddings).
@@ -1034,14 +1033,20 @@ def _merge_bucket(task: _MergeTask) -> dict[str, Any]:
     return {"bucket": task.bucket, "rows": table.num_rows}
 
 
-def _run_all(fn, tasks: list, jobs: int, label: str, progress: bool) -> list:
-    """``fn`` over ``tasks`` on ``jobs`` processes (dcdb.parallel; in this process for one job)."""
+def _run_all(fn, tasks: list, jobs: int, label: str, progress: bool,
+             record: Callable[[Any, Any], None]) -> None:
+    """``fn`` over ``tasks`` on ``jobs`` processes (dcdb.parallel; in this process for one job);
+    ``record(task, result)`` as each finishes."""
     from tqdm import tqdm
 
-    from dcdb import parallel
-
     with tqdm(total=len(tasks), desc=label, unit="part", file=sys.stderr, disable=not progress) as bar:
-        return list(parallel.map(fn, tasks, jobs, progress=lambda task, result: bar.update(1)))
+
+        def finished(task, result) -> None:
+            record(task, result)
+            bar.update(1)
+
+        for _ in parallel.map(fn, tasks, jobs, progress=finished):
+            pass
 
 
 def repartition(plan, pool: Path, buckets: int, *, jobs: int = 2, progress: bool = False):
@@ -1056,11 +1061,12 @@ def repartition(plan, pool: Path, buckets: int, *, jobs: int = 2, progress: bool
     parts, src = stage / "parts", stage / "src"
     parts.mkdir(parents=True, exist_ok=True)
     src.mkdir(parents=True, exist_ok=True)
-    complete = src / "_complete"  # phases A and B done: the split parts are gone, buckets stay
-    if not complete.is_file():
-        _split_and_merge(plan, pool, parts, src, buckets, bits, jobs, progress)
-        complete.write_text("")
+    staged = parallel.Ledger(stage, root=src)  # phases A and B done: the split parts are gone, buckets stay
+    if not staged.done(_STAGE):
+        files = _split_and_merge(plan, pool, parts, src, buckets, bits, jobs, progress)
+        staged.record(_STAGE, outputs=files)
         shutil.rmtree(parts, ignore_errors=True)  # a full copy of the pool: free it before ingesting
+        shutil.rmtree(stage / "merged", ignore_errors=True)
     bplan = plan_source(src)
     if bplan.rows != plan.rows or len(bplan.shards) != buckets:
         raise PoolError(
@@ -1080,30 +1086,38 @@ def repartition(plan, pool: Path, buckets: int, *, jobs: int = 2, progress: bool
 
 
 def _split_and_merge(plan, pool: Path, parts: Path, src: Path, buckets: int, bits: int, jobs: int,
-                     progress: bool) -> None:
-    # Phase A: split every source shard not split yet (journal = parts/<shard>.json).
+                     progress: bool) -> list[str]:
+    """Phases A and B, each skipping what an earlier run recorded; the bucket files (in src/)."""
+    # Phase A: split every source shard not split yet (marker = parts/<shard>.json).
+    split = parallel.Ledger(parts)
     journals: dict[str, dict[str, Any]] = {}
     todo = []
     for task in _tasks(pool, plan, plan.shards):
-        j = _read_json(parts / f"{task.name}.json")
-        if j and j.get("signature") == task.signature and (parts / j["file"]).is_file():
-            journals[task.name] = j
+        marker = split.done(task.name, params={"signature": task.signature})
+        if marker is not None:
+            journals[task.name] = marker.info
         else:
             todo.append(_SplitTask(task, str(parts / f"{task.name}.arrow"), bits))
-    for j in _run_all(_split_shard, todo, jobs, "split", progress):
-        write_json(parts / f"{j['name']}.json", j)
+
+    def split_done(task: _SplitTask, j: dict[str, Any]) -> None:
+        split.record(j["name"], params={"signature": task.shard.signature}, outputs=[j["file"]], info=j)
         journals[j["name"]] = j
-    # Phase B: every bucket whose parquet + npz are not written yet.
+
+    _run_all(_split_shard, todo, jobs, "split", progress, split_done)
+    # Phase B: every bucket not written yet (marker = merged/<bucket>.json).
+    merged = parallel.Ledger(parts.parent / "merged", root=src)
+    files = {b: [f"{bucket_name(b)}.parquet"] + ([f"{bucket_name(b)}.npz"] if plan.spaces else [])
+             for b in range(buckets)}
     merges = []
     for b in range(buckets):
-        name = bucket_name(b)
-        done = (src / f"{name}.parquet").is_file() and (not plan.spaces or (src / f"{name}.npz").is_file())
-        if done:
+        if merged.done(bucket_name(b)) is not None:
             continue
         where = [(str(parts / journals[s.name]["file"]), journals[s.name]["batches"][str(b)])
                  for s in plan.shards if str(b) in journals[s.name]["batches"]]
         merges.append(_MergeTask(b, where, str(src), plan.schema, plan.spaces))
-    _run_all(_merge_bucket, merges, jobs, "buckets", progress)
+    _run_all(_merge_bucket, merges, jobs, "buckets", progress,
+             lambda task, result: merged.record(bucket_name(task.bucket), outputs=files[task.bucket]))
+    return [f for b in range(buckets) for f in files[b]]
 
 
 # ------------------------------------------------------------------------------------ entry
@@ -1169,7 +1183,7 @@ def _ingest(plan: Plan, pool: Path, t0: float, *, jobs: int, progress: bool, buc
         _remove_orphan_fragments(pool, plan)
         _remove_temp_files(pool)
         raise
-    entries = [_read_json(_journal_path(pool, s.name)) for s in plan.shards]
+    entries = [_journaled(pool, plan, s) for s in plan.shards]
     if any(e is None for e in entries):
         raise PoolError(
             f"the ingest journal in {str(_staging(pool))!r} lost a shard", hint="re-run the same command"
