@@ -399,6 +399,25 @@ def test_killed_run_resumes_keeping_finished_tars(pool, subset, tmp_path, monkey
     assert repaired.resumed_shards == report.output_shards - 1 and folder_bytes(out) == folder_bytes(clean)
 
 
+def test_a_run_state_of_an_older_layout_or_a_lost_stats_file_is_redone(pool, subset, tmp_path):
+    """The run's markers (OUT/.dcdb-reshard.json): a state file an older dcdb wrote for the same plan
+    is this run with nothing recorded (every tar redone, same bytes, no error); a tar whose stats
+    file is lost or of another size is redone alone."""
+    out = tmp_path / "out"
+    first = R.reshard(subset[0], out, pool=pool, shard_size=20, jobs=1, warn=quiet)
+    want = folder_bytes(out)
+    fp = json.loads((out / "meta.json").read_text())["plan_fingerprint"]
+    (out / R.STATE_FILE).write_text(json.dumps({"format": R.STATE_FORMAT, "fingerprint": fp, "shards": 3,
+                                                "done": {"0": {"bytes_written": 1}}, "complete": True}))
+    again = R.reshard(subset[0], out, pool=pool, shard_size=20, jobs=1, warn=quiet)
+    assert not again.already_complete and again.resumed_shards == 0 and folder_bytes(out) == want
+    assert again.output_count == first.output_count
+    (out / "00000001_stats.json").write_text('{"successes": 1000}')
+    fixed = R.reshard(subset[0], out, pool=pool, shard_size=20, jobs=1, warn=quiet)
+    assert fixed.resumed_shards == first.output_shards - 1 and folder_bytes(out) == want
+    assert R.reshard(subset[0], out, pool=pool, shard_size=20, jobs=1, warn=quiet).already_complete
+
+
 def test_out_of_another_run_is_refused_unless_overwrite(pool, subset, tmp_path):
     out = tmp_path / "out"
     R.reshard(subset[0], out, pool=pool, shard_size=10, jobs=1, warn=quiet)

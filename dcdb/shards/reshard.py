@@ -29,7 +29,8 @@ the selection, not the pool. Without a pool the tars' headers and json members a
 (the same reader as the index, in parallel), then the selected ranges are read the same way.
 
 **Resumable.** Each output tar is written under a temporary name and renamed when complete, then
-its stats file; OUT/.dcdb-reshard.json records the plan's fingerprint and each finished tar. A
+its stats file; OUT/.dcdb-reshard.json (a ``dcdb.parallel.LedgerFile``) records the plan's
+fingerprint and a completion marker per finished tar (its size and its stats file's). A
 killed run re-run with the same arguments keeps the finished tars and writes the rest; ``jobs`` may
 differ. A non-empty OUT that is not an unfinished (or finished) run of the same plan is refused
 unless ``overwrite``; nothing is deleted before every argument has been checked and the plan made.
@@ -82,6 +83,7 @@ MAX_READ = 8 << 20  # ... into reads of at most this many bytes
 TAR_TAIL = 2 * BLOCK + RECORD  # end-of-archive blocks + worst-case record padding
 WEBP_QUALITY = 100  # DataComp's --reencode-webp-quality default
 OUR_FILES = ("sample_ids.npy", "missing_uids.npy", "meta.json", STATE_FILE)
+COMPLETE = "meta.json"  # the marker of the run's last step (ids, missing ids, meta.json)
 _OUR_NAME = re.compile(r"\d{8}(\.tar|_stats\.json)")  # OUTPUT_SHARD_FORMAT, OUTPUT_STATS_FORMAT
 
 Log = Callable[[str], None]
@@ -713,12 +715,12 @@ def blur_members(members: list[tuple[str, Any]], boxes: list[list[float]]) -> li
 
 @dataclass
 class OutState:
-    """OUT before this run: missing, empty, holding a run's state (``state``), or foreign."""
+    """OUT before this run: missing, empty, holding a run (``state``: its plan fingerprint), or foreign."""
 
     path: Path
     exists: bool
     empty: bool
-    state: dict[str, Any] | None
+    state: str | None
 
 
 def check_output_dir(out: str | os.PathLike, *, overwrite: bool) -> OutState:
@@ -731,7 +733,7 @@ def check_output_dir(out: str | os.PathLike, *, overwrite: bool) -> OutState:
     for p in entries:  # what we would write or replace: regular files only (never read a FIFO either)
         if p.name in OUR_FILES or _OUR_NAME.fullmatch(p.name):
             write_target(p, what="output file")
-    state = _read_state(path)
+    state = parallel.LedgerFile.scope_of(path / STATE_FILE, STATE_FORMAT)
     if entries and state is None and not overwrite:
         raise OutputError(
             f"output folder {str(path)!r} is not empty and holds no dcdb reshard run",
@@ -740,17 +742,14 @@ def check_output_dir(out: str | os.PathLike, *, overwrite: bool) -> OutState:
     return OutState(path, True, not entries, state)
 
 
-def _read_state(out: Path) -> dict[str, Any] | None:
-    try:
-        state = json.loads((out / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) and state.get("format") == STATE_FORMAT else None
+def _ledger(out: Path, plan: Plan) -> parallel.LedgerFile:
+    """The run's markers (OUT/.dcdb-reshard.json): one per finished tar, keyed by its name."""
+    return parallel.LedgerFile(out / STATE_FILE, kind=STATE_FORMAT, scope=plan.fingerprint, root=out)
 
 
-def _prepare_output(st: OutState, plan: Plan, overwrite: bool) -> dict[str, Any]:
-    """Create OUT, make sure it is writable, clear it if asked; the run state to continue from."""
-    same = st.state is not None and st.state.get("fingerprint") == plan.fingerprint
+def _prepare_output(st: OutState, plan: Plan, overwrite: bool) -> parallel.LedgerFile:
+    """Create OUT, make sure it is writable, clear it if asked; the run's markers to continue from."""
+    same = st.state == plan.fingerprint
     if not st.empty and not same and not overwrite:
         raise OutputError(
             f"output folder {str(st.path)!r} holds the output of a different reshard run "
@@ -761,34 +760,16 @@ def _prepare_output(st: OutState, plan: Plan, overwrite: bool) -> dict[str, Any]
                    hint="give a folder for the shards")
     for p in st.path.glob(f"*{TMP_MARK}*"):
         p.unlink(missing_ok=True)
+    ledger = _ledger(st.path, plan)
     if same:
-        return st.state
-    state = {
-        "format": STATE_FORMAT,
-        "fingerprint": plan.fingerprint,
-        "shards": len(plan.bounds),
-        "done": {},
-        "complete": False,
-    }
-    write_json(st.path / STATE_FILE, state)
-    return state
+        return ledger
+    ledger.clear()
+    return ledger
 
 
 def _written_by_reshard(p: Path) -> bool:
     """What --overwrite removes: what a resharder writes (tars, stats, ids, meta); nothing else."""
     return p.is_file() and (p.suffix == ".tar" or p.name.endswith("_stats.json") or p.name in OUR_FILES)
-
-
-def _shard_done(out: Path, k: int, entry: dict[str, Any] | None) -> bool:
-    """Whether output tar ``k`` was finished by an earlier run (recorded, present, same size)."""
-    if entry is None:
-        return False
-    tar = out / OUTPUT_SHARD_FORMAT.format(k)
-    stats = out / OUTPUT_STATS_FORMAT.format(k)
-    try:
-        return tar.stat().st_size == entry["bytes_written"] and stats.is_file()
-    except (OSError, KeyError, TypeError):
-        return False
 
 
 # --------------------------------------------------------------------------------- running
@@ -940,20 +921,19 @@ def _reshard(sel: Selection, st: OutState, t0: float, *, pool, shards, shard_siz
     plan = make_plan(
         located, shard_size=shard_size, max_bytes=max_shard_bytes, shuffle_seed=shuffle_seed, blur=blur
     )
-    state = _prepare_output(st, plan, overwrite)
-    todo = _todo(st.path, plan, state)
-    if not todo and state.get("complete") and (st.path / "meta.json").is_file():
-        return _report_from_state(st.path, plan, state, sel, time.perf_counter() - t0, already=True)
-    state["complete"] = False
+    ledger = _prepare_output(st, plan, overwrite)
+    todo = _todo(plan, ledger)
+    if not todo and ledger.done(COMPLETE):
+        return _report_from_state(st.path, plan, ledger, sel, time.perf_counter() - t0, already=True)
     try:
-        _write_shards(st.path, plan, state, todo, strict, jobs, progress, engine)
+        _write_shards(st.path, plan, ledger, todo, strict, jobs, progress, engine)
     except BaseException:
         if engine == "local":  # every worker has exited: a killed one's half tar is debris
             for p in st.path.glob(f"*{TMP_MARK}*"):
                 p.unlink(missing_ok=True)
         raise
     resumed = len(plan.bounds) - len(todo)
-    report = _report_from_state(st.path, plan, state, sel, time.perf_counter() - t0, resumed=resumed)
+    report = _report_from_state(st.path, plan, ledger, sel, time.perf_counter() - t0, resumed=resumed)
     args = {
         "subset_file": sel.source or subset_label,
         "output_dir": str(st.path),
@@ -968,19 +948,19 @@ def _reshard(sel: Selection, st: OutState, t0: float, *, pool, shards, shard_siz
         "max_shard_bytes": max_shard_bytes,
         **source,
     }
-    _finish(st.path, plan, state, sel, report, args)
-    _warn_skipped(plan, state, warn)
+    _finish(st.path, plan, ledger, sel, report, args)
+    _warn_skipped(plan, ledger, warn)
     return report
 
 
-def _warn_skipped(plan: Plan, state: dict[str, Any], warn: Log) -> None:
+def _warn_skipped(plan: Plan, ledger: parallel.LedgerFile, warn: Log) -> None:
     """Say which selected samples were skipped as damaged (they are in missing_uids.npy)."""
     if len(plan.located.corrupt):
         warn(
             f"warning: {len(plan.located.corrupt):,} selected samples are damaged in the input tars and were "
             f"skipped (listed in missing_uids.npy)"
         )
-    entries = [(k, why) for e in state.get("done", {}).values() for k, why in e.get("corrupt", [])]
+    entries = [(k, why) for e in _tar_results(ledger) for k, why in e.get("corrupt", [])]
     for key, why in entries[:10]:
         warn(f"warning: skipped sample {key}: {why}")
     if len(entries) > 10:
@@ -1041,24 +1021,26 @@ def _locate(pool, shards, sel: Selection, blur: bool, jobs: int, progress: bool,
     return located, {"input_dir": str(index.shards_dir), "pool": str(p.path), "mode": "index"}
 
 
-def _todo(out: Path, plan: Plan, state: dict[str, Any]) -> list[int]:
-    """Output tars that no earlier run of this plan finished (recorded, present, same size)."""
-    done = state.setdefault("done", {})
-    return [k for k in range(len(plan.bounds)) if not _shard_done(out, k, done.get(str(k)))]
+def _todo(plan: Plan, ledger: parallel.LedgerFile) -> list[int]:
+    """Output tars that no earlier run of this plan finished (recorded; the tar and its stats file
+    present with their recorded sizes)."""
+    return [k for k in range(len(plan.bounds)) if ledger.done(OUTPUT_SHARD_FORMAT.format(k)) is None]
+
+
+def _tar_results(ledger: parallel.LedgerFile) -> list[dict[str, Any]]:
+    """The results of the finished tars (in the order they finished)."""
+    return [m.info for key, m in ledger.markers().items() if key != COMPLETE]
 
 
 def _write_shards(
-    out: Path, plan: Plan, state: dict[str, Any], todo: list[int], strict: bool, jobs: int, progress: bool,
-    engine: str = "local",
+    out: Path, plan: Plan, ledger: parallel.LedgerFile, todo: list[int], strict: bool, jobs: int,
+    progress: bool, engine: str = "local",
 ) -> None:
-    """Write the output tars in ``todo``; record each in the state file as it finishes. With
+    """Write the output tars in ``todo``; record each in the run's ledger as it finishes. With
     ``engine="ray"`` each tar is a Ray task (dcdb.parallel), same bytes."""
     from tqdm import tqdm
 
-    done = state["done"]
-    for k in todo:
-        done.pop(str(k), None)
-    write_json(out / STATE_FILE, state)
+    ledger.forget(COMPLETE, *(OUTPUT_SHARD_FORMAT.format(k) for k in todo))
     total = sum(plan.shard_samples(k) for k in todo)
     t0, read = time.perf_counter(), 0
     with tqdm(
@@ -1069,8 +1051,10 @@ def _write_shards(
             if not r["ok"]:
                 _raise_worker_error(r, "re-run the same command: finished shards are kept")
             res = r["result"]
-            done[str(res["index"])] = {k: v for k, v in res.items() if k != "index"}
-            write_json(out / STATE_FILE, state)
+            k = res["index"]
+            ledger.record(OUTPUT_SHARD_FORMAT.format(k), outputs=[OUTPUT_SHARD_FORMAT.format(k),
+                                                                   OUTPUT_STATS_FORMAT.format(k)],
+                          info={key: v for key, v in res.items() if key != "index"})
             read += res["bytes_read"]
             bar.set_postfix_str(
                 f"{read / 1e6 / max(time.perf_counter() - t0, 1e-9):,.1f} MB/s read", refresh=False
@@ -1091,16 +1075,17 @@ class _Lazy:
         return iter(self.gen)
 
 
-def _corrupt_keys(state: dict[str, Any]) -> list[str]:
-    return [key for entry in state.get("done", {}).values() for key, _reason in entry.get("corrupt", [])]
+def _corrupt_keys(done: list[dict[str, Any]]) -> list[str]:
+    return [key for entry in done for key, _reason in entry.get("corrupt", [])]
 
 
 def _report_from_state(
-    out: Path, plan: Plan, state, sel: Selection, seconds: float, *, resumed: int = 0, already: bool = False
+    out: Path, plan: Plan, ledger: parallel.LedgerFile, sel: Selection, seconds: float, *, resumed: int = 0,
+    already: bool = False
 ) -> ReshardReport:
     loc = plan.located
-    done = state.get("done", {}).values()
-    corrupt_read = len(_corrupt_keys(state))
+    done = _tar_results(ledger)
+    corrupt_read = len(_corrupt_keys(done))
     not_dl, unknown, bad = (
         int(_copies(sel, a).sum()) for a in (loc.not_downloaded, loc.unknown, loc.corrupt)
     )
@@ -1129,27 +1114,28 @@ def _copies(sel: Selection, distinct: np.ndarray) -> np.ndarray:
     return sel.counts[match(sel.unique, distinct)] if len(distinct) else np.zeros(0, np.int64)
 
 
-def _missing_uids(plan: Plan, sel: Selection, state: dict[str, Any]) -> np.ndarray:
+def _missing_uids(plan: Plan, sel: Selection, ledger: parallel.LedgerFile) -> np.ndarray:
     """Every copy of a selected uid that was not written, sorted."""
     loc = plan.located
     parts = []
     for arr in (loc.not_downloaded, loc.unknown, loc.corrupt):
         if len(arr):
             parts.append(np.repeat(arr, _copies(sel, arr)))
-    keys = _corrupt_keys(state)
+    keys = _corrupt_keys(_tar_results(ledger))
     if keys:
         parts.append(U.from_hex([k.rsplit("-", 1)[0] for k in keys]))
     return U.sort(np.concatenate(parts)) if parts else U.empty()
 
 
 def _finish(
-    out: Path, plan: Plan, state, sel: Selection, report: ReshardReport, args: dict[str, Any]
+    out: Path, plan: Plan, ledger: parallel.LedgerFile, sel: Selection, report: ReshardReport,
+    args: dict[str, Any]
 ) -> None:
-    """sample_ids.npy, missing_uids.npy, meta.json (last), and the state marked complete."""
+    """sample_ids.npy, missing_uids.npy, meta.json (last), and the run's completion marker."""
     from dcdb.version import __version__
 
     U.save(out / "sample_ids.npy", sel.uids, sorted_=True)
-    U.save(out / "missing_uids.npy", _missing_uids(plan, sel, state), sorted_=True)
+    U.save(out / "missing_uids.npy", _missing_uids(plan, sel, ledger), sorted_=True)
     meta = {
         "format": META_FORMAT,
         "dcdb_version": __version__,
@@ -1174,5 +1160,4 @@ def _finish(
         "cwd": str(Path.cwd()),
     }
     write_json(out / "meta.json", meta)
-    state["complete"] = True
-    write_json(out / STATE_FILE, state)
+    ledger.record(COMPLETE, outputs=["sample_ids.npy", "missing_uids.npy", "meta.json"])
