@@ -366,29 +366,34 @@ def test_rerun_redoes_only_missing_groups(world, tmp_path):
     markers[3].unlink()  # a lost worker / killed driver: this bucket never finished
     # the shared result file lost its end (a crash before the data reached the disk): the buckets
     # whose records lay past the new end (the last two) are redone too
-    info = json.loads(markers[6].read_text())
-    result = markers[6].with_name(info["file"])
+    info = json.loads(markers[6].read_text())  # a dcdb.parallel.Ledger marker
+    (name,) = {**info["outputs"], **info["at_least"]}
+    result = markers[6].with_name(name)
     with open(result, "r+b") as f:
-        f.truncate(info["buckets"][0]["offset"] + 1)
+        f.truncate(info["info"]["buckets"][0]["offset"] + 1)
+    # a marker of an older layout (an earlier dcdb's) is no marker: its bucket is redone, no error
+    old = json.loads(markers[0].read_text())
+    markers[0].write_text(json.dumps({"file": name, "min_bytes": 0, "buckets": old["info"]["buckets"]}))
     # other groups (4 buckets per task) than the first run: markers are per bucket
     again = run_distributed(pool, filt, given, engine="serial", work_dir=tmp_path, per_task=4, log=logs.append)
-    # the global threshold (cut value) was kept, 5 of the 8 buckets' query results are reused
-    assert f"{BUCKETS - 3} bucket result(s) reused" in logs[-1]
+    # the global threshold (cut value) was kept, 4 of the 8 buckets' query results are reused
+    assert f"{BUCKETS - 4} bucket result(s) reused" in logs[-1]
     assert np.array_equal(first.uids, again.uids)
     assert not any(tmp_path.iterdir())  # removed after success without keep_work
 
 
 def _copy_group(marker: Path, tag: str) -> None:
     """What a task retried after it had finished leaves: its buckets in a second file + marker."""
-    info = json.loads(marker.read_text())
-    data = marker.with_name(info["file"])
-    if "bytes" not in info:  # the shared result file: the retry wrote the same bytes in place
+    info = json.loads(marker.read_text())  # a dcdb.parallel.Ledger marker
+    if not info["outputs"]:  # the shared result file: the retry wrote the same bytes in place
         marker.with_name(marker.name.replace(marker.name.split("-")[2].split(".")[0], tag)).write_text(
             json.dumps(info))
         return
+    (data,) = [marker.with_name(n) for n in info["outputs"]]
     name = data.name.replace(data.name.split("-")[2].split(".")[0], tag)
     shutil.copy(data, data.with_name(name))
-    marker.with_name(name + ".done.json").write_text(json.dumps({**info, "file": name}))
+    marker.with_name(name + ".done.json").write_text(
+        json.dumps({**info, "key": name, "outputs": {name: info["outputs"][data.name]}}))
 
 
 def test_resume_reuses_buckets_and_ignores_retried_copies(world, tmp_path, monkeypatch):

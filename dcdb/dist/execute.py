@@ -58,7 +58,7 @@ from dcdb import errors, parallel
 from dcdb import uids as U
 from dcdb.cuts import DIGITS, RadixSelect, histogram, sort_keys, with_prefix
 from dcdb.errors import DcdbError, PoolError, UsageError, WorkerError
-from dcdb.io import atomic_path, write_json
+from dcdb.io import atomic_path
 from dcdb.query import FilterFile, FilterResult, check_copies_total, collect_into
 from dcdb.store import Pool
 
@@ -117,8 +117,10 @@ def _died(task: tuple) -> WorkerError:
 # ------------------------------------------------------------------------------------- tasks
 #
 # Intermediates: one data file per task (its buckets one after another) and, renamed into place
-# after it, one marker that lists every bucket the file holds with its offset and counts -- so
-# completion is recorded per bucket, and a re-run, on any grouping, reuses each finished bucket.
+# after it, one marker (a dcdb.parallel.Ledger in the phase's folder, keyed by the data file's
+# name: ``<file>.done.json``) that records the file's size and lists every bucket it holds with
+# its offset and counts -- so completion is recorded per bucket, and a re-run, on any grouping,
+# reuses each finished bucket.
 
 
 UIDS, KEYS, TOPK = ".uids", ".keys", ".parquet"  # raw 16-byte uid records, raw uint64 keys, top-k rows
@@ -175,13 +177,12 @@ def _write_group(out_dir: str, group: list[int], ext: str, data, entries: list[d
 
             # uids and sort keys are hashes and noise: compression and statistics only cost time here
             pq.write_table(data, tmp, compression="none", use_dictionary=False, write_statistics=False)
-    _write_marker(path.with_name(path.name + MARKER), {"file": path.name, "bytes": path.stat().st_size,
-                                                       "buckets": entries})
+    _markers(out_dir).record(path.name, outputs=[path.name], info={"buckets": entries})
 
 
-def _write_marker(marker: Path, info: dict[str, Any]) -> None:
-    with atomic_path(marker, fsync=False) as tmp:
-        tmp.write_text(json.dumps(info))
+def _markers(out_dir: str | Path) -> parallel.Ledger:
+    """The completion markers of a phase's folder (no fsync: see _write_group)."""
+    return parallel.Ledger(out_dir, suffix=MARKER, fsync=False)
 
 
 RESULT = "result.uids"  # the shared result file of a query's uid lists
@@ -213,8 +214,8 @@ def _write_shared(out_dir: str, group: list[int], data: list[np.ndarray], entrie
                 end = max(end, e["offset"] + n)
     finally:
         os.close(fd)
-    marker = Path(out_dir) / f"{group[0]:05d}-{group[-1]:05d}-{uuid.uuid4().hex[:8]}{UIDS}{MARKER}"
-    _write_marker(marker, {"file": RESULT, "min_bytes": end, "buckets": entries})
+    key = f"{group[0]:05d}-{group[-1]:05d}-{uuid.uuid4().hex[:8]}{UIDS}"
+    _markers(out_dir).record(key, at_least={RESULT: end}, info={"buckets": entries})
     return True
 
 
@@ -223,17 +224,15 @@ def finished(out_dir: str | Path, ext: str) -> dict[int, dict[str, Any]]:
     re-run need not redo. A marker whose data file is missing or of another size (shorter than
     its buckets' end, for the shared result file) is ignored."""
     out: dict[int, dict[str, Any]] = {}
-    for m in sorted(Path(out_dir).glob(f"*{ext}{MARKER}")):
+    for marker in _markers(out_dir).markers(f"*{ext}").values():
         try:
-            info = json.loads(m.read_text())
-            path = m.with_name(info["file"])
-            size = path.stat().st_size
-            if size != info["bytes"] if "bytes" in info else size < info["min_bytes"]:
-                continue
-            for e in info["buckets"]:
-                out.setdefault(int(e["bucket"]), {**e, "path": str(path)})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            (name,) = [*marker.outputs, *marker.at_least]
+            path = Path(out_dir) / name
+            found = {int(e["bucket"]): {**e, "path": str(path)} for e in marker.info["buckets"]}
+        except (ValueError, KeyError, TypeError, AttributeError):  # not a marker of this module's
             continue
+        for b, e in found.items():
+            out.setdefault(b, e)
     return out
 
 
@@ -638,9 +637,10 @@ def _exact_cut(backend, pool: Pool, cut, work: Path, stats: RunStats, progress: 
 
     d = work / cut.param
     d.mkdir(parents=True, exist_ok=True)
-    value_file = d / "value.json"
-    if value_file.is_file():
-        return json.loads(value_file.read_text())["value"]
+    cut_ledger = parallel.Ledger(d)  # value.json: the cut found by an earlier run of this work folder
+    earlier = cut_ledger.done("value")
+    if earlier is not None and "value" in earlier.info:
+        return earlier.info["value"]
     source = _score_source(pool, cut.arch)
     t = time.perf_counter()
     done, res = _run_phase(backend, pool, d, KEYS, per_task, f"{cut.param[2:]} scores", progress, stats,
@@ -668,8 +668,8 @@ def _exact_cut(backend, pool: Pool, cut, work: Path, stats: RunStats, progress: 
             found = _check(backend.map(radix_task, [(c, sel.prefix, sel.known, True) for c in chunks]))
             keys = np.concatenate([f["keys"] for f in found])
         value = sel.value(keys)
-    write_json(value_file, {"value": value, "rows": n_rows, "scored": n_scored, "index": n,
-                            "fraction": cut.fraction, "arch": cut.arch})
+    cut_ledger.record("value", info={"value": value, "rows": n_rows, "scored": n_scored, "index": n,
+                                     "fraction": cut.fraction, "arch": cut.arch})
     return value
 
 
