@@ -53,6 +53,7 @@ from typing import Any
 
 from dcdb.errors import DcdbError, ShardIndexError, SourceError, UsageError
 from dcdb.io import TMP_MARK, atomic_path, write_json
+from dcdb.parallel import file_signature
 from dcdb.tario import Damage, Sample, group_samples, walk_tar
 
 INDEX_FORMAT = "dcdb-shard-index"
@@ -174,16 +175,10 @@ class TarFiles:
         return self.tar.with_name(f"{self.tar.stem}_stats.json")
 
 
-def file_signature(path: Path) -> list[int] | None:
-    """[size, mtime_ns] of a file, or None if it does not exist."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
-
-
 def shard_signature(files: TarFiles) -> dict[str, list[int] | None]:
+    """The signatures (dcdb.parallel's ``[size, mtime_ns]``, None for a missing file) a per-tar
+    index file's footer records and a re-run compares. The footer is part of the index's file
+    format, so it is not a dcdb.parallel marker; it shares the signature."""
     return {
         "tar": file_signature(files.tar),
         "parquet": file_signature(files.parquet),
