@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dcdb.errors import EvalError
+from dcdb.parallel import file_signature
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,15 @@ def resolve_target(target: str | os.PathLike, model: str | None = None) -> Targe
     name = model or recorded
     if not name:
         raise EvalError(f"cannot tell the architecture of {str(ckpt)!r}", hint="name it, e.g. --model ViT-B-32")
-    stat = ckpt.stat()
-    identity = {"checkpoint": str(ckpt.resolve()), "model": name, "size": stat.st_size}
+    signature = file_signature(ckpt)  # [size, mtime_ns], as every resume check of dcdb compares
+    if signature is None:
+        raise EvalError(f"checkpoint {str(ckpt)!r} disappeared while it was read",
+                        hint="check what else writes there, then run again")
+    size, mtime_ns = signature
+    identity = {"checkpoint": str(ckpt.resolve()), "model": name, "size": size}
     identity.update({k: meta[k] for k in ("scale", "seed", "data_fingerprint", "step", "samples_seen") if k in meta})
     if not meta:
-        identity["mtime_ns"] = stat.st_mtime_ns
+        identity["mtime_ns"] = mtime_ns
     return Target(checkpoint=ckpt, model=name, run_dir=run_dir, identity=identity)
 
 
