@@ -160,6 +160,17 @@ def read_results(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _same_weights(previous: Any, identity: dict[str, Any]) -> bool:
+    """Whether recorded results belong to these weights: the identities equal but for the
+    checkpoint's path, so a run folder moved or copied elsewhere resumes its evaluation (the
+    model, the file's size and the training metadata -- or the mtime of a bare .pt -- pin the
+    weights; the path recorded stays for the message)."""
+    if not isinstance(previous, dict):
+        return False
+    return {k: v for k, v in previous.items() if k != "checkpoint"} == {
+        k: v for k, v in identity.items() if k != "checkpoint"}
+
+
 def _prepare_output(out_dir: Path, target: Target, overwrite: bool) -> dict[str, dict[str, Any]]:
     """Check (or start) the results of ``target`` in ``out_dir``; return the finished ones."""
     prepare_folder(out_dir, what="results folder")
@@ -172,7 +183,7 @@ def _prepare_output(out_dir: Path, target: Target, overwrite: bool) -> dict[str,
         results.unlink(missing_ok=True)
         write_json(info, {"identity": target.identity})
         return {}
-    if previous.get("identity") != target.identity:
+    if not _same_weights(previous.get("identity"), target.identity):
         raise EvalError(
             f"{str(results)!r} holds results of another checkpoint "
             f"({previous.get('identity', {}).get('checkpoint')}, now {target.identity['checkpoint']}; "

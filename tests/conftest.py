@@ -121,8 +121,7 @@ class DemoRun:
 def demo(tmp_path_factory) -> DemoRun:
     """The first run of ``run_demo(FOLDER, **DEMO_KW)``, shared by the session. Read it; a test that
     may change its world works on a copy. Only test_run_demo_end_to_end runs the demo again in the
-    folder itself (a demo folder cannot be moved: its runs' eval results name their checkpoints by
-    path), and that second run must reuse everything."""
+    folder itself, and that second run must reuse everything."""
     from dcdb.demo.run import run_demo
 
     folder = tmp_path_factory.mktemp("demo") / "demo"

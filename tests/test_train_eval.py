@@ -385,6 +385,15 @@ def test_eval_refuses_results_of_another_checkpoint(run, world, tmp_path):
     again = evaluate(out / "checkpoints" / "epoch_5.pt", tasks, output=tmp_path, tasks=["forms"], overwrite=True)
     assert again.evaluated == ["forms"]
 
+    copy = tmp_path / "copy"  # a run folder copied or moved elsewhere: the same weights, resumed
+    shutil.copytree(out, copy)
+    for name in ("eval_results.jsonl", "eval_info.json"):  # another test may have evaluated `out` itself
+        (copy / name).unlink(missing_ok=True)
+    assert evaluate(copy, tasks, tasks=["forms"]).evaluated == ["forms"]
+    moved = tmp_path / "moved"
+    copy.rename(moved)
+    assert evaluate(moved, tasks, tasks=["forms"]).skipped == ["forms"]
+
 
 @pytest.mark.slow
 def test_eval_wrong_architecture(run, world, tmp_path):
