@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from dcdb.errors import OutputError, UsageError
@@ -50,7 +51,7 @@ def run_sql(pool, sql: str, given: dict[str, str], *, fmt: str = "table", output
     """Run ``sql`` (one SELECT, EXPLAIN allowed) and return the text to print (or None when the
     result went to ``output``, written atomically in ``fmt``: see ``sql_format``)."""
 
-    from dcdb.engine import connect, pool_reader, statement_errors
+    from dcdb.engine import connect, narrow_pool, pool_reader, statement_errors
     from dcdb.query import bind_parameters, parse_filter
     from dcdb.sandbox import apply, path_values
 
@@ -70,7 +71,8 @@ def run_sql(pool, sql: str, given: dict[str, str], *, fmt: str = "table", output
         if explain:
             if output is not None and fmt != "table":
                 raise UsageError("EXPLAIN gives a plan, not rows", hint="write it to FILE.txt, or leave out -o")
-            rows = con.execute(sql_stripped, params or None).fetchall()
+            with narrow_pool(con, _explained(sql_stripped), params):  # the plan that would run
+                rows = con.execute(sql_stripped, params or None).fetchall()
             return _text_out("\n".join(str(r[-1]) for r in rows), output)
         with pool_reader(con, sql_stripped, params, 1 << 16) as reader:
             if fmt == "table":
@@ -83,6 +85,11 @@ def run_sql(pool, sql: str, given: dict[str, str], *, fmt: str = "table", output
         if err is None:
             raise
         raise err from None
+
+
+def _explained(sql: str) -> str:
+    """The statement an ``EXPLAIN [ANALYZE] [(options)]`` statement plans (or runs)."""
+    return re.sub(r"(?is)^\s*explain\s+(?:analy[sz]e\s+)?(?:\([^)]*\)\s*)?", "", sql)
 
 
 def _table(reader, max_rows: int) -> str:
