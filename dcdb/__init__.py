@@ -26,14 +26,15 @@ def connect(pool=None, **kwargs):
 
 def pool_sql(con, sql, params=None):
     """Run one statement on a ``dcdb.connect`` connection as ``dcdb query`` and ``dcdb sql`` run
-    it, and return its result as a ``pyarrow.Table``.
+    it, and return its rows as a ``pyarrow.Table`` (None for a statement without rows).
 
     ``pool`` then joins only the embedding spaces and derived groups the statement reads
     (``con.sql`` on ``pool`` scans every one of them in step, which DuckDB cannot skip); the rows
     are the same. ``params`` binds ``$name`` parameters (a dict). Errors are DuckDB's, as from
-    ``con.execute``. See ``dcdb.engine.narrow_pool``.
+    ``con.sql``. See ``dcdb.engine.narrow_pool``.
     """
     from dcdb.engine import narrow_pool
 
     with narrow_pool(con, sql, params):
-        return con.execute(sql, params or None).to_arrow_table()
+        rel = con.sql(sql, params=params or None)
+        return None if rel is None else rel.to_arrow_table()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from dcdb.errors import OutputError, UsageError
@@ -71,7 +70,7 @@ def run_sql(pool, sql: str, given: dict[str, str], *, fmt: str = "table", output
         if explain:
             if output is not None and fmt != "table":
                 raise UsageError("EXPLAIN gives a plan, not rows", hint="write it to FILE.txt, or leave out -o")
-            with narrow_pool(con, _explained(sql_stripped), params):  # the plan that would run
+            with narrow_pool(con, sql_stripped[7:], params):  # the plan that would run
                 rows = con.execute(sql_stripped, params or None).fetchall()
             return _text_out("\n".join(str(r[-1]) for r in rows), output)
         with pool_reader(con, sql_stripped, params, 1 << 16) as reader:
@@ -85,11 +84,6 @@ def run_sql(pool, sql: str, given: dict[str, str], *, fmt: str = "table", output
         if err is None:
             raise
         raise err from None
-
-
-def _explained(sql: str) -> str:
-    """The statement an ``EXPLAIN [ANALYZE] [(options)]`` statement plans (or runs)."""
-    return re.sub(r"(?is)^\s*explain\s+(?:analy[sz]e\s+)?(?:\([^)]*\)\s*)?", "", sql)
 
 
 def _table(reader, max_rows: int) -> str:
