@@ -239,7 +239,7 @@ class _PoolView:
     def sql(self, keep: set[int] | None = None, *, temp: bool = False) -> str:
         """The view; with ``keep``, only the joins whose index is in it: the other joins' columns
         become typed NULLs, so every statement binds exactly as on the full view. ``temp``: as a
-        TEMP view, which shadows the full one on this connection only (cursors keep the full one)."""
+        TEMP view, which shadows the full one on this connection only."""
         joins = self.joins if keep is None else [j for i, j in enumerate(self.joins) if i in keep]
         aliases = {_join_alias(j) for j in joins} | {"m"}
         select = ", ".join(
@@ -285,9 +285,10 @@ def narrow_pool(con, sql: str, params: dict[str, Any] | None = None):
     reads is DuckDB's own answer: its optimised plan (``EXPLAIN``) names the columns its
     operators read, after macros, ``*`` and constant parameters are resolved (:func:`_read_joins`).
     The other joins are dropped and their columns become typed NULLs that nothing reads. The
-    narrow view is a TEMP view that shadows the full one on this connection only (a cursor of it
-    keeps the full view) and is dropped on exit; the full view itself is never replaced. A plan
-    that cannot be had, or a TEMP view ``pool`` of the caller's, keeps the full view."""
+    narrow view is a TEMP view that shadows the full one on this connection only and is dropped
+    on exit (a failed transaction's ROLLBACK drops it too); the full view is never replaced, so
+    nothing is rebound to put it back. A plan that cannot be had, or a TEMP view ``pool`` of the
+    caller's, keeps the full view."""
     import duckdb
 
     view = _VIEWS.get(con)
