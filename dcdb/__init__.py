@@ -26,7 +26,7 @@ def connect(pool=None, **kwargs):
 
 def pool_sql(con, sql, params=None):
     """Run one statement on a ``dcdb.connect`` connection as ``dcdb query`` and ``dcdb sql`` run
-    it, and return its rows as a ``pyarrow.Table`` (None for a statement without rows).
+    it, and return its result as a ``pyarrow.Table`` (None where ``con.sql`` gives no relation).
 
     ``pool`` then joins only the embedding spaces and derived groups the statement reads
     (``con.sql`` on ``pool`` scans every one of them in step, which DuckDB cannot skip); the rows
