@@ -228,10 +228,10 @@ def bench_doors(pool, repeat):
         times = {"pool": [], "pool_metadata": []}
         out = {}
         for _ in range(repeat):  # alternately, so the machine's load falls on both alike
-            for src in times:
+            for src, ts in times.items():
                 t0 = time.perf_counter()
                 out[src] = fn(src)
-                times[src].append(time.perf_counter() - t0)
+                ts.append(time.perf_counter() - t0)
         rows.append((name, statistics.median(times["pool"]), statistics.median(times["pool_metadata"]),
                      out["pool"] == out["pool_metadata"]))
     stmt = count.format(src="pool")
