@@ -19,6 +19,17 @@ Baselines:
                 top30_l14 runs the shipped sql/clip_score.sql (-p arch l14 -p fraction 0.3), whose
                 threshold is a linear-time selection; the other filters run the text above on `pool`.
 Every dcdb output is checked byte-identical to the DataComp-way .npy.
+
+Doors (issue 14, item 3: only what the statement names): each pool gets three derived groups
+(`dcdb annotate --from`: a language string, a float and an int column, a hash string) if it has
+none, then one score statement runs through every door a user has, on `pool` and on
+`pool_metadata` in the same run (ratio pool / pool_metadata: 1.0 is the goal): `con.sql` on the
+live connection (the full view, which DuckDB cannot narrow: every positional join is scanned),
+`dcdb.pool_sql`, `dcdb sql`, `dcdb query`, knn's `--where` (against the same predicate over
+`pool_metadata` on a fresh connection) and clip_cut's inner scan. The last line is what deciding
+the joins costs per statement (EXPLAIN + the TEMP view), against the count itself.
+
+    python benchmarks/bench_query.py --workdir bench-work --meta-rows 1000000 --emb-rows 0 --only-doors
 """
 
 from __future__ import annotations
@@ -158,6 +169,92 @@ def duckdb_hand(pool_dir, name):
     return tbl.num_rows
 
 
+# ---------------------------------------------------------------------------------- doors
+
+DOOR_WHERE = "clip_l14_similarity_score >= 0.3"
+
+
+def add_groups(pool, workdir: Path):
+    """Three derived groups imported from Parquet keyed by uid (skipped when the pool has groups)."""
+    import duckdb
+
+    from dcdb.annotate import import_columns
+    from dcdb.derived import groups
+    from dcdb.store import open_pool
+
+    if groups(pool):
+        return open_pool(pool.path)
+    meta = f"read_parquet('{pool.path}/metadata/*.parquet')"
+    con = duckdb.connect()
+    for name, cols in (("lang", "CASE WHEN hash(uid) % 3 = 0 THEN 'de' ELSE 'en' END AS lang"),
+                       ("extra", "(hash(uid) % 1000) / 1000.0 AS score2, CAST(hash(uid) % 50 AS INTEGER) AS n_tok"),
+                       ("tags", "md5(uid) AS tag")):
+        out = workdir / f"groups-{name}.parquet"
+        con.execute(f"COPY (SELECT uid, {cols} FROM {meta}) TO '{out}'")
+        import_columns(pool, out)
+        out.unlink()
+    return open_pool(pool.path)
+
+
+def bench_doors(pool, repeat):
+    """(door, seconds on pool, seconds on pool_metadata, same result) rows, and the per-statement
+    cost of deciding the joins."""
+    import dcdb
+    from dcdb.adhoc import run_sql
+    from dcdb.engine import narrow_pool
+    from dcdb.query import parse_filter, run_filter
+    from dcdb.vectors.knn import where_rows
+
+    con = dcdb.connect(pool)
+    count = "SELECT count(*) AS n FROM {src} WHERE " + DOOR_WHERE
+    uids = "SELECT uid FROM {src} WHERE " + DOOR_WHERE
+    cut = "SELECT uid FROM {src} WHERE clip_l14_similarity_score >= clip_cut('l14', 0.3, NULL)"
+
+    def keep(src):
+        return dcdb.connect(pool).sql(f"SELECT coalesce(({DOOR_WHERE}), false) FROM {src}").to_arrow_table()
+
+    doors = [
+        ("con.sql count (full view)", lambda src: con.sql(count.format(src=src)).fetchall()),
+        ("dcdb.pool_sql count", lambda src: dcdb.pool_sql(con, count.format(src=src)).to_pylist()),
+        ("dcdb sql count", lambda src: run_sql(pool, count.format(src=src), {})),
+        ("dcdb query uids", lambda src: run_filter(pool, parse_filter("q", uids.format(src=src), None)).uids.tobytes()),
+        ("knn --where", lambda src: where_rows(pool, DOOR_WHERE).tolist() if src == "pool"
+         else np.flatnonzero(keep(src).column(0).to_numpy(zero_copy_only=False)).tolist()),
+        ("clip_cut fraction 0.3", lambda src: run_filter(pool, parse_filter("q", cut.format(src=src), None)).uids.tobytes()),
+    ]
+    rows = []
+    for name, fn in doors:
+        fn("pool")  # warm the page cache and the asset caches
+        times = {"pool": [], "pool_metadata": []}
+        out = {}
+        for _ in range(repeat):  # alternately, so the machine's load falls on both alike
+            for src, ts in times.items():
+                t0 = time.perf_counter()
+                out[src] = fn(src)
+                ts.append(time.perf_counter() - t0)
+        rows.append((name, statistics.median(times["pool"]), statistics.median(times["pool_metadata"]),
+                     out["pool"] == out["pool_metadata"]))
+    stmt = count.format(src="pool")
+
+    def decide():
+        with narrow_pool(con, stmt):
+            pass
+
+    t_decide, _ = timed(decide, max(repeat, 5))
+    t_count, _ = timed(lambda: con.sql(count.format(src="pool_metadata")).fetchall(), max(repeat, 5))
+    return rows, t_decide, t_count
+
+
+def print_doors(label, rows, t_decide, t_count, repeat):
+    print(f"\n{label}: one statement through every door, median of {repeat} (alternating), {os.cpu_count()} cores")
+    print(f"  where {DOOR_WHERE}; the pool has 3 derived groups")
+    print(f"  {'door':<28} {'pool s':>8} {'pool_metadata s':>16} {'ratio':>7} same")
+    for name, t_pool, t_meta, same in rows:
+        print(f"  {name:<28} {t_pool:>8.3f} {t_meta:>16.3f} {t_pool / t_meta:>6.2f}x {same}")
+    print(f"  deciding the joins (EXPLAIN + TEMP view) {t_decide * 1000:.1f} ms per statement; "
+          f"the count on pool_metadata {t_count * 1000:.1f} ms")
+
+
 # ---------------------------------------------------------------------------------- setup
 
 
@@ -218,18 +315,30 @@ def main(argv=None):
     ap.add_argument("--emb-rows", type=int, default=1_000_000)
     ap.add_argument("--emb-shards", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--only-doors", action="store_true", help="only the doors section (no DataComp runs)")
     args = ap.parse_args(argv)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
 
-    results = []
+    results, doors = [], []
     if args.meta_rows:
         src, pool = build(workdir, args.meta_rows, args.meta_shards, False, f"meta{args.meta_rows}")
-        results += bench_pool(src, pool, ["top30_l14", "size_caption"], workdir, f"{args.meta_rows:,} metadata", args.repeat)
+        label = f"{args.meta_rows:,} metadata"
+        if not args.only_doors:
+            results += bench_pool(src, pool, ["top30_l14", "size_caption"], workdir, label, args.repeat)
+        doors.append((label, *bench_doors(add_groups(pool, workdir), args.repeat)))
     if args.emb_rows:
         src, pool = build(workdir, args.emb_rows, args.emb_shards, True, f"emb{args.emb_rows}")
-        results += bench_pool(src, pool, ["top30_l14", "size_caption", "agree_b32"], workdir,
-                              f"{args.emb_rows:,} + embeddings", args.repeat)
+        label = f"{args.emb_rows:,} + embeddings"
+        if not args.only_doors:
+            results += bench_pool(src, pool, ["top30_l14", "size_caption", "agree_b32"], workdir, label, args.repeat)
+        doors.append((label, *bench_doors(add_groups(pool, workdir), args.repeat)))
+    for label, rows, t_decide, t_count in doors:
+        print_doors(label, rows, t_decide, t_count, args.repeat)
+    if not all(r[-1] for d in doors for r in d[1]):
+        sys.exit("a door gave another result on pool than on pool_metadata")
+    if args.only_doors:
+        return
     print(f"\nmedian of {args.repeat} runs, {os.cpu_count()} cores; ratios: datacomp/dcdb (speed-up), dcdb/duckdb-hand (overhead)")
     print(f"{'pool':<26} {'filter':<13} {'uids':>10} {'datacomp s':>11} {'hand s':>8} {'dcdb s':>8} {'speed-up':>9} {'overhead':>9} identical")
     for label, name, n, t_dc, t_hand, t_db, same in results:

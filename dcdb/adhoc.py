@@ -50,7 +50,7 @@ def run_sql(pool, sql: str, given: dict[str, str], *, fmt: str = "table", output
     """Run ``sql`` (one SELECT, EXPLAIN allowed) and return the text to print (or None when the
     result went to ``output``, written atomically in ``fmt``: see ``sql_format``)."""
 
-    from dcdb.engine import connect, pool_reader, statement_errors
+    from dcdb.engine import connect, narrow_pool, pool_reader, statement_errors
     from dcdb.query import bind_parameters, parse_filter
     from dcdb.sandbox import apply, path_values
 
@@ -70,7 +70,8 @@ def run_sql(pool, sql: str, given: dict[str, str], *, fmt: str = "table", output
         if explain:
             if output is not None and fmt != "table":
                 raise UsageError("EXPLAIN gives a plan, not rows", hint="write it to FILE.txt, or leave out -o")
-            rows = con.execute(sql_stripped, params or None).fetchall()
+            with narrow_pool(con, sql_stripped[7:], params):  # the plan that would run
+                rows = con.execute(sql_stripped, params or None).fetchall()
             return _text_out("\n".join(str(r[-1]) for r in rows), output)
         with pool_reader(con, sql_stripped, params, 1 << 16) as reader:
             if fmt == "table":

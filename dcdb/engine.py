@@ -236,9 +236,10 @@ class _PoolView:
         self.meta, self.joins, self.join_columns, self.columns = meta, joins, join_columns, columns
         self.types: dict[str, str] = {}
 
-    def sql(self, keep: set[int] | None = None) -> str:
+    def sql(self, keep: set[int] | None = None, *, temp: bool = False) -> str:
         """The view; with ``keep``, only the joins whose index is in it: the other joins' columns
-        become typed NULLs, so every statement binds exactly as on the full view."""
+        become typed NULLs, so every statement binds exactly as on the full view. ``temp``: as a
+        TEMP view, which shadows the full one on this connection only."""
         joins = self.joins if keep is None else [j for i, j in enumerate(self.joins) if i in keep]
         aliases = {_join_alias(j) for j in joins} | {"m"}
         select = ", ".join(
@@ -246,7 +247,8 @@ class _PoolView:
             else f"CAST(NULL AS {self.types[name]}) AS {quote_identifier(name)}"
             for name, expr in self.columns
         )
-        return f"CREATE OR REPLACE VIEW pool AS SELECT {select} FROM {self.meta} AS m {' '.join(joins)}"
+        create = "CREATE TEMP VIEW" if temp else "CREATE OR REPLACE VIEW"
+        return f"{create} pool AS SELECT {select} FROM {self.meta} AS m {' '.join(joins)}"
 
 
 def _join_alias(join: str) -> str:
@@ -259,30 +261,52 @@ _VIEWS: weakref.WeakKeyDictionary[Any, _PoolView] = weakref.WeakKeyDictionary()
 @contextmanager
 def pool_reader(con, sql: str, params: dict[str, Any] | None = None, batch_rows: int = 1 << 20):
     """A ``pyarrow.RecordBatchReader`` over one statement run on ``con`` with a ``pool`` view that
-    joins only the embedding spaces and derived groups the statement reads; consume it inside
-    the block (on exit it is closed and the full view is put back).
+    joins only the embedding spaces and derived groups the statement reads (:func:`narrow_pool`);
+    consume it inside the block (on exit it is closed and the full view is back)."""
+    reader = None
+    with narrow_pool(con, sql, params):
+        try:
+            reader = con.sql(sql, params=params or None).to_arrow_reader(batch_rows)
+            yield reader
+        finally:
+            if reader is not None:
+                reader.close()  # releases the connection for the next statement
 
-    A ``POSITIONAL JOIN`` costs even when none of its columns is read: DuckDB scans every joined
-    source in step and cannot push the statement's filters into the metadata scan (a uid query
-    on a 12.8M-row pool with two derived groups took 3.5 s against 0.8 s on the metadata alone).
-    Which sources a statement reads is DuckDB's own answer: its optimised plan (``EXPLAIN``)
-    names the columns its operators read, after macros, ``*`` and constant parameters are
-    resolved (:func:`_read_joins`). The other joins are dropped and their columns become typed
-    NULLs that nothing reads. A plan that cannot be had keeps the full view."""
+
+@contextmanager
+def narrow_pool(con, sql: str, params: dict[str, Any] | None = None):
+    """Inside the block, ``pool`` on ``con`` joins only the embedding spaces and derived groups
+    ``sql`` reads; run ``sql`` (and only it) there.
+
+    A ``POSITIONAL JOIN`` costs even when none of its columns is read: DuckDB (2.0.1 measured)
+    keeps the join, scans the unread source for its row count, and cannot push the statement's
+    filters below the join into the metadata scan (a uid query on a 12.8M-row pool with two
+    derived groups took 3.5 s against 0.8 s on the metadata alone). Which sources a statement
+    reads is DuckDB's own answer: its optimised plan (``EXPLAIN``) names the columns its
+    operators read, after macros, ``*`` and constant parameters are resolved (:func:`_read_joins`).
+    The other joins are dropped and their columns become typed NULLs that nothing reads. The
+    narrow view is a TEMP view that shadows the full one on this connection only and is dropped
+    on exit (a failed transaction's ROLLBACK drops it too); the full view is never replaced, so
+    nothing is rebound to put it back. A plan that cannot be had, or a TEMP view ``pool`` of the
+    caller's, keeps the full view."""
+    import duckdb
+
     view = _VIEWS.get(con)
     keep = _read_joins(con, sql, params, view.join_columns) if view is not None else None
     narrow = keep is not None and len(keep) < len(view.joins)
     if narrow:
-        con.execute(view.sql(keep))
-    reader = None
+        try:
+            con.execute(view.sql(keep, temp=True))
+        except duckdb.CatalogException:  # the caller's own TEMP view named pool: leave it
+            narrow = False
     try:
-        reader = con.sql(sql, params=params or None).to_arrow_reader(batch_rows)
-        yield reader
+        yield
     finally:
-        if reader is not None:
-            reader.close()  # releases the connection for the next statement
         if narrow:
-            con.execute(view.sql())
+            try:
+                con.execute("DROP VIEW temp.pool")
+            except duckdb.TransactionException:  # the caller's transaction failed: its ROLLBACK drops it
+                pass
 
 
 def _read_joins(con, sql: str, params, join_columns: list[set[str]]) -> set[int] | None:

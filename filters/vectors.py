@@ -69,8 +69,10 @@ def register(con, pool) -> None:
                               "row": duckdb.sqltype("BIGINT"), "recall": duckdb.sqltype("DOUBLE")})
     seeds_t = duckdb.list_type(flist)
     for name, ann in (("knn", False), ("knn_ann", True)):
+        # side_effects: never folded while planning, or a statement with constant seeds would search
+        # once in dcdb's EXPLAIN (which joins a statement reads, dcdb.engine.narrow_pool) and again to run
         arrow_function(con, f"_dcdb_{name}_rows", _knn_function(pool, ann), ["VARCHAR", seeds_t, "BIGINT"],
-                        duckdb.list_type(row))
+                        duckdb.list_type(row), side_effects=True)
         cols = "r.seed AS seed, r.uid AS uid, r.rank AS rank, r.similarity AS similarity, r.row AS row"
         cols += ", r.recall AS recall" if ann else ""
         con.execute(

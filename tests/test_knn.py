@@ -334,6 +334,26 @@ def test_knn_table_function(small_pool, tmp_path):
     assert res.exit_code != 0 and "dcdb index" in res.output
 
 
+def test_planning_a_knn_statement_does_not_search(small_pool):
+    """dcdb plans a statement (EXPLAIN) to learn which joins it reads; a knn with constant seeds
+    must not be folded into that plan, or it would search twice. k above the pool's rows makes a
+    search fail with a dcdb error, which the connection records (DuckDB drops a failed folding)."""
+    import duckdb
+
+    from dcdb.engine import _VIEWS, _read_joins, connect
+    from dcdb.errors import UsageError
+    from dcdb.filters import take_error
+
+    con = connect(small_pool)
+    sql = "SELECT uid FROM knn('l14_img', [$v], 100000)"
+    v = {"v": np.ones(768, np.float32).tolist()}
+    assert _read_joins(con, sql, v, _VIEWS[con].join_columns) == set()
+    assert take_error(con) is None  # the plan did not search
+    with pytest.raises(duckdb.Error):
+        con.execute(sql, v).fetchall()
+    assert isinstance(take_error(con), UsageError)  # running it does
+
+
 def test_contaminated_matches_numpy(small_pool, tmp_path):
     vec, uids = pool_vectors(small_pool)
     rng = np.random.default_rng(9)

@@ -386,3 +386,76 @@ def test_statements_join_only_what_they_read_and_get_the_same_rows(small_pool, t
     with pytest.raises(duckdb.Error), pool_reader(con, failing) as r:
         r.read_all()
     assert con.sql("SELECT count(lang), count(l14_img) FROM pool").fetchall() == [(len(uids), len(uids))]
+
+
+def test_an_unread_derived_group_is_never_opened_through_any_door(small_pool, tmp_path):
+    """A statement that names no column of a derived group never opens the group's files, through
+    every door (dcdb query, dcdb sql and the plan its EXPLAIN shows, knn --where, clip_cut's scan,
+    dcdb.pool_sql), and gives the rows the intact pool gives. Proof: one shard file of the group
+    (not the first, whose schema connect reads) is overwritten with junk; DuckDB's full ``pool``
+    view then fails on every statement, since it scans every positional join in step."""
+    import duckdb
+    from click.testing import CliRunner
+
+    import dcdb
+    from dcdb.annotate import import_columns
+    from dcdb.cli import cli
+    from dcdb.vectors.knn import where_rows
+
+    pool = open_pool(small_pool)
+    meta = pq.read_table(small_pool / "metadata", columns=["uid"])
+    n = meta.num_rows
+    rng = np.random.default_rng(14)
+    pq.write_table(pa.table({"uid": meta.column(0), "lang": rng.choice(["en", "de"], n)}), tmp_path / "lang.parquet")
+    pq.write_table(pa.table({"uid": meta.column(0), "score2": rng.random(n)}), tmp_path / "extra.parquet")
+    import_columns(pool, tmp_path / "lang.parquet")
+    import_columns(pool, tmp_path / "extra.parquet")
+
+    def cli_run(*args, input=None):
+        return CliRunner().invoke(cli, ["-q", *map(str, args)], input=input)
+
+    where = "clip_l14_similarity_score > 0.2"
+    doors = {  # door -> what it gives
+        "query": lambda: (cli_run("query", "-", "--pool", small_pool, "-o", tmp_path / "q.npy",
+                                  input=f"SELECT uid FROM pool WHERE {where}"), (tmp_path / "q.npy").read_bytes()),
+        "clip_cut": lambda: (cli_run("query", "clip_score", "--pool", small_pool, "-p", "arch", "l14", "-p",
+                                     "fraction", "0.3", "-o", tmp_path / "c.npy", "--force"),
+                             (tmp_path / "c.npy").read_bytes()),
+        "sql": lambda: cli_run("sql", f"SELECT count(*) AS n FROM pool WHERE {where}", "--pool", small_pool).output,
+        "knn --where": lambda: where_rows(open_pool(small_pool), where).tolist(),
+        "pool_sql": lambda: dcdb.pool_sql(dcdb.connect(small_pool), f"SELECT uid, lang FROM pool WHERE {where} "
+                                          "ORDER BY uid").to_pylist(),
+    }
+
+    def give(door):
+        got = doors[door]()
+        (tmp_path / "q.npy").unlink(missing_ok=True)
+        if isinstance(got, tuple):  # (CLI result, its output file)
+            assert got[0].exit_code == 0, (door, got[0].output)
+            return got[1]
+        return got
+
+    intact = {door: give(door) for door in doors}
+    assert len(intact["knn --where"]) > 0 and intact["pool_sql"][0]["lang"] in ("en", "de")
+
+    (small_pool / "derived" / "extra" / f"{pool.shards[1]['name']}.parquet").write_bytes(b"junk" * 100)
+    con = dcdb.connect(small_pool)
+    with pytest.raises(duckdb.Error, match="extra"):  # the full view opens every group
+        con.sql(f"SELECT count(*) FROM pool WHERE {where}").fetchall()
+    for door in doors:
+        assert give(door) == intact[door], door
+    res = cli_run("sql", f"EXPLAIN SELECT count(*) FROM pool WHERE {where}", "--pool", small_pool)
+    assert res.exit_code == 0 and "POSITIONAL" not in res.output.upper(), res.output
+    assert dcdb.pool_sql(con, "SELECT count(*) AS n FROM pool").to_pylist() == [{"n": n}]
+    # a statement that reads the group still opens it, and says which file is damaged
+    with pytest.raises(duckdb.Error, match="extra"):
+        dcdb.pool_sql(con, "SELECT avg(score2) FROM pool")
+    res = cli_run("query", "-", "--pool", small_pool, "-o", tmp_path / "s.npy", input="SELECT uid FROM pool WHERE score2 > 0.5")
+    assert res.exit_code != 0 and "damaged" in res.output and "extra" in res.output, res.output
+    # the narrow view shadows the full one for the statement only
+    from dcdb.engine import narrow_pool
+
+    with narrow_pool(con, "SELECT count(*) FROM pool"):
+        assert con.sql("SELECT count(lang) FROM pool").fetchall() == [(0,)]  # unread: typed NULLs
+    assert con.sql("SELECT count(*) FROM duckdb_views() WHERE view_name = 'pool' AND temporary").fetchall() == [(0,)]
+    assert dcdb.pool_sql(con, "SELECT count(lang) AS c FROM pool").to_pylist() == [{"c": n}]

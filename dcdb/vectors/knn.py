@@ -22,7 +22,7 @@ def where_rows(pool, where: str) -> np.ndarray:
     """Row indices of the pool rows for which the SQL predicate ``where`` is true (pre-filter)."""
     import duckdb
 
-    from dcdb.engine import connect
+    from dcdb.engine import connect, narrow_pool
     from dcdb.errors import QueryError
     from dcdb.sandbox import apply, check_statement, refusal
 
@@ -31,7 +31,8 @@ def where_rows(pool, where: str) -> np.ndarray:
     check_statement(con, sql, "--where")
     apply(con, pool, who="--where", kind="where")
     try:
-        tbl = con.sql(sql).to_arrow_table()
+        with narrow_pool(con, sql):  # only the joins the predicate reads
+            tbl = con.sql(sql).to_arrow_table()
     except duckdb.Error as exc:
         from dcdb.filters import take_error
 
