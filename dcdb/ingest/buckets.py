@@ -1,7 +1,7 @@
-"""uid-bucketed pools: ``dcdb ingest SRC POOL --buckets N``.
+"""uid-bucketed pools: every pool of store format 2 (``dcdb ingest SRC POOL [--buckets N]``).
 
 A DataComp uid is a uniform 128-bit hash, so its top ``b = log2(N)`` bits split a pool into N
-buckets of about equal size. A bucketed pool is an ordinary pool whose *shards are the buckets*:
+buckets of about equal size. A pool's *shards are the buckets*:
 ``metadata/bucket-00042.parquet``, Lance fragment 42 of every embedding space, and
 ``derived/<group>/bucket-00042.parquet``, all holding exactly the rows whose uid starts with
 bucket 42's bits, **sorted by uid** (rows with the same uid keep their source order). Consequences:
@@ -12,7 +12,8 @@ bucket 42's bits, **sorted by uid** (rows with the same uid keep their source or
   distributed query needs no global sort;
 * one bucket (or a group of buckets) is a self-contained unit of work (:func:`bucket_view`).
 
-The manifest records ``"buckets": {"count": N, "bits": b, "key": "uid"}``.
+The manifest records ``"buckets": {"count": N, "bits": b, "key": "uid"}``. Without ``--buckets``
+ingest picks N with :func:`default_buckets`; N = 1 is one fully sorted bucket.
 
 This module is the layout (which bucket a uid is in, its uid range, a view of some buckets); the
 ingest pre-pass that stages SRC as buckets is ``repartition`` in dcdb/ingest/pool.py.
@@ -40,6 +41,18 @@ def bucket_bits(count: int) -> int:
             hint="e.g. --buckets 256 (aim for buckets of 10k-1M rows)",
         )
     return count.bit_length() - 1
+
+
+def default_buckets(rows: int, shard_rows: list[int]) -> int:
+    """The bucket count ingest uses when none is given: the smallest power of two that makes the
+    average bucket no larger than the largest source shard. A bucket is held in memory while it
+    is sorted, as a source shard is while it is split, so the peak stays what the source's own
+    shards need; DataComp's equal shards give about one bucket per shard (128 shards -> 128)."""
+    largest = max(shard_rows, default=0)
+    if rows <= 0 or largest <= 0:
+        return 1
+    need = -(-rows // largest)  # ceil
+    return min(MAX_BUCKETS, 1 << (need - 1).bit_length())
 
 
 def bucket_name(b: int) -> str:
