@@ -107,10 +107,11 @@ def assert_same_pool(a: Path, b: Path) -> None:
 
 def test_round_trip(small_src, tmp_path):
     pool = tmp_path / "pool"
-    report = ingest(small_src, pool, jobs=1)
+    report = ingest(small_src, pool, jobs=1, buckets=4)
     assert isinstance(report, IngestReport)
     assert (report.rows, report.shards, report.skipped_shards, report.duplicate_uids) == (200, 4, 0, 0)
     assert report.source_shards == 3 and "from 3 shards" in report.summary() and "4 uid buckets" in report.summary()
+    assert "(1 uid bucket)" in ingest(small_src, tmp_path / "one", jobs=1).summary()  # small: one sorted bucket
     assert report.spaces == list(DATACOMP_SPACES)
     assert report.bytes_read == sum(p.stat().st_size for p in small_src.iterdir())
     assert "200 rows" in report.summary() and "rows/s" in report.summary() and "MB/s" in report.summary()
@@ -500,12 +501,12 @@ def _count_calls(monkeypatch) -> list[str]:
 
 def test_killed_ingest_resumes_and_redoes_only_missing_shards(make_src, tmp_path, monkeypatch):
     src = make_src(rows=60, shards=4)
-    ingest(src, tmp_path / "clean", jobs=1)
+    ingest(src, tmp_path / "clean", jobs=1, buckets=4)
 
     pool = tmp_path / "pool"
     _kill_after(monkeypatch, 2)
     with pytest.raises(Killed):
-        ingest(src, pool, jobs=1)
+        ingest(src, pool, jobs=1, buckets=4)
     assert_no_manifest(pool)
     with pytest.raises(PoolError, match="incomplete.*re-run"):
         open_pool(pool)
@@ -515,7 +516,7 @@ def test_killed_ingest_resumes_and_redoes_only_missing_shards(make_src, tmp_path
     ]
 
     calls = _count_calls(monkeypatch)
-    report = ingest(src, pool, jobs=1)
+    report = ingest(src, pool, jobs=1, buckets=4)
     assert calls == ["bucket-00002", "bucket-00003"]
     rows = {s["name"]: s["rows"] for s in open_pool(pool).shards}
     assert report.skipped_shards == 2 and report.rows == 60
@@ -532,25 +533,25 @@ def test_resume_redoes_shards_with_damaged_outputs_or_changed_source(make_src, t
     pool = tmp_path / "pool"
     _kill_after(monkeypatch, 3)
     with pytest.raises(Killed):
-        ingest(src, pool, jobs=1)
+        ingest(src, pool, jobs=1, buckets=4)
     (pool / "metadata" / "bucket-00000.parquet").unlink()  # output lost
     (pool / "metadata" / "bucket-00002.parquet.dcdb-tmp-99-deadbeef").write_bytes(b"half a file")
 
     calls = _count_calls(monkeypatch)
-    ingest(src, pool, jobs=1)
+    ingest(src, pool, jobs=1, buckets=4)
     assert calls == ["bucket-00000", "bucket-00003"]
     assert not list((pool / "metadata").glob("*dcdb-tmp*"))
-    ingest(src, tmp_path / "clean", jobs=1)
+    ingest(src, tmp_path / "clean", jobs=1, buckets=4)
     assert_same_pool(tmp_path / "clean", pool)
 
     # a source shard that changed since an interrupted run changes every bucket: all are redone
     shutil.rmtree(pool)
     _kill_after(monkeypatch, 3)
     with pytest.raises(Killed):
-        ingest(src, pool, jobs=1)
+        ingest(src, pool, jobs=1, buckets=4)
     os.utime(src / "00000001.npz", ns=(1, 1))
     calls = _count_calls(monkeypatch)
-    ingest(src, pool, jobs=1)
+    ingest(src, pool, jobs=1, buckets=4)
     assert calls == [f"bucket-{b:05d}" for b in range(4)]
 
 
@@ -567,12 +568,12 @@ def test_killed_parallel_ingest_resumes(make_src, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ingest_mod, "_record", record)
     with pytest.raises(Killed):
-        ingest(src, tmp_path / "pool", jobs=2)
+        ingest(src, tmp_path / "pool", jobs=2, buckets=4)
     assert_no_manifest(tmp_path / "pool")
     monkeypatch.setattr(ingest_mod, "_record", real)
-    report = ingest(src, tmp_path / "pool", jobs=1)
+    report = ingest(src, tmp_path / "pool", jobs=1, buckets=4)
     assert report.skipped_shards == 1 and report.rows == 40
-    ingest(src, tmp_path / "clean", jobs=1)
+    ingest(src, tmp_path / "clean", jobs=1, buckets=4)
     assert_same_pool(tmp_path / "clean", tmp_path / "pool")
 
 
@@ -589,10 +590,10 @@ def test_unfinished_ingest_with_other_layout_starts_over(make_src, tmp_path, mon
     pool = tmp_path / "pool"
     _kill_after(monkeypatch, 1)
     with pytest.raises(Killed):
-        ingest(src, pool, jobs=1)
+        ingest(src, pool, jobs=1, buckets=4)
     monkeypatch.undo()
     other = make_src(rows=30, shards=3, embeddings=False, name="b")  # no spaces this time
-    report = ingest(other, pool, jobs=1)
+    report = ingest(other, pool, jobs=1, buckets=4)
     assert report.skipped_shards == 0 and report.spaces == []
     assert not any((pool / "embeddings").iterdir())
 
@@ -601,7 +602,7 @@ def test_rerun_on_complete_pool(small_src, small_pool, tmp_path):
     before = (small_pool / MANIFEST).read_bytes()
     src = Path(json.loads(before)["source"])
     report = ingest(src, small_pool, jobs=1)
-    assert report.already_complete and report.skipped_shards == 4 and report.rows == 200
+    assert report.already_complete and report.skipped_shards == 1 and report.rows == 200
     assert "already complete" in report.summary()
     assert (small_pool / MANIFEST).read_bytes() == before
 

@@ -184,7 +184,9 @@ def test_default_bucket_count():
     from dcdb.ingest.buckets import default_buckets
 
     assert default_buckets(0, []) == 1
-    assert default_buckets(10, [10]) == 1  # one shard: one fully sorted bucket
-    assert default_buckets(200, [67, 67, 66]) == 4
-    assert default_buckets(12_800_000, [100_000] * 128) == 128
-    assert default_buckets(1_000_100, [1_000_000, 100]) == 2  # no bucket above the largest shard on average
+    assert default_buckets(200, [67, 67, 66]) == 1  # small: one fully sorted bucket
+    assert default_buckets(12_800_000, [100_000] * 128) == 32  # metadata only: ~256 MB buckets
+    assert default_buckets(12_800_000, [100_000] * 128, row_bytes=5632) == 128  # with 4 spaces: a shard's size
+    assert default_buckets(12_800_000, [10_000] * 1280, row_bytes=5632) == 512  # small shards: ~256 MB buckets
+    assert default_buckets(4_000_000, [2_000_000, 2_000_000], row_bytes=5632) == 2  # as large as a source shard
+    assert default_buckets(3_000_000, [1_000_000] * 3, row_bytes=1 << 30) == 4  # rounded up to a power of two

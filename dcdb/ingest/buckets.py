@@ -30,6 +30,8 @@ from dcdb.errors import PoolError, UsageError
 from dcdb.store import Pool
 
 MAX_BUCKETS = 1 << 16
+BUCKET_BYTES = 256 << 20  # the rows (in memory) a default bucket may hold, unless a source shard holds more
+METADATA_ROW_BYTES = 512  # a DataComp metadata row in memory, roughly (url, caption, sha256, uid, numbers)
 BUCKET_PREFIX = "bucket-"
 
 
@@ -43,15 +45,18 @@ def bucket_bits(count: int) -> int:
     return count.bit_length() - 1
 
 
-def default_buckets(rows: int, shard_rows: list[int]) -> int:
-    """The bucket count ingest uses when none is given: the smallest power of two that makes the
-    average bucket no larger than the largest source shard. A bucket is held in memory while it
-    is sorted, as a source shard is while it is split, so the peak stays what the source's own
-    shards need; DataComp's equal shards give about one bucket per shard (128 shards -> 128)."""
+def default_buckets(rows: int, shard_rows: list[int], row_bytes: int = 512) -> int:
+    """The bucket count ingest uses when none is given: the smallest power of two whose average
+    bucket holds at most ``max(largest source shard, BUCKET_BYTES / row_bytes)`` rows. A bucket is
+    held in memory while it is sorted, as a source shard is while it is split, so the peak stays
+    what the source's own shards need, or ~BUCKET_BYTES when they are smaller (then fewer, larger
+    buckets: fewer files for every query to open). ``row_bytes``: a row's size in memory
+    (metadata plus its embedding vectors). 12.8M metadata-only rows: 32 buckets of 400k rows."""
     largest = max(shard_rows, default=0)
-    if rows <= 0 or largest <= 0:
+    if rows <= 0:
         return 1
-    need = -(-rows // largest)  # ceil
+    per_bucket = max(largest, BUCKET_BYTES // max(1, row_bytes), 1)
+    need = -(-rows // per_bucket)  # ceil
     return min(MAX_BUCKETS, 1 << (need - 1).bit_length())
 
 

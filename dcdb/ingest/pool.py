@@ -44,7 +44,14 @@ import pyarrow.parquet as pq
 
 from dcdb import errors, parallel, uids
 from dcdb.errors import DcdbError, OutputError, PoolError, SourceError, UsageError, WorkerError
-from dcdb.ingest.buckets import bucket_bits, bucket_name, bucket_of, check_same_buckets, default_buckets
+from dcdb.ingest.buckets import (
+    METADATA_ROW_BYTES,
+    bucket_bits,
+    bucket_name,
+    bucket_of,
+    check_same_buckets,
+    default_buckets,
+)
 from dcdb.io import (
     LOCK_NAME,
     TMP_MARK,
@@ -1185,8 +1192,8 @@ def ingest(
     ``jobs`` worker processes handle one shard each at a time (``jobs=1`` runs in this process).
     Every pool is laid out in uid buckets by the top bits of the uid, each bucket sorted by uid
     (see dcdb/ingest/buckets.py): ``buckets`` (a power of two; 1 = one fully sorted bucket)
-    chooses how many, by default ``default_buckets`` (no bucket larger, on average, than the
-    largest source shard). Resumable: re-run after an interruption to finish. Raises SourceError
+    chooses how many, by default ``default_buckets`` (buckets of ~256 MB in memory, or of the
+    largest source shard's size when that is larger). Resumable: re-run after an interruption to finish. Raises SourceError
     for bad input, OutputError when POOL is a non-pool folder, PoolError when POOL is a complete
     pool of another source.
     """
@@ -1224,8 +1231,10 @@ def _ingest(plan: Plan, pool: Path, t0: float, *, jobs: int, progress: bool, buc
             already_complete=True,
         )
     bytes_read = sum(s.source_bytes for s in plan.shards)
-    plan = repartition(plan, pool, default_buckets(plan.rows, [s.rows for s in plan.shards]) if buckets is None
-                       else buckets, jobs=jobs, progress=progress)
+    if buckets is None:
+        row_bytes = METADATA_ROW_BYTES + sum(i["dim"] * np.dtype(i["dtype"]).itemsize for i in plan.spaces.values())
+        buckets = default_buckets(plan.rows, [s.rows for s in plan.shards], row_bytes)
+    plan = repartition(plan, pool, buckets, jobs=jobs, progress=progress)
     done = _done_entries(pool, plan)
     todo = [s for s in plan.shards if s.name not in done]
     tasks = _tasks(pool, plan, todo)
