@@ -58,6 +58,7 @@ EMBEDDINGS_DIR = "embeddings"
 DERIVED_DIR = "derived"
 SUBSETS_DIR = "subsets"
 STAGING_DIR = ".ingest"
+UPGRADE_DIR, UPGRADE_COMMIT = ".upgrade", "commit"  # dcdb upgrade's work folder and its point of no return
 POOL_ENV = "DCDB_POOL"
 
 # DataComp's four precomputed embedding spaces (keys of each shard's .npz) and their models.
@@ -249,6 +250,9 @@ def open_pool(path: str | os.PathLike | None = None) -> Pool:
     if not p.is_dir():
         raise PoolError(f"pool {str(p)!r} is a file, not a pool folder", hint="give the folder `dcdb ingest` wrote")
     mf = p / MANIFEST
+    if upgrade_unfinished(p):
+        raise PoolError(f"pool {str(p)!r} is in the middle of `dcdb upgrade`: it stopped while exchanging its files",
+                        hint=f"re-run `dcdb upgrade {p}` to finish it")
     if not mf.is_file():
         if (p / STAGING_DIR).is_dir():
             raise PoolError(
@@ -282,6 +286,11 @@ def open_pool(path: str | os.PathLike | None = None) -> Pool:
         raise PoolError(f"pool manifest {str(mf)!r} is damaged: {problem}",
                         hint="re-ingest the pool (`dcdb ingest SRC POOL` into a new folder)")
     return Pool(path=p, manifest=manifest)
+
+
+def upgrade_unfinished(pool: str | os.PathLike) -> bool:
+    """Whether ``dcdb upgrade`` of ``pool`` stopped while exchanging its files (dcdb/upgrade.py)."""
+    return (Path(pool) / UPGRADE_DIR / UPGRADE_COMMIT).is_file()
 
 
 def _inside(rel: Any) -> bool:

@@ -622,7 +622,13 @@ def _dictionary_columns(schema: pa.Schema) -> list[str]:
 
 def _write_metadata(task: ShardTask, table: pa.Table) -> dict[str, Any]:
     rel = f"{METADATA_DIR}/{task.name}.parquet"
-    with atomic_path(Path(task.pool) / rel) as tmp:
+    write_metadata_file(table, Path(task.pool) / rel)
+    return {"path": rel, "bytes": (Path(task.pool) / rel).stat().st_size}
+
+
+def write_metadata_file(table: pa.Table, path: Path) -> None:
+    """A pool metadata file (atomically), as ingest writes them: row groups, codec, encodings."""
+    with atomic_path(path) as tmp:
         pq.write_table(
             table,
             tmp,
@@ -632,7 +638,6 @@ def _write_metadata(task: ShardTask, table: pa.Table) -> dict[str, Any]:
             use_dictionary=_dictionary_columns(table.schema),
             write_statistics=_statistics_columns(table.schema),
         )
-    return {"path": rel, "bytes": (Path(task.pool) / rel).stat().st_size}
 
 
 def _write_uids(task: ShardTask, uid_array: np.ndarray) -> dict[str, Any]:
