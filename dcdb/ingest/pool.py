@@ -1039,6 +1039,7 @@ def stored_schema(schema: pa.Schema) -> pa.Schema:
 def _split_shard(task: _SplitTask) -> dict[str, Any]:
     """Phase A: one source shard -> an Arrow IPC file, one record batch per bucket present."""
     shard = task.shard
+    kill_point(f"ingest-split:{shard.name}")
     table = _read_shard_table(shard)
     uid_arr = uids.from_arrow(table.column("uid"), source=shard.parquet)
     table = _source_columns(table, shard.index)
