@@ -32,6 +32,7 @@ linearly with it, on both sides of the comparison only for DataComp); ImageNet e
 from __future__ import annotations
 
 import argparse
+import itertools
 import multiprocessing as mp
 import os
 import re
@@ -358,7 +359,7 @@ def write_source_langs(pool, src: Path, out: Path) -> Path:
         names = [s["name"] for s in pool.shards]
         whole = con.sql("SELECT lang, lang_cld3 FROM pool").to_arrow_table()
         starts = np.cumsum([0] + [s["rows"] for s in pool.shards])
-        tables = [whole.slice(a, b - a) for a, b in zip(starts[:-1], starts[1:])]
+        tables = [whole.slice(a, b - a) for a, b in itertools.pairwise(starts)]
     for name, t in zip(names, tables):
         pq.write_table(pa.table({"lang": t.column(0), "lang_cld3": t.column(1)}), out / f"{name}.parquet")
     (out / "_DONE").write_text("")

@@ -77,8 +77,6 @@ def write_group(
 
 
 def _write_group(pool: Pool, group: str, compute, *, info, replace: bool, shards) -> Path:
-    import pyarrow.parquet as pq
-
     from dcdb.io import kill_point, sweep_pid_dirs
 
     root = pool.path / DERIVED_DIR

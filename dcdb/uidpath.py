@@ -160,7 +160,7 @@ def _relation(ref: dict[str, Any] | None, scope: dict[str, bool], sources: froze
         name = str(ref.get("table_name", "")).lower()
         if ref.get("catalog_name") or ref.get("schema_name") or ref.get("at_clause"):
             return alias or name, False
-        carries = scope[name] if name in scope else name in sources and name in TABLES
+        carries = scope.get(name, name in sources and name in TABLES)
         return alias or name, carries
     if kind == "TABLE_FUNCTION":
         fn = ref.get("function") or {}

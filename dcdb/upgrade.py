@@ -49,6 +49,7 @@ from dcdb.store import (
     UPGRADE_DIR,
     upgrade_unfinished,
 )
+
 DERIVED_PREFIX = "__dcdb_derived__"
 SWAPPED = (METADATA_DIR, EMBEDDINGS_DIR, DERIVED_DIR, "indexes")  # indexes: ANN records (dcdb/vectors/ann.py)
 

@@ -274,7 +274,7 @@ def test_read_only_pool_refuses_writes_with_one_line_and_still_answers_reads(sma
 
 
 def _data_file(pool: Path, space: str = "l14_img") -> Path:
-    return sorted((pool / "embeddings" / f"{space}.lance" / "data").glob("*.lance"))[-1]
+    return max((pool / "embeddings" / f"{space}.lance" / "data").glob("*.lance"))
 
 
 DAMAGE = {

@@ -65,8 +65,8 @@ CASES = [
      lambda t: _f(t, "clip_b32_similarity_score") >= np.float32(0.25)),
     ("SELECT p.uid, 3 AS copies FROM pool AS p JOIN pool_metadata AS m USING (uid) WHERE m.original_width > 300",
      True, lambda t: np.repeat(_i(t, "original_width") > 300, 1)),
-    ("WITH big AS (SELECT * FROM pool WHERE original_height >= 200) SELECT uid FROM big "
-     "UNION ALL SELECT uid FROM pool_metadata WHERE original_width < 200", True,
+    (("WITH big AS (SELECT * FROM pool WHERE original_height >= 200) SELECT uid FROM big "
+      "UNION ALL SELECT uid FROM pool_metadata WHERE original_width < 200"), True,
      lambda t: np.concatenate([np.flatnonzero(_i(t, "original_height") >= 200), np.flatnonzero(_i(t, "original_width") < 200)])),
     ("SELECT uid FROM pool WHERE uid < '8' INTERSECT SELECT uid FROM pool WHERE uid LIKE '%a%'", True,
      lambda t: _s(t, lambda u: u < "8" and "a" in u)),
