@@ -4,6 +4,7 @@ same pool, same assets, same run; the derived columns' one-off cost reported sep
     python benchmarks/bench_baselines.py --workdir bench-base                       # 1M rows with embeddings
     python benchmarks/bench_baselines.py --workdir bench-base --rows 200000         # ~10 minutes here
     python benchmarks/bench_baselines.py --workdir bench-base --meta-rows 12800000  # + metadata-only baselines
+    python benchmarks/bench_baselines.py --workdir bench-base --rows 12800000 --no-embeddings  # those alone
 
 The DataComp way (baselines/apply_filter.py, re-implemented): per shard, pandas reads the parquet
 (and np.load the npz), language id per row in Python (fastText predict / gcld3, the same models dcdb
@@ -13,6 +14,13 @@ for the centroids, uid conversion per row, np.sort; shards on ``--dc-workers`` p
 (DataComp's worker_threadpool). dcdb reads the precomputed derived columns (``dcdb annotate``: lang,
 lang_cld3, wordnet, centroids), whose one-off cost is printed first. Every pair of outputs is
 checked equal.
+
+The metadata baselines are also run as hand-written DuckDB over the raw source Parquet (what a
+DuckDB user writes without dcdb, with DataComp's NaN semantics: DuckDB orders NaN above every
+number and ``NaN >= t`` is true, so the fraction threshold sorts NaN last and every comparison
+excludes it; uids converted in SQL and sorted by DuckDB, np.save). Language ids come from the
+pool's annotations, written once beside the source as row-aligned Parquet (not timed). Each
+timing is the median of ``--repeat`` runs; the ratios are printed against dcdb in the same run.
 
 Assets: WordNet is the real WordNet 3.0 (Debian's wordnet-base) when installed, else a stand-in over
 the pool's vocabulary; the WNID list is every third first-synset offset of the pool's words;
@@ -24,6 +32,7 @@ linearly with it, on both sides of the comparison only for DataComp); ImageNet e
 from __future__ import annotations
 
 import argparse
+import itertools
 import multiprocessing as mp
 import os
 import re
@@ -308,26 +317,120 @@ def dcdb_params(name, assets):
     return p
 
 
-def compare(pool, src, names, assets, workers, init_args, title):
-    from dcdb.query import load_filter, run_filter
+# ------------------------------------------------------------------- DuckDB by hand, raw Parquet
+
+# {src}: the raw source parquet files (with the language ids positionally joined where needed);
+# uid -> its two 64-bit halves in SQL; NaN: last in the threshold's sort, never passing a comparison.
+HAND_SQL = {
+    "no_filter": "SELECT {hilo} FROM {src} ORDER BY hi, lo",
+    "clip_score": (
+        "SELECT {hilo} FROM {src} WHERE clip_l14_similarity_score >= (SELECT s FROM (SELECT clip_l14_similarity_score AS s FROM {src}) "
+        "ORDER BY isnan(s) OR s IS NULL, s DESC LIMIT 1 OFFSET (SELECT floor(count(*) * 0.3::DOUBLE)::BIGINT FROM {src})) "
+        "AND NOT isnan(clip_l14_similarity_score) ORDER BY hi, lo"
+    ),
+    "basic_filter": (
+        "SELECT {hilo} FROM {src} WHERE lang = 'en' AND words_gt(text, 2) AND length(text) > 5 "
+        "AND least(original_width, original_height) >= 200 "
+        "AND greatest(original_width, original_height) / least(original_width, original_height) <= 3.0 ORDER BY hi, lo"
+    ),
+    "laion2b": ("SELECT {hilo} FROM {src} WHERE lang_cld3 = 'en' AND clip_b32_similarity_score >= 0.28::FLOAT "
+                "AND NOT isnan(clip_b32_similarity_score) ORDER BY hi, lo"),
+}
+HILO = "('0x' || uid[1:16])::UBIGINT AS hi, ('0x' || uid[17:32])::UBIGINT AS lo"
+
+
+def write_source_langs(pool, src: Path, out: Path) -> Path:
+    """The pool's language ids (derived groups lang, lang_cld3) back in the source's row order,
+    one parquet per source shard beside it (``out/<shard>.parquet``), for the hand-written SQL."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dcdb.engine import connect
+
+    if (out / "_DONE").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    con = connect(pool)
+    if "source_shards" in pool.manifest:  # store format 2: rows in uid order, each knows its source row
+        names = [s["name"] for s in pool.manifest["source_shards"]]
+        tables = [con.sql(f"SELECT lang, lang_cld3 FROM pool WHERE source_shard = {i} ORDER BY source_row")
+                  .to_arrow_table() for i in range(len(names))]
+    else:  # format 1 (to time the code before it): one pool shard per source shard, in source order
+        names = [s["name"] for s in pool.shards]
+        whole = con.sql("SELECT lang, lang_cld3 FROM pool").to_arrow_table()
+        starts = np.cumsum([0] + [s["rows"] for s in pool.shards])
+        tables = [whole.slice(a, b - a) for a, b in itertools.pairwise(starts)]
+    for name, t in zip(names, tables):
+        pq.write_table(pa.table({"lang": t.column(0), "lang_cld3": t.column(1)}), out / f"{name}.parquet")
+    (out / "_DONE").write_text("")
+    return out
+
+
+def duckdb_hand(name, src: Path, langs: Path | None, out: Path) -> np.ndarray:
+    """A metadata baseline as one hand-written DuckDB statement over the raw Parquet -> .npy."""
+    import duckdb
+
+    from dcdb.engine import MACROS
+    from dcdb.sqltext import parquet_list
+
+    files = sorted(src.glob("*.parquet"))
+    rel = f"read_parquet({parquet_list(files)})"
+    if langs is not None and name in ("basic_filter", "laion2b"):
+        rel = f"(SELECT * FROM {rel} POSITIONAL JOIN read_parquet({parquet_list([langs / f.name for f in files])}))"
+    con = duckdb.connect()
+    for m in MACROS:  # words_gt: len(text.split()) > n with Python's whitespace, one regex
+        con.execute(m)
+    tbl = con.sql(HAND_SQL[name].format(src=rel, hilo=HILO)).to_arrow_table()
+    arr = np.empty(tbl.num_rows, np.dtype("u8,u8"))
+    arr["f0"] = tbl.column("hi").to_numpy()
+    arr["f1"] = tbl.column("lo").to_numpy()
+    np.save(out, arr)
+    return arr
+
+
+def compare(pool, src, names, assets, workers, init_args, title, *, repeat=1, hand_langs=None, work=None):
+    from dcdb.query import load_filter, run_filter, write_uids
     from dcdb.store import open_pool
 
     paths = sorted(str(p) for p in src.glob("*.parquet"))
+    out = Path(work or ".")
     rows = []
+
+    def dcdb_run(name):  # what `dcdb query NAME -o OUT.npy` does: run, write the .npy
+        res = run_filter(open_pool(pool.path), load_filter(name), dcdb_params(name, assets))
+        write_uids(out / f"_dcdb_{name}.npy", res.uids, "npy")
+        return res
+
     for name in names:
-        t_dcdb, res = timed(lambda name=name: run_filter(open_pool(pool.path), load_filter(name),
-                                                         dcdb_params(name, assets)))
-        t_dc, ref = timed(lambda name=name: datacomp_way(name, paths, assets, workers, init_args))
+        t_dcdb, res = _median(lambda name=name: dcdb_run(name), repeat)
+        t_dc, ref = _median(lambda name=name: datacomp_way(name, paths, assets, workers, init_args), repeat)
         same = np.array_equal(res.uids, ref)
-        rows.append((name, t_dcdb, t_dc, len(ref), same))
-        log(f"{name}: dcdb {t_dcdb:.2f}s, DataComp way {t_dc:.1f}s, x{t_dc / t_dcdb:.0f}, {len(ref):,} uids, "
+        t_hand = None
+        if name in HAND_SQL and (hand_langs is not None or name not in ("basic_filter", "laion2b")):
+            t_hand, hand = _median(lambda name=name: duckdb_hand(name, src, hand_langs, out / f"_hand_{name}.npy"),
+                                   repeat)
+            same = same and (out / f"_hand_{name}.npy").read_bytes() == (out / f"_dcdb_{name}.npy").read_bytes()
+        rows.append((name, t_dcdb, t_dc, t_hand, len(ref), same))
+        hand_txt = f", DuckDB by hand {t_hand:.2f}s" if t_hand is not None else ""
+        log(f"{name}: dcdb {t_dcdb:.2f}s, DataComp way {t_dc:.1f}s, x{t_dc / t_dcdb:.0f}{hand_txt}, {len(ref):,} uids, "
             f"{'equal' if same else 'DIFFERENT'}")
     print(f"\n{title}\n")
-    print("| baseline | dcdb query (s) | DataComp way (s) | speed-up | uids | same set |")
-    print("|---|---:|---:|---:|---:|---|")
-    for name, a, b, n, same in rows:
-        print(f"| {name} | {a:.2f} | {b:.1f} | {b / a:.0f}x | {n:,} | {'yes' if same else 'NO'} |")
+    print("| baseline | dcdb query (s) | DataComp way (s) | speed-up | DuckDB by hand (s) | dcdb / hand | uids | same |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for name, a, b, h, n, same in rows:
+        hand = f"{h:.2f} | {a / h:.2f}x" if h is not None else "- | -"
+        print(f"| {name} | {a:.2f} | {b:.1f} | {b / a:.0f}x | {hand} | {n:,} | {'yes' if same else 'NO'} |")
     return rows
+
+
+def _median(fn, repeat):
+    import statistics
+
+    ts, out = [], None
+    for _ in range(max(1, repeat)):
+        t, out = timed(fn)
+        ts.append(t)
+    return statistics.median(ts), out
 
 
 def main() -> None:
@@ -345,30 +448,52 @@ def main() -> None:
                          "come out in uid order, so no sort")
     ap.add_argument("--meta-only", action="store_true", help="only the metadata-only pool's comparison")
     ap.add_argument("--reuse", action="store_true", help="keep derived columns already annotated (no one-off cost)")
+    ap.add_argument("--no-embeddings", action="store_true",
+                    help="only a metadata-only pool of --rows rows and the metadata baselines (e.g. --rows 12800000)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per timing (the median is printed)")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
+    if args.no_embeddings:
+        args.meta_rows, args.meta_only = args.rows, True
     shards = args.shards or max(1, args.rows // 10_000)
+    names = args.only or BASELINES
+    if args.no_embeddings:  # no embedding pool, no image or WordNet assets
+        meta_baselines(work, args, names, {}, (None, None))
+        return
     pool, src = build_pool(work, args.rows, shards, True, "pool")
     wn_root, nltk_data = make_wordnet(work, src)
     assets = make_assets(work, pool, src, wn_root, args.centroids, args.in1k)
     log(f"assets: {len(assets['entity']):,} WordNet ids, {args.centroids:,} centroids, {args.in1k:,} ImageNet "
         f"vectors; WordNet {wn_root}; DataComp way looks words up with {'NLTK' if nltk_data else 'dcdb reader'}")
     init_args = (str(wn_root), nltk_data)
-    names = args.only or BASELINES
     if not args.meta_only:
         costs = annotate_all(pool, assets, wn_root, ["lang", "lang_cld3", "wordnet", "centroids"], args.reuse)
         compare(pool, src, names, assets, args.dc_workers, init_args,
                 f"{pool.rows:,}-row pool with embeddings, {shards} shards, {os.cpu_count()} cores, "
-                f"DataComp way on {args.dc_workers} processes")
+                f"DataComp way on {args.dc_workers} processes", repeat=args.repeat, work=work)
         print("\nderived columns, one-off (dcdb annotate): " + ", ".join(f"{k} {v:.1f}s" for k, v in costs.items()))
     if args.meta_rows:
-        mpool, msrc = build_pool(work, args.meta_rows, max(1, args.meta_rows // 10_000), False, "meta",
-                                 args.meta_buckets)
-        mcosts = annotate_all(mpool, assets, wn_root, ["lang", "lang_cld3"], args.reuse)
-        compare(mpool, msrc, [n for n in names if n in META_BASELINES], assets, args.dc_workers, init_args,
-                f"{mpool.rows:,}-row metadata-only pool"
-                + (f" in {args.meta_buckets} uid buckets" if args.meta_buckets else ""))
+        meta_baselines(work, args, names, assets, init_args)
+
+
+def meta_baselines(work: Path, args, names, assets, init_args) -> None:
+    """The metadata-only pool (``--meta-rows``): dcdb, the DataComp way and DuckDB by hand."""
+    mpool, msrc = build_pool(work, args.meta_rows, max(1, args.meta_rows // 10_000), False, "meta",
+                             args.meta_buckets)
+    names = [n for n in names if n in META_BASELINES]
+    langs = None
+    if {"basic_filter", "laion2b"} & set(names):
+        mcosts = annotate_all(mpool, assets, None, ["lang", "lang_cld3"], args.reuse)
+        langs = write_source_langs(mpool, msrc, work / "meta_langs")
+    else:
+        mcosts = {}
+    compare(mpool, msrc, names, assets, args.dc_workers, init_args,
+            f"{mpool.rows:,}-row metadata-only pool ({mpool.manifest.get('buckets', {}).get('count', 'no')} uid buckets, "
+            f"store format v{mpool.manifest['format_version']}), "
+            f"{os.cpu_count()} cores, DataComp way on {args.dc_workers} processes, median of {args.repeat}",
+            repeat=args.repeat, hand_langs=langs, work=work)
+    if mcosts:
         print("\nderived columns, one-off: " + ", ".join(f"{k} {v:.1f}s" for k, v in mcosts.items()))
 
 

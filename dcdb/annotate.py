@@ -220,16 +220,22 @@ class _RowFeeder:
         self._batches = batches
         self._buffer: list[Any] = []
         self._buffered = 0
+        self._last = None  # the last batch read, as a table (its schema makes an empty piece)
 
     def take(self, n: int):
         import pyarrow as pa
 
-        while self._buffered < n:
+        while self._buffered < n or not self._buffer:  # an empty piece (an empty bucket) needs a schema too
             b = next(self._batches, None)
             if b is None:
-                raise UsageError(f"the pool's data ended {n - self._buffered} rows early", hint="re-ingest the pool")
+                if self._buffered < n or self._last is None:
+                    raise UsageError(f"the pool's data ended {n - self._buffered} rows early",
+                                     hint="re-ingest the pool")
+                self._buffer.append(self._last.slice(0, 0))
+                break
             self._buffer.append(b)
             self._buffered += len(b)
+            self._last = _as_table(b)
         joined = pa.concat_tables([_as_table(b) for b in self._buffer]) if len(self._buffer) > 1 else _as_table(
             self._buffer[0])
         head, rest = joined.slice(0, n), joined.slice(n)

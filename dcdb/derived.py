@@ -77,8 +77,6 @@ def write_group(
 
 
 def _write_group(pool: Pool, group: str, compute, *, info, replace: bool, shards) -> Path:
-    import pyarrow.parquet as pq
-
     from dcdb.io import kill_point, sweep_pid_dirs
 
     root = pool.path / DERIVED_DIR
@@ -106,8 +104,7 @@ def _write_group(pool: Pool, group: str, compute, *, info, replace: bool, shards
             tbl = tbl.from_arrays([nan_to_null(c) for c in tbl.columns], schema=tbl.schema)
             if columns is None:
                 columns = [{"name": f.name, "type": str(f.type)} for f in tbl.schema]
-            pq.write_table(tbl, tmp / f"{shard['name']}.parquet", row_group_size=122_880,
-                           write_statistics=[f.name for f in tbl.schema if not _is_float(f.type)])
+            write_group_file(tbl, tmp / f"{shard['name']}.parquet", atomic=False)
         meta = {
             "group": group,
             "columns": columns or [],
@@ -130,6 +127,23 @@ def _write_group(pool: Pool, group: str, compute, *, info, replace: bool, shards
             shutil.rmtree(root, ignore_errors=True)  # it held only our temp folder
         raise
     return final
+
+
+def write_group_file(tbl, path: Path, *, atomic: bool = True) -> None:
+    """One shard's file of a derived group (``tbl``: its columns, the shard's rows in order)."""
+    import pyarrow.parquet as pq
+
+    from dcdb.io import atomic_path
+
+    def write(to):
+        pq.write_table(tbl, to, row_group_size=122_880,
+                       write_statistics=[f.name for f in tbl.schema if not _is_float(f.type)])
+
+    if not atomic:  # inside a temporary group folder already
+        write(path)
+        return
+    with atomic_path(path) as tmp:
+        write(tmp)
 
 
 def _newest_old(root: Path, group: str) -> Path | None:

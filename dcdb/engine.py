@@ -258,15 +258,31 @@ def _join_alias(join: str) -> str:
 _VIEWS: weakref.WeakKeyDictionary[Any, _PoolView] = weakref.WeakKeyDictionary()
 
 
+_BINARY: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
+def binary_uid_sources(con) -> set[str]:
+    """The relations of ``con`` whose ``uid``, ``uid_hi`` and ``uid_lo`` are the metadata's
+    (dcdb.uidpath): ``pool_metadata``, and ``pool`` and ``baseline_pool`` unless a derived column
+    replaces one of the three."""
+    return set(_BINARY.get(con, ()))
+
+
 @contextmanager
-def pool_reader(con, sql: str, params: dict[str, Any] | None = None, batch_rows: int = 1 << 20):
+def pool_reader(con, sql: str, params: dict[str, Any] | None = None, batch_rows: int = 1 << 20, *,
+                binary_uid: bool = False):
     """A ``pyarrow.RecordBatchReader`` over one statement run on ``con`` with a ``pool`` view that
     joins only the embedding spaces and derived groups the statement reads (:func:`narrow_pool`);
-    consume it inside the block (on exit it is closed and the full view is back)."""
+    consume it inside the block (on exit it is closed and the full view is back).
+
+    ``binary_uid``: when the statement's ``uid`` result column is provably the pool's stored uid,
+    run it with that column replaced by the stored halves ``__dcdb_uid_hi``/``__dcdb_uid_lo``
+    (dcdb.uidpath; the caller reads them with ``dcdb.uidpath.uid_columns``); otherwise, or when
+    the rewritten statement does not bind, run it as it is."""
     reader = None
     with narrow_pool(con, sql, params):
         try:
-            reader = con.sql(sql, params=params or None).to_arrow_reader(batch_rows)
+            reader = _relation(con, sql, params, binary_uid).to_arrow_reader(batch_rows)
             yield reader
         finally:
             if reader is not None:
@@ -307,6 +323,23 @@ def narrow_pool(con, sql: str, params: dict[str, Any] | None = None):
                 con.execute("DROP VIEW temp.pool")
             except duckdb.TransactionException:  # the caller's transaction failed: its ROLLBACK drops it
                 pass
+
+
+def _relation(con, sql: str, params, binary_uid: bool):
+    """The statement as a DuckDB relation (bound, not run), with its uid result read as the stored
+    halves when ``binary_uid`` and dcdb.uidpath proves it is the stored uid."""
+    import duckdb
+
+    if binary_uid:
+        from dcdb.uidpath import binary_uid_sql
+
+        fast = binary_uid_sql(con, sql, binary_uid_sources(con))
+        if fast is not None:
+            try:
+                return con.sql(fast, params=params or None)
+            except duckdb.BinderException:  # e.g. DISTINCT with ORDER BY uid: not in the list now
+                pass
+    return con.sql(sql, params=params or None)
 
 
 def _read_joins(con, sql: str, params, join_columns: list[set[str]]) -> set[int] | None:
@@ -567,8 +600,16 @@ def _connect(pool: Pool, *, threads: int | None, memory_limit: str | None, sandb
                     hint=f"drop the group: dcdb annotate --pool {pool.path} --drop {group}",
                 )
             derived_cols[name] = expr
-    meta_cols = _projection(con, meta, "m", skip=set(derived_cols) | {n for n, _ in emb_cols})
+    stored = _projection(con, meta, "m")
+    hidden = set(derived_cols) | {n for n, _ in emb_cols}
+    meta_cols = [(n, e) for n, e in stored if n not in hidden]
     columns = meta_cols + list(derived_cols.items()) + emb_cols
+    from dcdb.uidpath import CARRIED
+
+    # the relations whose uid, uid_hi, uid_lo are the metadata's, for dcdb.uidpath
+    _BINARY[con] = {"pool_metadata"} if set(CARRIED) <= {n for n, _ in stored} else set()
+    if _BINARY[con] and not set(CARRIED) & hidden:
+        _BINARY[con] |= {"pool", "baseline_pool"}
     view = _PoolView(meta, joins, join_columns, columns)
     con.execute(view.sql())
     if joins:

@@ -311,7 +311,7 @@ def run_filter(pool: Pool, filt: FilterFile, given: dict[str, str] | None = None
         from dcdb.filters.vectors import rewrite_sql  # knn(space, (SELECT emb ...), k): every seed row
 
         sql = rewrite_sql(con, filt.text)
-        with pool_reader(con, sql, params, 1 << 20) as reader:
+        with pool_reader(con, sql, params, 1 << 20, binary_uid=True) as reader:
             arr, copies_parts, nrows = collect_into(reader, filt.name, pool.rows)
     except statement_errors() as exc:
         err = statement_error(con, exc, f"filter {filt.name!r}", pool)
@@ -393,17 +393,28 @@ def check_copies_total(total: int, pool_rows: int, name: str) -> None:
 def collect_into(reader, name: str, capacity: int, pool_rows: int | None = None):
     """(uid array, copies parts or None, rows) of a filter's result, decoded into one buffer of
     ``capacity`` rows while it lasts. Copies are checked against ``MAX_COPIES`` and, added up,
-    against ``copies_limit(pool_rows)`` (``pool_rows`` defaults to ``capacity``)."""
+    against ``copies_limit(pool_rows)`` (``pool_rows`` defaults to ``capacity``). A result whose
+    uid came as the stored halves (``pool_reader(..., binary_uid=True)``) is read from them."""
     import pyarrow as pa
+
+    from dcdb.uidpath import OUT_HI, OUT_LO, uid_columns
 
     schema = reader.schema
     names = {n.lower(): n for n in schema.names}
-    if "uid" not in names:
+    binary = "uid" not in names and all(
+        n in schema.names and schema.field(n).type == pa.uint64() for n in (OUT_HI, OUT_LO))
+    if "uid" not in names and not binary:
         raise QueryError(
             f"the result of filter {name!r} has no uid column (it has {', '.join(schema.names) or 'none'})",
             hint="SELECT uid FROM pool WHERE ...",
         )
-    uid_col = names["uid"]
+    uid_col = names.get("uid")
+
+    def decode(batch, source, out=None):
+        if binary:  # the stored halves: two copies, no hex decode
+            return uid_columns(batch.column(OUT_HI), batch.column(OUT_LO), source, out)
+        return U.from_arrow(batch.column(uid_col), source, out)
+
     copies_col = names.get("copies")
     if copies_col is not None and not pa.types.is_integer(schema.field(copies_col).type):
         raise QueryError(
@@ -416,13 +427,13 @@ def collect_into(reader, name: str, capacity: int, pool_rows: int | None = None)
     buf = np.empty(capacity, dtype=U.UID_DTYPE)
     parts, cparts, n, total = [], ([] if copies_col else None), 0, 0
     for batch in reader:
-        col = batch.column(uid_col)
-        if not parts and n + len(col) <= capacity:
-            U.from_arrow(col, f"result of filter {name!r}", buf[n : n + len(col)])
+        rows = batch.num_rows
+        if not parts and n + rows <= capacity:
+            decode(batch, f"result of filter {name!r}", buf[n : n + rows])
         else:
             if not parts:
                 parts.append(buf[:n])
-            parts.append(U.from_arrow(col, source=f"result of filter {name!r}"))
+            parts.append(decode(batch, f"result of filter {name!r}"))
         if copies_col is not None:
             c = batch.column(copies_col)
             if c.null_count:

@@ -4,7 +4,7 @@ A pool is a folder::
 
     POOL/
       dcdb.json                      manifest, written last by ingest (no manifest -> not a pool)
-      metadata/<shard>.parquet       one per source shard, rows in source order
+      metadata/<bucket>.parquet      one per uid bucket (dcdb/ingest/buckets.py), rows in uid order
       embeddings/<space>.lance       one Lance table per embedding space: columns ``uid`` and
                                      ``<space>`` (fixed-size list of float16/float32), rows in the
                                      same order as metadata/ read shard by shard
@@ -17,6 +17,20 @@ A pool is a folder::
 The manifest (``dcdb.json``) records the format version, the row count, the shards in order with
 their row counts, the metadata columns, and each embedding space (model, dim, dtype, path).
 Row i of the concatenated metadata is row i of every embedding table; ingest checks the uids match.
+
+Store format 2 (this one) differs from 1 in the layout and in four stored columns:
+
+* every pool is laid out in uid buckets (``manifest["buckets"]``), each sorted by uid, so the
+  pool's rows read in order are sorted by uid and a uid result in row order needs no sort;
+* the uid is stored twice: as DataComp's 32-character hex string ``uid`` (what SQL sees and
+  compares, unchanged) and as its two 64-bit halves ``uid_hi``/``uid_lo`` (UBIGINT: DataComp's
+  ``f0``/``f1``), which a filter whose result is the stored uid reads instead of the strings
+  (dcdb/uidpath.py): a uid list becomes DataComp's ``u8,u8`` array by two copies, no hex decode;
+* ``source_shard`` (INTEGER: the source shard's index in ``manifest["source_shards"]``, the
+  source parquet files in name order) and ``source_row`` (BIGINT: the row's index in that file)
+  say where each row came from.
+
+A format-1 pool is refused with the way to upgrade it (``dcdb upgrade POOL``, or re-ingest).
 """
 
 from __future__ import annotations
@@ -32,13 +46,19 @@ from typing import Any
 from dcdb.errors import PoolError
 
 FORMAT = "dcdb-pool"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Columns that store format 2 adds to every metadata file (see the module docstring); a source
+# with a column of one of these names is refused.
+UID_HI, UID_LO = "uid_hi", "uid_lo"
+SOURCE_SHARD, SOURCE_ROW = "source_shard", "source_row"
+STORED_COLUMNS = (UID_HI, UID_LO, SOURCE_SHARD, SOURCE_ROW)
 MANIFEST = "dcdb.json"
 METADATA_DIR = "metadata"
 EMBEDDINGS_DIR = "embeddings"
 DERIVED_DIR = "derived"
 SUBSETS_DIR = "subsets"
 STAGING_DIR = ".ingest"
+UPGRADE_DIR, UPGRADE_COMMIT = ".upgrade", "commit"  # dcdb upgrade's work folder and its point of no return
 POOL_ENV = "DCDB_POOL"
 
 # DataComp's four precomputed embedding spaces (keys of each shard's .npz) and their models.
@@ -230,6 +250,9 @@ def open_pool(path: str | os.PathLike | None = None) -> Pool:
     if not p.is_dir():
         raise PoolError(f"pool {str(p)!r} is a file, not a pool folder", hint="give the folder `dcdb ingest` wrote")
     mf = p / MANIFEST
+    if upgrade_unfinished(p):
+        raise PoolError(f"pool {str(p)!r} is in the middle of `dcdb upgrade`: it stopped while exchanging its files",
+                        hint=f"re-run `dcdb upgrade {p}` to finish it")
     if not mf.is_file():
         if (p / STAGING_DIR).is_dir():
             raise PoolError(
@@ -246,6 +269,12 @@ def open_pool(path: str | os.PathLike | None = None) -> Pool:
         raise PoolError(f"pool manifest {str(mf)!r} is unreadable: {exc}", hint="re-run `dcdb ingest`") from exc
     if manifest.get("format") != FORMAT:
         raise PoolError(f"{str(mf)!r} is not a dcdb pool manifest", hint="give the folder `dcdb ingest` wrote")
+    if manifest.get("format_version") == 1:
+        raise PoolError(
+            f"pool {str(p)!r} is store format v1; this dcdb reads format v{FORMAT_VERSION} (uid-sorted, "
+            "binary uids)",
+            hint=f"run `dcdb upgrade {p}` (rewrites it in place), or re-ingest it from its source",
+        )
     if manifest.get("format_version") != FORMAT_VERSION:
         raise PoolError(
             f"pool {str(p)!r} has format version {manifest.get('format_version')}, this dcdb reads "
@@ -257,6 +286,11 @@ def open_pool(path: str | os.PathLike | None = None) -> Pool:
         raise PoolError(f"pool manifest {str(mf)!r} is damaged: {problem}",
                         hint="re-ingest the pool (`dcdb ingest SRC POOL` into a new folder)")
     return Pool(path=p, manifest=manifest)
+
+
+def upgrade_unfinished(pool: str | os.PathLike) -> bool:
+    """Whether ``dcdb upgrade`` of ``pool`` stopped while exchanging its files (dcdb/upgrade.py)."""
+    return (Path(pool) / UPGRADE_DIR / UPGRADE_COMMIT).is_file()
 
 
 def _inside(rel: Any) -> bool:
@@ -283,6 +317,10 @@ def _manifest_problem(m: dict[str, Any]) -> str | None:
             return f"shard entry {i} is not {{name, rows, metadata path inside the pool}}"
     if sum(sh["rows"] for sh in shards) != m["rows"]:
         return f"its shards hold {sum(sh['rows'] for sh in shards)} rows, not {m['rows']}"
+    buckets = m.get("buckets")
+    if not (isinstance(buckets, dict) and count(buckets.get("bits")) and buckets["bits"] <= 16
+            and buckets.get("count") == 1 << buckets["bits"] == len(shards)):
+        return "buckets is not {count: the number of shards, bits: log2(count)}"
     if not isinstance(m.get("columns"), list) or not all(
             isinstance(c, dict) and isinstance(c.get("name"), str) for c in m["columns"]):
         return "columns is not a list of {name, type}"

@@ -26,6 +26,7 @@ def pool_info(pool: Pool) -> dict[str, Any]:
         "rows": pool.rows,
         "shards": len(pool.shards),
         "buckets": pool.manifest.get("buckets"),
+        "source_shards": len(pool.manifest.get("source_shards") or []),
         "duplicate_uids": pool.manifest.get("duplicate_uids", 0),
         "columns": pool.columns,
         "spaces": spaces,
@@ -53,6 +54,7 @@ def format_pool_info(info: dict[str, Any]) -> str:
         f"pool      {info['path']}",
         f"rows      {info['rows']:,} in "
         + (f"{info['shards']} uid bucket(s), each sorted by uid" if info.get("buckets") else f"{info['shards']} shard(s)")
+        + (f", from {info['source_shards']} source shard(s)" if info.get("source_shards") else "")
         + (f", {info['duplicate_uids']:,} duplicate uid(s)" if info["duplicate_uids"] else ""),
         (
             f"size      {human_bytes(info['bytes']['total'])} (metadata "

@@ -48,7 +48,8 @@ def text_pool(tmp_path):
 
 
 def column(pool, name):
-    return [r[0] for r in connect(pool).sql(f"SELECT {name} FROM pool").fetchall()]
+    """A pool column in source order (the pool is stored in uid order)."""
+    return [r[0] for r in connect(pool).sql(f"SELECT {name} FROM pool ORDER BY source_shard, source_row").fetchall()]
 
 
 # ---------------------------------------------------------------------------- language id

@@ -515,10 +515,13 @@ def synth_world(tmp_path_factory):
     in1k = emb[rng.choice(len(emb), 30, replace=False)].astype(np.float32) + 0.05 * unit(rng, 30, D14)
     torch.save({"image_features": torch.from_numpy(in1k[:15])}, root / "in1k_0.pt")
     torch.save({"image_features": torch.from_numpy(in1k[15:])}, root / "in1k_1.pt")
+    # the pool is stored in uid order; its language ids back in source order (source_shard, source_row)
+    where = pd.concat([pd.read_parquet(f, columns=["source_shard", "source_row"]) for f in pool.metadata_files()])
+    order = np.lexsort((where.source_row.to_numpy(), where.source_shard.to_numpy()))
     lang = pd.concat([pd.read_parquet(f) for f in sorted((root / "pool/derived/lang").glob("*.parquet"))]).lang
     cld3 = pd.concat([pd.read_parquet(f) for f in sorted((root / "pool/derived/lang_cld3").glob("*.parquet"))])
-    return {"root": root, "pool": pool, "df": df, "emb": emb, "lang": lang.to_numpy(),
-            "cld3": cld3.lang_cld3.to_numpy(), "wn_dir": wn_dir, "cents": cents, "in1k": in1k}
+    return {"root": root, "pool": pool, "df": df, "emb": emb, "lang": lang.to_numpy()[order],
+            "cld3": cld3.lang_cld3.to_numpy()[order], "wn_dir": wn_dir, "cents": cents, "in1k": in1k}
 
 
 def ref_clip_mask(df, arch, threshold=None, fraction=None):

@@ -106,7 +106,7 @@ def test_sql_and_info(built, tmp_path):
     res = run(["sql", "DROP VIEW pool", "--pool", str(built / "pool")])
     assert res.exit_code != 0 and "may only read" in res.stderr
     res = run(["info", "--pool", str(built / "pool")])
-    assert res.exit_code == 0 and "200 in 2 shard(s)" in res.stdout and "l14_img" in res.stdout
+    assert res.exit_code == 0 and "200 in 1 uid bucket(s)" in res.stdout and "l14_img" in res.stdout
     info = json.loads(run(["info", "--pool", str(built / "pool"), "--json"]).stdout)
     assert info["rows"] == 200 and info["spaces"]["b32_img"]["dim"] == 512
 

@@ -256,7 +256,7 @@ def test_damaged_score_file_is_a_pool_error(tmp_path):
 
     x = pool_scores(np.random.default_rng(2), 50)
     pool, _ = write_pool(tmp_path, x, shards=2)
-    f = pool.metadata_files()[1]
+    f = pool.metadata_files()[-1]
     f.write_bytes(f.read_bytes()[:-100] + b"\0" * 100)  # the footer gone
     with pytest.raises(PoolError):
         run_filter(pool, parse_filter("q", "SELECT uid FROM pool WHERE clip_l14_similarity_score >= "

@@ -38,7 +38,7 @@ def rotate(a, b, cos):
 
 
 def write_pool(tmp_path, vectors, *, texts=None, sha=None, urls=None, shards=2, dtype=np.float32, name="pool",
-               more_spaces=()):
+               more_spaces=(), uids=None):
     """A pool whose rows are ``vectors`` (space ``emb``) with the given metadata, in ``shards`` shards."""
     from dcdb.ingest.pool import ingest
 
@@ -46,7 +46,7 @@ def write_pool(tmp_path, vectors, *, texts=None, sha=None, urls=None, shards=2, 
     src = tmp_path / f"{name}_src"
     src.mkdir()
     table = pa.table({
-        "uid": [hexuid(i + 1) for i in range(n)],
+        "uid": uids if uids is not None else [hexuid(i + 1) for i in range(n)],
         "url": urls if urls is not None else [f"https://x.example/{i}.jpg" for i in range(n)],
         "text": texts if texts is not None else [f"caption {i}" for i in range(n)],
         "original_width": [640] * n, "original_height": [480] * n,
@@ -290,6 +290,24 @@ def test_seeded_deterministic_and_recomputed_only_when_asked(tmp_path):
     other = write_pool(tmp_path, vec, name="pool2")
     D.semantic_dedup(other, "emb", THRESHOLD, clusters=6, seed=9)
     _same(stored(other), first)
+
+
+def test_kmeans_sample_does_not_depend_on_the_layout(tmp_path):
+    """The k-means sample is drawn by source position: the same source rows with their uids
+    shuffled (so the pool, stored in uid order, holds them in another order) get the same clusters."""
+    from dcdb.engine import connect
+
+    vec = random_vectors(seed=8)
+    perm = np.random.default_rng(2).permutation(len(vec))
+    pools = [write_pool(tmp_path, vec, shards=3, name="ordered"),
+             write_pool(tmp_path, vec, shards=3, name="shuffled", uids=[hexuid(int(i) + 1) for i in perm])]
+    clusters = []
+    for pool in pools:
+        D.semantic_dedup(pool, "emb", THRESHOLD, clusters=5, seed=3, sample=60)
+        col = f"{D.group_name('emb', THRESHOLD)}_cluster"
+        rows = connect(pool).sql(f"SELECT {col} FROM pool ORDER BY source_shard, source_row").fetchall()
+        clusters.append([r[0] for r in rows])
+    assert len(set(clusters[0])) > 1 and clusters[0] == clusters[1]
 
 
 def test_semantic_bad_input(tmp_path, small_pool):

@@ -287,7 +287,7 @@ def test_read_only_output_folders_are_one_error_before_any_work(tmp_path, read_o
 
 
 def _data_file(pool: Path, space: str = "l14_img") -> Path:
-    return sorted((pool / "embeddings" / f"{space}.lance" / "data").glob("*.lance"))[1]
+    return max((pool / "embeddings" / f"{space}.lance" / "data").glob("*.lance"))
 
 
 DAMAGE = {
@@ -416,7 +416,7 @@ def test_killed_annotate_leaves_its_group_copy_to_the_next_run(small_pool, tmp_p
 def test_killed_ingest_worker_is_one_error_and_the_rerun_resumes(small_src, small_pool, tmp_path, monkeypatch):
     pool = tmp_path / "pool"
     first = sorted(p.stem for p in small_src.glob("*.parquet"))[1]
-    monkeypatch.setenv(KILL_ENV, f"ingest-shard:{first}")  # the spawned worker inherits it and dies
+    monkeypatch.setenv(KILL_ENV, f"ingest-split:{first}")  # the spawned worker inherits it and dies
     res = run("ingest", str(small_src), str(pool), "-j", "2")
     assert_one_error(res.exit_code, res.stderr, "worker process died", "re-run the same command")
     assert not (pool / "dcdb.json").exists() and temps_in(pool) == []

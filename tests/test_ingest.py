@@ -17,7 +17,7 @@ from click.testing import CliRunner
 import dcdb.ingest.pool as ingest_mod
 from dcdb.errors import OutputError, PoolError, SourceError, UidError
 from dcdb.ingest.pool import IngestReport, count_duplicates, ingest
-from dcdb.store import DATACOMP_SPACES, FORMAT, FORMAT_VERSION, MANIFEST, STAGING_DIR, open_pool
+from dcdb.store import DATACOMP_SPACES, FORMAT, FORMAT_VERSION, MANIFEST, STAGING_DIR, STORED_COLUMNS, open_pool
 from dcdb.demo.synth import write_npz
 from dcdb.uids import from_hex
 
@@ -34,9 +34,22 @@ def source_vectors(src: Path, key: str) -> np.ndarray:
     return np.concatenate([np.load(p)[key] for p in sorted(src.glob("*.npz"))])
 
 
-def pool_table(pool: Path) -> pa.Table:
+def pool_rows(pool: Path) -> pa.Table:
+    """The pool's metadata in its own (uid) order, every stored column."""
     manifest = json.loads((pool / MANIFEST).read_text())
     return pa.concat_tables([pq.read_table(pool / s["metadata"]) for s in manifest["shards"]])
+
+
+def source_order(pool: Path) -> np.ndarray:
+    """The permutation that puts the pool's rows back in source order (source_shard, source_row)."""
+    t = pool_rows(pool)
+    return np.lexsort((t.column("source_row").to_numpy(), t.column("source_shard").to_numpy()))
+
+
+def pool_table(pool: Path) -> pa.Table:
+    """The pool's metadata back in source order, without the columns the store adds: the source."""
+    t = pool_rows(pool)
+    return t.take(pa.array(source_order(pool))).drop_columns(list(STORED_COLUMNS))
 
 
 def lance_table(pool: Path, space: str) -> pa.Table:
@@ -94,9 +107,11 @@ def assert_same_pool(a: Path, b: Path) -> None:
 
 def test_round_trip(small_src, tmp_path):
     pool = tmp_path / "pool"
-    report = ingest(small_src, pool, jobs=1)
+    report = ingest(small_src, pool, jobs=1, buckets=4)
     assert isinstance(report, IngestReport)
-    assert (report.rows, report.shards, report.skipped_shards, report.duplicate_uids) == (200, 3, 0, 0)
+    assert (report.rows, report.shards, report.skipped_shards, report.duplicate_uids) == (200, 4, 0, 0)
+    assert report.source_shards == 3 and "from 3 shards" in report.summary() and "4 uid buckets" in report.summary()
+    assert "(1 uid bucket)" in ingest(small_src, tmp_path / "one", jobs=1).summary()  # small: one sorted bucket
     assert report.spaces == list(DATACOMP_SPACES)
     assert report.bytes_read == sum(p.stat().st_size for p in small_src.iterdir())
     assert "200 rows" in report.summary() and "rows/s" in report.summary() and "MB/s" in report.summary()
@@ -104,12 +119,17 @@ def test_round_trip(small_src, tmp_path):
     src = source_table(small_src)
     meta = pool_table(pool)
     assert_tables_equal(meta, src)
+    rows, order = pool_rows(pool), source_order(pool)
+    uid = from_hex(rows.column("uid").to_pylist())
+    assert np.all(np.diff(order) != 0) and (uid == np.sort(uid)).all()  # stored in uid order
+    assert rows.column("uid_hi").to_numpy().tolist() == uid["f0"].tolist()
+    assert rows.column("uid_lo").to_numpy().tolist() == uid["f1"].tolist()
     for space, info in DATACOMP_SPACES.items():
         t = lance_table(pool, space)
         assert t.schema.field(space).type == pa.list_(pa.float16(), info["dim"])
-        assert t.column("uid").equals(meta.column("uid"))
+        assert t.column("uid").equals(rows.column("uid"))  # row-aligned with the metadata
         vectors = t.column(space).combine_chunks().values.to_numpy().reshape(-1, info["dim"])
-        np.testing.assert_array_equal(vectors, source_vectors(small_src, space))
+        np.testing.assert_array_equal(vectors[order], source_vectors(small_src, space))
 
     assert not (pool / STAGING_DIR).exists()
     p = open_pool(pool)
@@ -117,10 +137,12 @@ def test_round_trip(small_src, tmp_path):
     assert (m["format"], m["format_version"]) == (FORMAT, FORMAT_VERSION)
     assert m["source"] == str(small_src.resolve()) and len(m["source_fingerprint"]) == 64
     assert m["rows"] == 200 and m["duplicate_uids"] == 0 and m["dcdb_version"] and m["created"]
-    assert [s["name"] for s in m["shards"]] == ["00000000", "00000001", "00000002"]
+    assert [s["name"] for s in m["shards"]] == [f"bucket-{b:05d}" for b in range(4)]
+    assert m["buckets"] == {"count": 4, "bits": 2, "key": "uid", "order": "uid"}
+    assert m["source_shards"] == [{"name": f"0000000{i}", "rows": n} for i, n in enumerate((67, 67, 66))]
     assert sum(s["rows"] for s in m["shards"]) == 200
     assert all((pool / s["metadata"]).is_file() for s in m["shards"])
-    assert [c["name"] for c in m["columns"]] == src.column_names
+    assert [c["name"] for c in m["columns"]] == src.column_names + ["source_shard", "source_row", "uid_hi", "uid_lo"]
     assert {c["name"]: c["type"] for c in m["columns"]}["clip_l14_similarity_score"] == "float"
     assert m["spaces"]["l14_img"] == {
         "model": "openai ViT-L-14",
@@ -133,7 +155,7 @@ def test_round_trip(small_src, tmp_path):
 
 
 def test_metadata_parquet_is_compressed_in_row_groups(small_pool):
-    md = pq.read_metadata(small_pool / "metadata" / "00000000.parquet")
+    md = pq.read_metadata(small_pool / "metadata" / "bucket-00000.parquet")
     assert md.row_group(0).column(0).compression == "ZSTD"
 
 
@@ -193,7 +215,7 @@ def test_mixed_dtypes_promote_to_float32(tiny_src, tmp_path):
     assert spaces["l14_img"]["dtype"] == "float32" and spaces["l14_txt"]["dtype"] == "float16"
     got = lance_table(tmp_path / "pool", "l14_img").column("l14_img").combine_chunks().values.to_numpy()
     np.testing.assert_array_equal(
-        got.reshape(-1, 768), source_vectors(tiny_src, "l14_img").astype(np.float32)
+        got.reshape(-1, 768)[source_order(tmp_path / "pool")], source_vectors(tiny_src, "l14_img").astype(np.float32)
     )
 
 
@@ -228,7 +250,7 @@ def test_schema_differences_are_unified(tiny_src, tmp_path):
 def test_empty_shard(make_src, tmp_path):
     src = make_src(rows=2, shards=3)  # the third shard has no rows
     report = ingest(src, tmp_path / "pool", jobs=1)
-    assert report.rows == 2 and report.shards == 3
+    assert report.rows == 2 and report.source_shards == 3
     assert lance_table(tmp_path / "pool", "b32_img").num_rows == 2
 
 
@@ -239,7 +261,8 @@ def test_compressed_npz_is_read(tiny_src, tmp_path):
     np.savez_compressed(npz, **arrays)
     ingest(tiny_src, tmp_path / "pool", jobs=1)
     got = lance_table(tmp_path / "pool", "b32_img").column("b32_img").combine_chunks().values.to_numpy()
-    np.testing.assert_array_equal(got.reshape(-1, 512), source_vectors(tiny_src, "b32_img"))
+    np.testing.assert_array_equal(got.reshape(-1, 512)[source_order(tmp_path / "pool")],
+                                  source_vectors(tiny_src, "b32_img"))
 
 
 # -------------------------------------------------------------------------------- duplicates
@@ -257,8 +280,9 @@ def test_duplicate_uids_are_counted_not_refused(tiny_src, tmp_path):
     report = ingest(tiny_src, tmp_path / "pool", jobs=1)
     assert report.duplicate_uids == 3 and "3 duplicate uids" in report.summary()
     assert open_pool(tmp_path / "pool").manifest["duplicate_uids"] == 3
-    meta = pool_table(tmp_path / "pool")
+    meta = pool_rows(tmp_path / "pool")
     assert lance_table(tmp_path / "pool", "b32_img").column("uid").equals(meta.column("uid"))
+    assert_tables_equal(pool_table(tmp_path / "pool"), source_table(tiny_src))  # duplicates kept in source order
 
 
 def test_count_duplicates(tmp_path):
@@ -403,7 +427,7 @@ def test_bad_input_is_a_typed_error(tiny_src, tmp_path, damage):
             open_pool(pool)
 
 
-def test_bad_shard_in_parallel_run_keeps_finished_shards(make_src, tmp_path):
+def test_bad_shard_in_parallel_run_keeps_finished_shards(make_src, tmp_path, monkeypatch):
     src = make_src(rows=40, shards=4)
     good = pq.read_table(src / "00000003.parquet")
     rewrite_parquet(src / "00000003.parquet", lambda t: set_column(t, "uid", ["x" * 32] * t.num_rows))
@@ -412,12 +436,16 @@ def test_bad_shard_in_parallel_run_keeps_finished_shards(make_src, tmp_path):
         ingest(src, pool, jobs=2)
     assert "lowercase hex" in str(info.value)
     assert_no_manifest(pool)
-    journal = {p.stem for p in (pool / STAGING_DIR / "shards").iterdir()}
+    # the bucket pre-pass journals each source shard it split (dcdb/ingest/pool.py, phase A)
+    journal = {p.stem for p in (pool / STAGING_DIR / "buckets").glob("*/parts/*.json")}
     assert {"00000000", "00000001"} <= journal and "00000003" not in journal
 
     pq.write_table(good, src / "00000003.parquet")  # the user fixes the shard and re-runs
-    report = ingest(src, pool, jobs=1)
-    assert report.skipped_shards == len(journal)
+    splits = []
+    real = ingest_mod._split_shard
+    monkeypatch.setattr(ingest_mod, "_split_shard", lambda task: splits.append(task.shard.name) or real(task))
+    ingest(src, pool, jobs=1)
+    assert sorted(splits) == sorted({"00000000", "00000001", "00000002", "00000003"} - journal)
     ingest(src, tmp_path / "clean", jobs=1)
     assert_same_pool(tmp_path / "clean", pool)
 
@@ -473,24 +501,26 @@ def _count_calls(monkeypatch) -> list[str]:
 
 def test_killed_ingest_resumes_and_redoes_only_missing_shards(make_src, tmp_path, monkeypatch):
     src = make_src(rows=60, shards=4)
-    ingest(src, tmp_path / "clean", jobs=1)
+    ingest(src, tmp_path / "clean", jobs=1, buckets=4)
 
     pool = tmp_path / "pool"
     _kill_after(monkeypatch, 2)
     with pytest.raises(Killed):
-        ingest(src, pool, jobs=1)
+        ingest(src, pool, jobs=1, buckets=4)
     assert_no_manifest(pool)
     with pytest.raises(PoolError, match="incomplete.*re-run"):
         open_pool(pool)
     assert sorted(p.name for p in (pool / STAGING_DIR / "shards").iterdir()) == [
-        "00000000.json",
-        "00000001.json",
+        "bucket-00000.json",
+        "bucket-00001.json",
     ]
 
     calls = _count_calls(monkeypatch)
-    report = ingest(src, pool, jobs=1)
-    assert calls == ["00000002", "00000003"]
-    assert report.skipped_shards == 2 and report.rows == 60 and report.rows_ingested == 30
+    report = ingest(src, pool, jobs=1, buckets=4)
+    assert calls == ["bucket-00002", "bucket-00003"]
+    rows = {s["name"]: s["rows"] for s in open_pool(pool).shards}
+    assert report.skipped_shards == 2 and report.rows == 60
+    assert report.rows_ingested == rows["bucket-00002"] + rows["bucket-00003"]
     assert_same_pool(tmp_path / "clean", pool)
     assert not (pool / STAGING_DIR).exists()
     # the killed shard's fragments were never committed and are gone from disk
@@ -503,17 +533,26 @@ def test_resume_redoes_shards_with_damaged_outputs_or_changed_source(make_src, t
     pool = tmp_path / "pool"
     _kill_after(monkeypatch, 3)
     with pytest.raises(Killed):
-        ingest(src, pool, jobs=1)
-    (pool / "metadata" / "00000000.parquet").unlink()  # output lost
-    os.utime(src / "00000001.npz", ns=(1, 1))  # source changed since it was ingested
-    (pool / "metadata" / "00000002.parquet.dcdb-tmp-99-deadbeef").write_bytes(b"half a file")
+        ingest(src, pool, jobs=1, buckets=4)
+    (pool / "metadata" / "bucket-00000.parquet").unlink()  # output lost
+    (pool / "metadata" / "bucket-00002.parquet.dcdb-tmp-99-deadbeef").write_bytes(b"half a file")
 
     calls = _count_calls(monkeypatch)
-    ingest(src, pool, jobs=1)
-    assert calls == ["00000000", "00000001", "00000003"]
+    ingest(src, pool, jobs=1, buckets=4)
+    assert calls == ["bucket-00000", "bucket-00003"]
     assert not list((pool / "metadata").glob("*dcdb-tmp*"))
-    ingest(src, tmp_path / "clean", jobs=1)
+    ingest(src, tmp_path / "clean", jobs=1, buckets=4)
     assert_same_pool(tmp_path / "clean", pool)
+
+    # a source shard that changed since an interrupted run changes every bucket: all are redone
+    shutil.rmtree(pool)
+    _kill_after(monkeypatch, 3)
+    with pytest.raises(Killed):
+        ingest(src, pool, jobs=1, buckets=4)
+    os.utime(src / "00000001.npz", ns=(1, 1))
+    calls = _count_calls(monkeypatch)
+    ingest(src, pool, jobs=1, buckets=4)
+    assert calls == [f"bucket-{b:05d}" for b in range(4)]
 
 
 def test_killed_parallel_ingest_resumes(make_src, tmp_path, monkeypatch):
@@ -529,12 +568,12 @@ def test_killed_parallel_ingest_resumes(make_src, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ingest_mod, "_record", record)
     with pytest.raises(Killed):
-        ingest(src, tmp_path / "pool", jobs=2)
+        ingest(src, tmp_path / "pool", jobs=2, buckets=4)
     assert_no_manifest(tmp_path / "pool")
     monkeypatch.setattr(ingest_mod, "_record", real)
-    report = ingest(src, tmp_path / "pool", jobs=1)
+    report = ingest(src, tmp_path / "pool", jobs=1, buckets=4)
     assert report.skipped_shards == 1 and report.rows == 40
-    ingest(src, tmp_path / "clean", jobs=1)
+    ingest(src, tmp_path / "clean", jobs=1, buckets=4)
     assert_same_pool(tmp_path / "clean", tmp_path / "pool")
 
 
@@ -551,10 +590,10 @@ def test_unfinished_ingest_with_other_layout_starts_over(make_src, tmp_path, mon
     pool = tmp_path / "pool"
     _kill_after(monkeypatch, 1)
     with pytest.raises(Killed):
-        ingest(src, pool, jobs=1)
+        ingest(src, pool, jobs=1, buckets=4)
     monkeypatch.undo()
     other = make_src(rows=30, shards=3, embeddings=False, name="b")  # no spaces this time
-    report = ingest(other, pool, jobs=1)
+    report = ingest(other, pool, jobs=1, buckets=4)
     assert report.skipped_shards == 0 and report.spaces == []
     assert not any((pool / "embeddings").iterdir())
 
@@ -563,7 +602,7 @@ def test_rerun_on_complete_pool(small_src, small_pool, tmp_path):
     before = (small_pool / MANIFEST).read_bytes()
     src = Path(json.loads(before)["source"])
     report = ingest(src, small_pool, jobs=1)
-    assert report.already_complete and report.skipped_shards == 3 and report.rows == 200
+    assert report.already_complete and report.skipped_shards == 1 and report.rows == 200
     assert "already complete" in report.summary()
     assert (small_pool / MANIFEST).read_bytes() == before
 

@@ -1,4 +1,4 @@
-"""``dcdb ingest`` and ``dcdb info``."""
+"""``dcdb ingest``, ``dcdb upgrade`` and ``dcdb info``."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from dcdb.cli.base import Ctx, cli, command, hold_write_lock, jobs_option, pool_
     help="Also index these img2dataset shards (uid -> tar, byte range) for `dcdb reshard --pool`.",
 )
 @click.option("--buckets", type=int, default=None, metavar="N",
-              help="Lay the pool out in N uid buckets (a power of two), each sorted by uid (for --engine ray).")
+              help="Lay the pool out in N uid buckets (a power of two; 1 = fully sorted), each sorted by uid "
+                   "(default: buckets of ~256 MB, or of the largest source shard).")
 def ingest_cmd(c: Ctx, src, pool, jobs, shards_dir, buckets):
     """Ingest a DataComp metadata folder SRC (parquet + same-stem .npz) into the pool store POOL.
 
@@ -44,6 +45,25 @@ def ingest_cmd(c: Ctx, src, pool, jobs, shards_dir, buckets):
         from dcdb.shards.index import index_shards
 
         c.log(index_shards(pool, shards_dir, jobs=jobs, progress=not c.quiet).summary())
+
+
+# ---------------------------------------------------------------------------------- upgrade
+
+
+@command(cli, "upgrade", reads_lance=True)
+@click.argument("pool", type=click.Path(exists=True, file_okay=False, path_type=str))
+@jobs_option
+def upgrade_cmd(c: Ctx, pool, jobs):
+    """Rewrite a pool of store format v1 as v2 in place (uid-sorted, binary uids).
+
+    The pool's rows are re-laid out in uid buckets with their derived columns; stored subsets and
+    the shard index stay. A re-run after an interruption resumes; until it finishes the pool
+    stays v1 (or, past the point of exchanging files, says to re-run).
+    """
+    from dcdb.upgrade import upgrade
+
+    report = upgrade(pool, jobs=jobs or os.cpu_count() or 1, progress=not c.quiet)
+    c.log(report.summary())
 
 
 # ------------------------------------------------------------------------------------- info

@@ -441,7 +441,7 @@ def _query_task(pool_path: str, group: list[int], sql: str, params: dict[str, An
     view, con = _connect(pool_path, group, allow, name)
     t1 = time.perf_counter()
     try:  # the pool view narrowed to the sources the statement reads, as the local engine runs it
-        with pool_reader(con, sql, params, 1 << 20) as reader:
+        with pool_reader(con, sql, params, 1 << 20, binary_uid=topk_keys is None) as reader:
             if topk_keys is not None:
                 tbl = reader.read_all()
             else:  # decoded into one buffer of the group's size: no copy to join the batches

@@ -1,7 +1,7 @@
-"""uid-bucketed pools: ``dcdb ingest SRC POOL --buckets N``.
+"""uid-bucketed pools: every pool of store format 2 (``dcdb ingest SRC POOL [--buckets N]``).
 
 A DataComp uid is a uniform 128-bit hash, so its top ``b = log2(N)`` bits split a pool into N
-buckets of about equal size. A bucketed pool is an ordinary pool whose *shards are the buckets*:
+buckets of about equal size. A pool's *shards are the buckets*:
 ``metadata/bucket-00042.parquet``, Lance fragment 42 of every embedding space, and
 ``derived/<group>/bucket-00042.parquet``, all holding exactly the rows whose uid starts with
 bucket 42's bits, **sorted by uid** (rows with the same uid keep their source order). Consequences:
@@ -12,7 +12,8 @@ bucket 42's bits, **sorted by uid** (rows with the same uid keep their source or
   distributed query needs no global sort;
 * one bucket (or a group of buckets) is a self-contained unit of work (:func:`bucket_view`).
 
-The manifest records ``"buckets": {"count": N, "bits": b, "key": "uid"}``.
+The manifest records ``"buckets": {"count": N, "bits": b, "key": "uid"}``. Without ``--buckets``
+ingest picks N with :func:`default_buckets`; N = 1 is one fully sorted bucket.
 
 This module is the layout (which bucket a uid is in, its uid range, a view of some buckets); the
 ingest pre-pass that stages SRC as buckets is ``repartition`` in dcdb/ingest/pool.py.
@@ -29,6 +30,8 @@ from dcdb.errors import PoolError, UsageError
 from dcdb.store import Pool
 
 MAX_BUCKETS = 1 << 16
+BUCKET_BYTES = 256 << 20  # the rows (in memory) a default bucket may hold, unless a source shard holds more
+METADATA_ROW_BYTES = 512  # a DataComp metadata row in memory, roughly (url, caption, sha256, uid, numbers)
 BUCKET_PREFIX = "bucket-"
 
 
@@ -40,6 +43,21 @@ def bucket_bits(count: int) -> int:
             hint="e.g. --buckets 256 (aim for buckets of 10k-1M rows)",
         )
     return count.bit_length() - 1
+
+
+def default_buckets(rows: int, shard_rows: list[int], row_bytes: int = 512) -> int:
+    """The bucket count ingest uses when none is given: the smallest power of two whose average
+    bucket holds at most ``max(largest source shard, BUCKET_BYTES / row_bytes)`` rows. A bucket is
+    held in memory while it is sorted, as a source shard is while it is split, so the peak stays
+    what the source's own shards need, or ~BUCKET_BYTES when they are smaller (then fewer, larger
+    buckets: fewer files for every query to open). ``row_bytes``: a row's size in memory
+    (metadata plus its embedding vectors). 12.8M metadata-only rows: 32 buckets of 400k rows."""
+    largest = max(shard_rows, default=0)
+    if rows <= 0:
+        return 1
+    per_bucket = max(largest, BUCKET_BYTES // max(1, row_bytes), 1)
+    need = -(-rows // per_bucket)  # ceil
+    return min(MAX_BUCKETS, 1 << (need - 1).bit_length())
 
 
 def bucket_name(b: int) -> str:

@@ -32,10 +32,10 @@ import shutil
 import sys
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, Self
 
 import numpy as np
@@ -44,7 +44,14 @@ import pyarrow.parquet as pq
 
 from dcdb import errors, parallel, uids
 from dcdb.errors import DcdbError, OutputError, PoolError, SourceError, UsageError, WorkerError
-from dcdb.ingest.buckets import bucket_bits, bucket_name, bucket_of, check_same_buckets
+from dcdb.ingest.buckets import (
+    METADATA_ROW_BYTES,
+    bucket_bits,
+    bucket_name,
+    bucket_of,
+    check_same_buckets,
+    default_buckets,
+)
 from dcdb.io import (
     LOCK_NAME,
     TMP_MARK,
@@ -64,7 +71,12 @@ from dcdb.store import (
     FORMAT_VERSION,
     MANIFEST,
     METADATA_DIR,
+    SOURCE_ROW,
+    SOURCE_SHARD,
     STAGING_DIR,
+    STORED_COLUMNS,
+    UID_HI,
+    UID_LO,
     nan_to_null,
 )
 
@@ -75,7 +87,7 @@ from dcdb.store import (
 # Large pools do not fit in the page cache, so the 40% less disk wins.
 METADATA_COMPRESSION = "zstd"
 METADATA_COMPRESSION_LEVEL = 1
-NO_DICTIONARY_COLUMNS = frozenset({"uid", "url", "text", "sha256"})  # nearly unique per row
+NO_DICTIONARY_COLUMNS = frozenset({"uid", "url", "text", "sha256", UID_HI, UID_LO, SOURCE_ROW})  # ~unique per row
 METADATA_ROW_GROUP = 100_000
 LANCE_STORAGE_VERSION = "legacy"  # scans 200k x 768 f16 ~8x faster than the 2.x file formats
 EMBEDDING_DTYPES = ("float16", "float32")
@@ -91,7 +103,8 @@ _UIDS = "uids"
 
 @dataclass
 class IngestReport:
-    """What one ``ingest`` call did. ``rows``/``shards`` describe the whole pool."""
+    """What one ``ingest`` call did. ``rows``/``shards`` describe the whole pool (its shards are
+    its uid buckets); ``source_shards`` counts SRC's shards."""
 
     pool: str
     rows: int
@@ -103,6 +116,7 @@ class IngestReport:
     skipped_shards: int
     rows_ingested: int = 0
     already_complete: bool = False
+    source_shards: int | None = None
 
     @property
     def rows_per_second(self) -> float:
@@ -120,9 +134,11 @@ class IngestReport:
                 f"pool {self.pool} is already complete ({self.rows:,} rows, {self.shards} shards, "
                 f"{spaces}, {self.duplicate_uids:,} duplicate uids); nothing to do"
             )
-        skipped = f", {self.skipped_shards} shards already done" if self.skipped_shards else ""
+        skipped = f", {self.skipped_shards} buckets already done" if self.skipped_shards else ""
+        sources = self.shards if self.source_shards is None else self.source_shards
         return (
-            f"ingested {self.rows:,} rows from {self.shards} shards ({spaces}) into {self.pool} in "
+            f"ingested {self.rows:,} rows from {sources} shards ({spaces}) into {self.pool} "
+            f"({self.shards} uid bucket{'s' if self.shards != 1 else ''}) in "
             f"{self.seconds:.1f}s: {self.rows_per_second:,.0f} rows/s, {self.mb_per_second:,.1f} MB/s "
             f"read, {self.duplicate_uids:,} duplicate uids{skipped}"
         )
@@ -159,6 +175,7 @@ class Plan:
     # fingerprint and manifest stay those of SRC, and the manifest records the bucketing.
     source_fingerprint: str | None = None
     buckets: dict[str, Any] | None = None
+    sources: list[dict[str, Any]] | None = None  # the source shards (name, rows) that source_shard indexes
 
     @property
     def rows(self) -> int:
@@ -372,6 +389,17 @@ def plan_source(src: str | os.PathLike) -> Plan:
     return Plan(src=src, shards=shards, schema=schema, spaces=spaces)
 
 
+def check_stored_columns(plan: Plan) -> None:
+    """SourceError when a source column has the name of a column the store adds (STORED_COLUMNS)."""
+    clash = [c for c in plan.schema.names if c in STORED_COLUMNS]
+    if clash:
+        raise SourceError(
+            f"the source has a column {clash[0]!r}, a name the pool store uses for its own column "
+            f"({', '.join(STORED_COLUMNS)}: the uid's halves and where each row came from)",
+            hint=f"rename or drop {clash[0]!r} in the source parquet files",
+        )
+
+
 def _merge_spaces(spaces: dict[str, dict[str, Any]], headers, npz: Path) -> None:
     """Record each npz key as a space; a dtype mix promotes to float32, a dim mix is an error."""
     for key in sorted(headers, key=lambda k: (k not in DATACOMP_SPACES, k)):
@@ -421,6 +449,11 @@ def _check_complete(pool: Path, plan: Plan) -> dict[str, Any] | None:
         raise OutputError(
             f"{str(pool)!r} holds a {MANIFEST} that is not a dcdb pool manifest",
             hint="give a new or empty folder as POOL",
+        )
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise PoolError(
+            f"{str(pool)!r} is already a complete pool, of store format v{manifest.get('format_version')}",
+            hint=f"run `dcdb upgrade {pool}` to rewrite it as format v{FORMAT_VERSION}, or give a new POOL path",
         )
     if manifest.get("source_fingerprint") != plan.fingerprint:
         raise PoolError(
@@ -585,7 +618,13 @@ def _dictionary_columns(schema: pa.Schema) -> list[str]:
 
 def _write_metadata(task: ShardTask, table: pa.Table) -> dict[str, Any]:
     rel = f"{METADATA_DIR}/{task.name}.parquet"
-    with atomic_path(Path(task.pool) / rel) as tmp:
+    write_metadata_file(table, Path(task.pool) / rel)
+    return {"path": rel, "bytes": (Path(task.pool) / rel).stat().st_size}
+
+
+def write_metadata_file(table: pa.Table, path: Path) -> None:
+    """A pool metadata file (atomically), as ingest writes them: row groups, codec, encodings."""
+    with atomic_path(path) as tmp:
         pq.write_table(
             table,
             tmp,
@@ -595,7 +634,6 @@ def _write_metadata(task: ShardTask, table: pa.Table) -> dict[str, Any]:
             use_dictionary=_dictionary_columns(table.schema),
             write_statistics=_statistics_columns(table.schema),
         )
-    return {"path": rel, "bytes": (Path(task.pool) / rel).stat().st_size}
 
 
 def _write_uids(task: ShardTask, uid_array: np.ndarray) -> dict[str, Any]:
@@ -707,8 +745,15 @@ def process_shard(task: ShardTask) -> dict[str, Any]:
         "uids": _write_uids(task, uid_array),
     }
     entry["spaces"] = _write_spaces(task, uid_col)
-    entry["metadata"] = _write_metadata(task, table)
+    entry["metadata"] = _write_metadata(task, with_binary_uid(table, uid_array))
     return entry
+
+
+def with_binary_uid(table: pa.Table, uid_array: np.ndarray) -> pa.Table:
+    """``table`` with the uid's two 64-bit halves appended as ``uid_hi``/``uid_lo`` (store format
+    2): DataComp's ``f0``/``f1`` of each row's uid, read by filters whose result is the uid."""
+    return table.append_column(pa.field(UID_HI, pa.uint64(), nullable=False), pa.array(uid_array["f0"])).append_column(
+        pa.field(UID_LO, pa.uint64(), nullable=False), pa.array(uid_array["f1"]))
 
 
 def _run_task(task: ShardTask) -> dict[str, Any]:
@@ -907,7 +952,9 @@ def _manifest(pool: Path, plan: Plan, entries: list[dict[str, Any]], duplicates:
         "shards": [
             {"name": e["name"], "rows": e["rows"], "metadata": e["metadata"]["path"]} for e in entries
         ],
-        "columns": [{"name": f.name, "type": str(f.type)} for f in plan.schema],
+        "columns": [{"name": f.name, "type": str(f.type)} for f in plan.schema]
+        + [{"name": UID_HI, "type": "uint64"}, {"name": UID_LO, "type": "uint64"}],
+        "source_shards": plan.sources,
         "spaces": {
             space: {
                 "model": info["model"],
@@ -968,15 +1015,32 @@ class _MergeTask:
     spaces: dict[str, dict[str, Any]]
 
 
-def _stage_dir(pool: Path, bits: int, fingerprint: str) -> Path:
-    return pool / STAGING_DIR / _STAGE / f"b{bits}-{fingerprint[:16]}"
+def _stage_dir(pool: Path, bits: int) -> Path:
+    return pool / STAGING_DIR / _STAGE / f"b{bits}-v{FORMAT_VERSION}"
+
+
+def _source_columns(table: pa.Table, index: int) -> pa.Table:
+    """``table`` (source shard number ``index``) with where each row came from: ``source_shard``
+    (the index) and ``source_row`` (the row's position in that shard)."""
+    n = table.num_rows
+    return table.append_column(pa.field(SOURCE_SHARD, pa.int32(), nullable=False),
+                               pa.array(np.full(n, index, dtype=np.int32))).append_column(
+        pa.field(SOURCE_ROW, pa.int64(), nullable=False), pa.array(np.arange(n, dtype=np.int64)))
+
+
+def stored_schema(schema: pa.Schema) -> pa.Schema:
+    """A source schema with the source columns a bucketed pool adds (``_source_columns``)."""
+    return schema.append(pa.field(SOURCE_SHARD, pa.int32(), nullable=False)).append(
+        pa.field(SOURCE_ROW, pa.int64(), nullable=False))
 
 
 def _split_shard(task: _SplitTask) -> dict[str, Any]:
     """Phase A: one source shard -> an Arrow IPC file, one record batch per bucket present."""
     shard = task.shard
+    kill_point(f"ingest-split:{shard.name}")
     table = _read_shard_table(shard)
     uid_arr = uids.from_arrow(table.column("uid"), source=shard.parquet)
+    table = _source_columns(table, shard.index)
     columns, fields = list(table.columns), list(table.schema)
     if shard.npz is not None:
         for space, info in shard.spaces.items():
@@ -1053,12 +1117,14 @@ def repartition(plan, pool: Path, buckets: int, *, jobs: int = 2, progress: bool
     """Stage SRC as N uid buckets (phases A and B above) and return the ingest plan whose shards
     are the buckets, with SRC's fingerprint and the bucketing record. Resumable."""
     bits = bucket_bits(buckets)
-    stage = _stage_dir(pool, bits, plan.fingerprint)
-    if (pool / STAGING_DIR / _STAGE).is_dir():  # stages of another source or bucket count
-        for d in (pool / STAGING_DIR / _STAGE).iterdir():
-            if d != stage:
-                shutil.rmtree(d, ignore_errors=True)
-    parts, src = stage / "parts", stage / "src"
+    stage = _stage_dir(pool, bits)
+    # The split parts (phase A) are journaled per source shard with its signature, so a source
+    # shard changed since an interrupted run is split again and the others are kept; the buckets
+    # (phase B) depend on every shard: they are staged per source fingerprint.
+    parts, src = stage / "parts", stage / f"src-{plan.fingerprint[:16]}"
+    for d in [*(pool / STAGING_DIR / _STAGE).glob("*"), *stage.glob("src-*")]:  # other counts, sources
+        if d not in (stage, parts, src):
+            shutil.rmtree(d, ignore_errors=True)
     parts.mkdir(parents=True, exist_ok=True)
     src.mkdir(parents=True, exist_ok=True)
     staged = parallel.Ledger(stage, root=src)  # phases A and B done: the split parts are gone, buckets stay
@@ -1068,7 +1134,7 @@ def repartition(plan, pool: Path, buckets: int, *, jobs: int = 2, progress: bool
         shutil.rmtree(parts, ignore_errors=True)  # a full copy of the pool: free it before ingesting
         shutil.rmtree(stage / "merged", ignore_errors=True)
     bplan = plan_source(src)
-    if bplan.rows != plan.rows or len(bplan.shards) != buckets:
+    if bplan.rows != plan.rows or len(bplan.shards) != buckets or bplan.schema.names != stored_schema(plan.schema).names:
         raise PoolError(
             f"bucket staging in {str(stage)!r} holds {bplan.rows:,} rows in {len(bplan.shards)} buckets, "
             f"expected {plan.rows:,} in {buckets}",
@@ -1078,10 +1144,11 @@ def repartition(plan, pool: Path, buckets: int, *, jobs: int = 2, progress: bool
     return Plan(
         src=plan.src,
         shards=bplan.shards,
-        schema=plan.schema,
+        schema=stored_schema(plan.schema),
         spaces=spaces,
         source_fingerprint=plan.fingerprint,
         buckets={"count": buckets, "bits": bits, "key": "uid", "order": "uid"},
+        sources=[{"name": s.name, "rows": s.rows} for s in plan.shards],
     )
 
 
@@ -1114,7 +1181,7 @@ def _split_and_merge(plan, pool: Path, parts: Path, src: Path, buckets: int, bit
             continue
         where = [(str(parts / journals[s.name]["file"]), journals[s.name]["batches"][str(b)])
                  for s in plan.shards if str(b) in journals[s.name]["batches"]]
-        merges.append(_MergeTask(b, where, str(src), plan.schema, plan.spaces))
+        merges.append(_MergeTask(b, where, str(src), stored_schema(plan.schema), plan.spaces))
     _run_all(_merge_bucket, merges, jobs, "buckets", progress,
              lambda task, result: merged.record(bucket_name(task.bucket), outputs=files[task.bucket]))
     return [f for b in range(buckets) for f in files[b]]
@@ -1134,10 +1201,12 @@ def ingest(
     """Ingest the DataComp metadata folder ``src`` into the pool store ``pool``.
 
     ``jobs`` worker processes handle one shard each at a time (``jobs=1`` runs in this process).
-    ``buckets`` (a power of two) lays the pool out by the top bits of the uid, each bucket sorted
-    by uid (see dcdb/ingest/buckets.py). Resumable: re-run after an interruption to finish. Raises SourceError for bad input,
-    OutputError when POOL is a non-pool folder, PoolError when POOL is a complete pool of
-    another source.
+    Every pool is laid out in uid buckets by the top bits of the uid, each bucket sorted by uid
+    (see dcdb/ingest/buckets.py): ``buckets`` (a power of two; 1 = one fully sorted bucket)
+    chooses how many, by default ``default_buckets`` (buckets of ~256 MB in memory, or of the
+    largest source shard's size when that is larger). Resumable: re-run after an interruption to finish. Raises SourceError
+    for bad input, OutputError when POOL is a non-pool folder, PoolError when POOL is a complete
+    pool of another source.
     """
     if jobs < 1:
         raise UsageError(f"jobs must be at least 1, got {jobs}", hint="pass -j N with N >= 1, or leave it out")
@@ -1145,6 +1214,7 @@ def ingest(
         bucket_bits(buckets)  # refuse a bad count before reading anything
     t0 = time.perf_counter()
     plan = plan_source(src)
+    check_stored_columns(plan)
     pool = prepare_folder(Path(pool).expanduser(), create=False, what="pool path",
                           hint="give a folder path as POOL").resolve()
     resume = "then re-run the same command: finished shards are kept"
@@ -1156,7 +1226,8 @@ def _ingest(plan: Plan, pool: Path, t0: float, *, jobs: int, progress: bool, buc
     """``ingest`` once POOL is locked."""
     complete = _prepare_pool(pool, plan)
     if complete is not None:
-        check_same_buckets(pool, complete, buckets)
+        if buckets is not None:  # without --buckets, any layout of a complete pool will do
+            check_same_buckets(pool, complete, buckets)
         shutil.rmtree(_staging(pool), ignore_errors=True)  # left if killed right after the manifest
         return IngestReport(
             pool=str(pool),
@@ -1170,8 +1241,10 @@ def _ingest(plan: Plan, pool: Path, t0: float, *, jobs: int, progress: bool, buc
             already_complete=True,
         )
     bytes_read = sum(s.source_bytes for s in plan.shards)
-    if buckets is not None:
-        plan = repartition(plan, pool, buckets, jobs=jobs, progress=progress)
+    if buckets is None:
+        row_bytes = METADATA_ROW_BYTES + sum(i["dim"] * np.dtype(i["dtype"]).itemsize for i in plan.spaces.values())
+        buckets = default_buckets(plan.rows, [s.rows for s in plan.shards], row_bytes)
+    plan = repartition(plan, pool, buckets, jobs=jobs, progress=progress)
     done = _done_entries(pool, plan)
     todo = [s for s in plan.shards if s.name not in done]
     tasks = _tasks(pool, plan, todo)
@@ -1195,8 +1268,9 @@ def _ingest(plan: Plan, pool: Path, t0: float, *, jobs: int, progress: bool, buc
         shards=len(plan.shards),
         spaces=list(plan.spaces),
         seconds=time.perf_counter() - t0,
-        bytes_read=bytes_read if buckets is not None else sum(s.source_bytes for s in todo),
+        bytes_read=bytes_read,
         duplicate_uids=manifest["duplicate_uids"],
         skipped_shards=len(done),
         rows_ingested=rows_todo,
+        source_shards=len(plan.sources or ()),
     )

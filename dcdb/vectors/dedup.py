@@ -382,17 +382,45 @@ def default_clusters(n: int) -> int:
     return max(1, min(n, round(math.sqrt(n / 2))))
 
 
-def _sample(ds, space: str, n: int, size: int, seed: int) -> np.ndarray:
-    """Unit float32 vectors of a seeded uniform sample of rows (one streaming pass)."""
+def _sample(ds, space: str, n: int, size: int, seed: int, pool: Pool | None = None) -> np.ndarray:
+    """Unit float32 vectors of a seeded uniform sample of rows (one streaming pass). With
+    ``pool``, the rows are drawn by their position in the *source* (``source_shard``,
+    ``source_row``) and come in source order, so the sample, and the k-means it seeds, do not
+    depend on how the pool is laid out (store format 1 kept the source order, format 2 sorts by uid)."""
     rng = np.random.default_rng([seed, 0])
-    rows = np.sort(rng.choice(n, size, replace=False)) if size < n else np.arange(n)
-    parts = []
+    want = np.sort(rng.choice(n, size, replace=False)) if size < n else np.arange(n)
+    rows, rank = _pool_rows(pool, want) if pool is not None else (want, np.arange(len(want)))
+    x = np.zeros((len(want), ds.schema.field(space).type.list_size), np.float32)
+    usable = np.zeros(len(want), bool)
     for start, v in _scan(ds, space):
         lo, hi = np.searchsorted(rows, [start, start + len(v)])
         if hi > lo:
-            x, ok = _unit(v[rows[lo:hi] - start])
-            parts.append(x[ok])
-    return np.concatenate(parts) if parts else np.zeros((0, ds.schema.field(space).type.list_size), np.float32)
+            x[rank[lo:hi]], usable[rank[lo:hi]] = _unit(v[rows[lo:hi] - start])
+    return x[usable]
+
+
+def _pool_rows(pool: Pool, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(pool rows, ascending; for each, the index in ``positions`` of its source position) for the
+    sorted source positions ``positions`` (row i of the source files read in name order). One
+    streaming pass over the metadata's source columns."""
+    import pyarrow.parquet as pq
+
+    from dcdb.store import SOURCE_ROW, SOURCE_SHARD
+
+    sources = pool.manifest.get("source_shards")
+    if not sources:  # no source positions recorded: the pool's own order
+        return positions, np.arange(len(positions))
+    offsets = np.cumsum([0] + [int(s["rows"]) for s in sources])
+    rows, ranks, at = [], [], 0
+    for path in pool.metadata_files():
+        t = pq.read_table(path, columns=[SOURCE_SHARD, SOURCE_ROW])
+        pos = offsets[t.column(0).to_numpy()] + t.column(1).to_numpy()
+        idx = np.searchsorted(positions, pos)
+        hit = np.flatnonzero(positions[np.minimum(idx, len(positions) - 1)] == pos) if len(positions) else idx[:0]
+        rows.append(at + hit)
+        ranks.append(idx[hit])
+        at += len(pos)
+    return np.concatenate(rows) if rows else positions[:0], np.concatenate(ranks) if ranks else positions[:0]
 
 
 def _reusable_clusters(pool: Pool, space: str, params: dict[str, Any]) -> np.ndarray | None:
@@ -512,7 +540,7 @@ def semantic_dedup(pool: Pool, space: str, threshold: float, *, clusters: int | 
         cluster_p = cluster[:, None]
     else:
         t0 = time.perf_counter()
-        x = _sample(ds, space, n, size, seed)
+        x = _sample(ds, space, n, size, seed, pool)
         phases["sample"] = time.perf_counter() - t0
         if len(x) < k:
             raise UsageError(f"only {len(x):,} usable (non-zero, finite) vectors in the sample for {k:,} clusters",
