@@ -265,7 +265,7 @@ def annotate_centroids(pool: Pool, params: dict[str, str], *, force: bool, progr
     import pyarrow as pa
 
     from dcdb.filters.assets import existing_file, fingerprint, load_centroids
-    from dcdb.filters.centroids import assign
+    from dcdb.filters.centroids import ASSIGNMENT, Centroids, assign
     from dcdb.store import lance_batches, open_lance
 
     _conflicts(pool, "centroids", [ANNOTATORS["centroids"].column], force)
@@ -274,9 +274,9 @@ def annotate_centroids(pool: Pool, params: dict[str, str], *, force: bool, progr
     t0 = time.perf_counter()
     dim = int(pool.spaces["l14_img"]["dim"])
     cpath = existing_file(params.get("centroids"), "centroids")
-    cents = load_centroids(cpath, dim=dim)
-    info: dict[str, Any] = {"annotator": "centroids", "centroids": fingerprint(cpath), "shape": list(cents.shape),
-                            "assignment": "argmax of float32 dot product, first maximum"}
+    cents = Centroids.of(load_centroids(cpath, dim=dim))
+    info: dict[str, Any] = {"annotator": "centroids", "centroids": fingerprint(cpath),
+                            "shape": list(cents.matrix.shape), "assignment": ASSIGNMENT}
     if params.get("imagenet_embeddings"):
         info["targets"] = _targets_info(cpath, params["imagenet_embeddings"], dim)
     table = pool.lance_path("l14_img")
@@ -291,7 +291,7 @@ def annotate_centroids(pool: Pool, params: dict[str, str], *, force: bool, progr
             return pa.table({"centroid_id": pa.array(ids, pa.int32())})
 
         write_group(pool, "centroids", compute, info=info, replace=force)
-    notes = [f"{cents.shape[0]:,} centroids"]
+    notes = [f"{cents.matrix.shape[0]:,} centroids"]
     if "targets" in info:
         notes.append(f"{len(info['targets']['ids']):,} target centroids stored")
     return Report("centroids", ["centroid_id"], pool.rows, time.perf_counter() - t0, notes)

@@ -1,9 +1,12 @@
-"""How torch's OpenMP threads wait, set before torch loads (every ``dcdb`` command does it first)."""
+"""Threads of the numeric libraries: how torch's OpenMP threads wait (set before torch loads; every
+``dcdb`` command does it first), and how many threads numpy's BLAS may use for one matmul."""
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 #: Busy-wait iterations of an idle OpenMP thread before it sleeps (``GOMP_SPINCOUNT``; see
 #: the function below). libgomp's default is 300000 (~0.1-1 ms).
@@ -25,3 +28,51 @@ def prefer_short_openmp_spin() -> None:
     """
     if "torch" not in sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
         os.environ["GOMP_SPINCOUNT"] = str(OPENMP_SPINCOUNT)
+
+
+_BLAS_LOCAL: list = []  # [function or None] once looked up
+
+
+def _openblas_local_setter():
+    """``openblas_set_num_threads_local`` of the OpenBLAS that numpy loaded (OpenBLAS >= 0.3.27:
+    a per-thread limit that returns the previous one), or None (another BLAS, an older OpenBLAS, or
+    a system without ``/proc/self/maps``)."""
+    if not _BLAS_LOCAL:
+        _BLAS_LOCAL.append(None)
+        try:
+            import ctypes
+
+            import numpy  # noqa: F401 -- loads its BLAS
+
+            with open("/proc/self/maps") as f:
+                paths = {line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line}
+            for path in sorted(paths, key=lambda p: "numpy" not in p):  # numpy's own copy first
+                lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD)
+                fn = getattr(lib, "openblas_set_num_threads_local", None)
+                if fn is not None:
+                    fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_int]
+                    _BLAS_LOCAL[0] = fn
+                    break
+        except (OSError, AttributeError, ImportError):
+            pass
+    return _BLAS_LOCAL[0]
+
+
+@contextmanager
+def blas_threads(n: int | None) -> Iterator[bool]:
+    """At most ``n`` BLAS threads for numpy's matmuls in the calling thread, inside the block
+    (yields whether the limit could be set).
+
+    OpenBLAS starts one thread per core for every large matmul, whatever else runs: a DuckDB
+    statement given ``threads = 1`` (a Ray bucket task, one per core) that calls a matmul would run
+    it on every core, next to the other tasks doing the same. The limit is OpenBLAS's per-thread one
+    (other threads' matmuls keep theirs); with another BLAS, or ``n`` None or 0, nothing changes."""
+    setter = _openblas_local_setter() if n and n > 0 else None
+    if setter is None:
+        yield False
+        return
+    before = setter(int(n))
+    try:
+        yield True
+    finally:
+        setter(before)

@@ -75,6 +75,7 @@ def register(con, pool) -> None:
     columns = {name: typ for name, typ, *_ in con.execute("DESCRIBE SELECT * FROM pool").fetchall()}
     info = _pool_facts(pool, columns)
     info["access"] = read_access(con)  # what the file arguments may name (dcdb.sandbox)
+    info["threads"] = int(con.execute("SELECT current_setting('threads')").fetchall()[0][0])
     _register_functions(con, info)
     for sql in _macros(columns, info):
         con.execute(sql)
@@ -119,8 +120,11 @@ def _register_functions(con, info: dict[str, Any]) -> None:
                     duckdb.list_type(duckdb.sqltype("INTEGER")))
     if info["has_l14"] and info["l14_dim"]:
         vec = duckdb.array_type(duckdb.sqltype("FLOAT"), info["l14_dim"])
+        # side_effects: evaluated where the statement names it, once per row -- as a deterministic
+        # function DuckDB would copy it into every filter pushed below `assigned_centroid` and
+        # compute the matmul again there
         arrow_function(con, "nearest_centroid", lambda v, p: _nearest_centroid(v, p, info), [vec, "VARCHAR"],
-                        "INTEGER")
+                        "INTEGER", side_effects=True)
 
 
 # ------------------------------------------------------------------------------------ macros
@@ -285,6 +289,63 @@ def fraction_index(n_rows: int, n_scored: int, fraction: float) -> int:
     if n >= n_rows:
         return n_scored - 1 if n_scored > 0 else n_rows
     return n
+
+
+CUT_PARAM = "__dcdb_clip_cut_{}"
+
+
+def fold_clip_cuts(con, sql: str, evaluate) -> tuple[str, dict[str, Any]]:
+    """``sql`` with each ``clip_cut(arch, fraction, threshold)`` call whose arguments are constants
+    or parameters replaced by a parameter holding its value, and those values.
+
+    ``evaluate(select_sql)`` runs ``SELECT clip_cut(...)`` (on the statement's connection, with its
+    parameters) and returns the value. The threshold is one number for the whole pool, so this
+    changes no result; it lets DuckDB see ``clip_score >= <constant>``: the comparison is pushed
+    into the Parquet scan, and evaluated before anything the statement computes per row. As a
+    subquery it became a join placed above the per-row work: ``image_based_intersect_clip_score``
+    assigned centroids to every caption-passing row, not only the ~30% above the threshold. A call
+    whose arguments read columns (DuckDB's binder refuses it alone) stays as it is."""
+    import json
+
+    import duckdb
+
+    if "clip_cut" not in sql.lower():
+        return sql, {}
+    tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0])
+    if tree.get("error") or len(tree.get("statements", [])) != 1:
+        return sql, {}
+    template = json.loads(con.execute("SELECT json_serialize_sql('SELECT 1')").fetchall()[0][0])
+    values: dict[str, Any] = {}
+
+    def fold(node: dict[str, Any]) -> bool:
+        template["statements"][0]["node"]["select_list"] = [node]
+        text = con.execute("SELECT json_deserialize_sql(?)", [json.dumps(template)]).fetchall()[0][0]
+        try:
+            value = evaluate(text)
+        except duckdb.BinderException:
+            return False  # its arguments vary by row
+        name = CUT_PARAM.format(len(values))
+        values[name] = value
+        node.clear()
+        node.update({"class": "PARAMETER", "type": "VALUE_PARAMETER", "alias": "", "identifier": name,
+                     "query_location": 18446744073709551615, "query_location_length": 0})
+        return True
+
+    def walk(node):
+        if isinstance(node, dict):
+            if (node.get("class") == "FUNCTION" and str(node.get("function_name", "")).lower() == "clip_cut"
+                    and not node.get("schema") and len(node.get("arguments") or []) == 3 and fold(node)):
+                return
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(tree["statements"][0]["node"])
+    if not values:
+        return sql, {}
+    return con.execute("SELECT json_deserialize_sql(?)", [json.dumps(tree)]).fetchall()[0][0], values
 
 
 def _clip_nth_desc(values, index):
@@ -471,26 +532,51 @@ def _wordnet_offsets_of(texts):
 def _nearest_centroid(vectors, path, info):
     import pyarrow as pa
 
-    from dcdb.filters.assets import load_centroids
     from dcdb.filters.centroids import assign
+    from dcdb.openmp import blas_threads
 
     path = constant_argument(path, "centroids")
     info["access"].check(path, "centroids")
-    cents = load_centroids(path, dim=info["l14_dim"])
+    cents = prepared_centroids(path, info["l14_dim"])
     d = info["l14_dim"]
     n = len(vectors)
     values = vectors.values.to_numpy(zero_copy_only=False)
     start = vectors.offset * d
     feats = values[start : start + n * d].reshape(n, d)
-    ids = assign(feats, cents)
+    with blas_threads(info.get("threads")):  # no more BLAS threads than the statement's DuckDB threads
+        ids = assign(feats, cents)
     mask = vectors.is_null().to_numpy(zero_copy_only=False) if vectors.null_count else None
     return pa.array(ids, pa.int32(), mask=mask)
+
+
+_prepared: list = []  # [(centroid array, its Centroids)]: the file last used
+
+
+def prepared_centroids(path, dim: int | None):
+    """The centroid file's :class:`~dcdb.filters.centroids.Centroids` (loaded and prepared once
+    while the file is unchanged; ``load_centroids`` caches by path, size and mtime)."""
+    from dcdb.filters.assets import load_centroids
+    from dcdb.filters.centroids import Centroids
+
+    arr = load_centroids(path, dim=dim)
+    got = _prepared[0] if _prepared else None
+    if got is None or got[0] is not arr:
+        got = (arr, Centroids.of(arr))
+        _prepared[:] = [got]
+    return got[1]
 
 
 def _group_centroids_file(info):
     group = info["centroid_group"]
     rec = (group or {}).get("centroids")
     return group, rec
+
+
+def _current_assignment(group) -> bool:
+    """Was a stored assignment computed the way :func:`dcdb.filters.centroids.assign` computes now?"""
+    from dcdb.filters.centroids import ASSIGNMENT
+
+    return (group or {}).get("assignment") == ASSIGNMENT
 
 
 def _centroids_match(path, info):
@@ -501,7 +587,13 @@ def _centroids_match(path, info):
     p = constant_argument(path, "centroids")
     info["access"].check(p, "centroids")
     p = existing_file(p, "centroids")
-    _, rec = _group_centroids_file(info)
+    group, rec = _group_centroids_file(info)
+    if rec is not None and not _current_assignment(group):
+        raise AssetError(
+            "-p centroids: the pool's centroid ids (dcdb annotate centroids) were computed by an older dcdb "
+            "(argmax of float32 dot products, which may differ from the exact one on near-ties)",
+            hint=f"recompute them: dcdb annotate --pool {info['path']} centroids -p centroids {p} --force",
+        )
     if rec is None or not same_file(rec, p):
         was = rec.get("path") if rec else "an unknown file"
         raise AssetError(
@@ -522,7 +614,7 @@ def _stored_targets(info, centroids_path, files) -> np.ndarray | None:
 
     group, rec = _group_centroids_file(info)
     targets = (group or {}).get("targets")
-    if not rec or not targets or not same_file(rec, centroids_path):
+    if not rec or not targets or not _current_assignment(group) or not same_file(rec, centroids_path):
         return None
     recorded = targets.get("imagenet_embeddings", [])
     if len(recorded) != len(files) or not all(same_file(r, f) for r, f in zip(recorded, files, strict=True)):

@@ -482,6 +482,135 @@ def test_intersect_applies_global_threshold_first(tmp_path):
     assert got == [hexuid(1), hexuid(3), hexuid(4)]
 
 
+# ------------------------------------------------------------------- centroid assignment
+
+
+def tie_assets(rng, n=90):
+    """Vectors (float16-exact) and centroids with deliberate ties: a duplicate centroid (5 = 2), two
+    distinct centroids with exactly equal dot products (8 = 1 with values 0 and 1 swapped, rows with
+    x0 == x1), and near-ties below float32 resolution (7 = 3 but one ulp larger in value 0: the exact
+    winner is 7 when x0 > 0, 3 when x0 < 0; both dot products are ~250, where a float32 ulp is 3e-5
+    and the gap 1e-8). Values are multiples of 1/64 so the float64 reference is exact on the ties."""
+    cents = (rng.integers(-64, 65, size=(9, D14)) / 64).astype(np.float32)
+    cents[5] = cents[2]
+    cents[8] = cents[1]
+    cents[8, [0, 1]] = cents[1, [1, 0]]
+    cents[3, 0] = 0.5
+    cents[7] = cents[3]
+    cents[7, 0] = np.nextafter(np.float32(0.5), np.float32(1))
+    noise = rng.integers(-1, 2, size=(n, D14)) / 64
+    vecs = np.empty((n, D14), np.float32)
+    for i in range(n):
+        kind = i % 5
+        vecs[i] = noise[i] + (cents[[2, 1, 3, 3, 0][kind]] if kind < 4 else rng.integers(-8, 9, D14) / 8)
+        if kind == 1:
+            vecs[i, 1] = vecs[i, 0]
+        if kind in (2, 3):
+            vecs[i, 0] = 0.5 if kind == 2 else -0.5
+    assert np.array_equal(vecs.astype(np.float16).astype(np.float32), vecs)
+    return vecs, cents
+
+
+def float64_argmax(vecs, cents):
+    """numpy's float64 argmax (first maximum), the reference."""
+    return np.argmax(vecs.astype(np.float64) @ cents.astype(np.float64).T, axis=1)
+
+
+def test_assignment_is_the_float64_argmax_on_ties_and_near_ties_in_any_blocking():
+    from dcdb.filters.centroids import assign
+
+    rng = np.random.default_rng(11)
+    vecs, cents = tie_assets(rng)
+    want = float64_argmax(vecs, cents)
+    assert set(want[0::5]) == {2} and set(want[1::5]) == {1}  # exact ties: the first centroid
+    assert set(want[2::5]) == {7} and set(want[3::5]) == {3}  # near-ties: the exact winner
+    for row_block, centroid_block in [(4096, 8192), (1, 8192), (7, 3), (64, 1), (13, 5)]:
+        got = assign(vecs, cents, row_block=row_block, centroid_block=centroid_block)
+        assert got.tolist() == want.tolist(), (row_block, centroid_block)
+    for rows in (np.arange(2, 90, 5), np.arange(89, -1, -1)):  # any subset, any order
+        assert assign(vecs[rows], cents).tolist() == want[rows].tolist()
+    # random data, many centroids, a few blocks
+    big = rng.normal(size=(300, D14)).astype(np.float16).astype(np.float32)
+    many = rng.normal(size=(2500, D14)).astype(np.float32)
+    assert assign(big, many, row_block=128, centroid_block=1000).tolist() == float64_argmax(big, many).tolist()
+
+
+def test_assignment_in_a_query_equals_the_stored_column(tmp_path):
+    """nearest_centroid in SQL (DuckDB hands it chunks of the rows that pass the WHERE), the
+    derived column of `dcdb annotate centroids` and image_based agree with the float64 argmax."""
+    from dcdb.annotate import annotate
+    from dcdb.engine import connect
+
+    rng = np.random.default_rng(12)
+    vecs, cents = tie_assets(rng)
+    np.save(tmp_path / "cents.npy", cents)
+    np.save(tmp_path / "in1k.npy", vecs[[2, 1]] + 1 / 64)  # targets: centroids 7 and 1
+    want = float64_argmax(vecs, cents)
+    texts = ["a dog photo" if i % 3 else "hi" for i in range(len(vecs))]
+    pool = build_pool(tmp_path, [{"text": t} for t in texts], lang=["en"] * len(vecs), l14_img=vecs, shards=2)
+    c = str(tmp_path / "cents.npy")
+    con = connect(pool)
+    got = [r[0] for r in con.execute("SELECT nearest_centroid(l14_img, $c) FROM pool", {"c": c}).fetchall()]
+    assert got == want.tolist()
+    got = con.execute("SELECT uid, assigned_centroid FROM baseline_pool(centroids := $c) WHERE length(text) > 5",
+                      {"c": c}).fetchall()
+    assert got == [(hexuid(i + 1), int(want[i])) for i in range(len(vecs)) if i % 3]
+    before = run(pool, "image_based", centroids=c, imagenet_embeddings=tmp_path / "in1k.npy")
+    assert hexes(before) == [hexuid(i + 1) for i in range(len(vecs)) if i % 3 and want[i] in (7, 1)]
+    annotate(pool, "centroids", {"centroids": c, "imagenet_embeddings": str(tmp_path / "in1k.npy")})
+    pool = open_pool(pool.path)
+    stored = [r[0] for r in connect(pool).execute("SELECT centroid_id FROM pool").fetchall()]
+    assert stored == want.tolist()
+    assert np.array_equal(run(pool, "image_based", centroids=c, imagenet_embeddings=tmp_path / "in1k.npy"), before)
+
+
+def test_a_stored_float32_assignment_is_not_used(tmp_path):
+    """A centroid column stored by an older dcdb (float32 argmax) may differ on near-ties: refused."""
+    import json
+
+    from dcdb.annotate import annotate
+
+    rng = np.random.default_rng(13)
+    vecs, cents = tie_assets(rng, n=10)
+    np.save(tmp_path / "cents.npy", cents)
+    pool = build_pool(tmp_path, [{"text": "a dog photo"}] * 10, lang=["en"] * 10, l14_img=vecs)
+    annotate(pool, "centroids", {"centroids": str(tmp_path / "cents.npy")})
+    meta = pool.path / "derived" / "centroids" / "_group.json"
+    info = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**info, "assignment": "argmax of float32 dot product, first maximum"}))
+    with pytest.raises(DcdbError, match="computed by an older dcdb") as exc:
+        run(open_pool(pool.path), "image_based", centroids=tmp_path / "cents.npy",
+            imagenet_embeddings=tmp_path / "cents.npy")
+    assert "--force" in exc.value.hint
+
+
+def test_the_assignment_runs_once_per_row_that_needs_it(tmp_path):
+    """A filter naming assigned_centroid twice assigns each row once (DuckDB would copy a
+    deterministic function into the filter it pushes down), and the intersect baseline assigns
+    only the rows above the score threshold (clip_cut is folded into a constant first)."""
+    from dcdb.engine import connect
+    from dcdb.filters import centroids as C
+
+    rng = np.random.default_rng(14)
+    vecs, cents = tie_assets(rng, n=40)
+    np.save(tmp_path / "cents.npy", cents)
+    scores = [0.5 if i < 10 else 0.1 for i in range(40)]
+    pool = build_pool(tmp_path, [{"text": "a dog photo", "l14": s} for s in scores], lang=["en"] * 40, l14_img=vecs)
+    c = str(tmp_path / "cents.npy")
+    want = float64_argmax(vecs, cents)
+    before = C.rows_assigned
+    got = connect(pool).execute("SELECT uid FROM baseline_pool(centroids := $c) WHERE assigned_centroid <> 0 "
+                                "AND assigned_centroid % 2 = 1", {"c": c}).fetchall()
+    assert C.rows_assigned - before == 40
+    assert [r[0] for r in got] == [hexuid(i + 1) for i in range(40) if want[i] % 2 == 1]
+    before = C.rows_assigned
+    got = run(pool, "image_based_intersect_clip_score", arch="l14", fraction=0.2, centroids=c,
+              imagenet_embeddings=c)
+    assert C.rows_assigned - before == len(cents) + 10  # the targets, then the 10 rows above the cut
+    targets = set(float64_argmax(cents, cents).tolist())
+    assert hexes(got) == [hexuid(i + 1) for i in range(10) if want[i] in targets]
+
+
 # ------------------------------------------------------------- set identity with DataComp
 
 
