@@ -316,16 +316,19 @@ def fold_clip_cuts(con, sql: str, evaluate) -> tuple[str, dict[str, Any]]:
         return sql, {}
     template = json.loads(con.execute("SELECT json_serialize_sql('SELECT 1')").fetchall()[0][0])
     values: dict[str, Any] = {}
+    names: dict[str, str] = {}  # the same call twice is computed once
 
     def fold(node: dict[str, Any]) -> bool:
         template["statements"][0]["node"]["select_list"] = [node]
         text = con.execute("SELECT json_deserialize_sql(?)", [json.dumps(template)]).fetchall()[0][0]
-        try:
-            value = evaluate(text)
-        except duckdb.BinderException:
-            return False  # its arguments vary by row
-        name = CUT_PARAM.format(len(values))
-        values[name] = value
+        if text not in names:
+            try:
+                value = evaluate(text)
+            except duckdb.BinderException:
+                return False  # its arguments vary by row
+            names[text] = CUT_PARAM.format(len(values))
+            values[names[text]] = value
+        name = names[text]
         node.clear()
         node.update({"class": "PARAMETER", "type": "VALUE_PARAMETER", "alias": "", "identifier": name,
                      "query_location": 18446744073709551615, "query_location_length": 0})

@@ -611,6 +611,60 @@ def test_the_assignment_runs_once_per_row_that_needs_it(tmp_path):
     assert hexes(got) == [hexuid(i + 1) for i in range(10) if want[i] in targets]
 
 
+@pytest.mark.parametrize(("env", "code", "expected"), [
+    ({}, "", "16"),  # nothing set: a short spin
+    ({"OPENBLAS_THREAD_TIMEOUT": "25"}, "", "25"),  # the user's choice stays
+    ({}, "import numpy; ", None),  # too late once numpy (its OpenBLAS) is loaded: leave it
+])
+def test_short_blas_spin_only_before_numpy_and_never_over_the_user(env, code, expected):
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    prog = (f"{code}import os; from dcdb.openmp import prefer_short_blas_spin; prefer_short_blas_spin(); "
+            "print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))")
+    out = subprocess.run([sys.executable, "-c", prog], env={**base, **env}, check=True, capture_output=True,
+                         text=True).stdout.strip()
+    assert out == str(expected)
+    prog = ("import os, sys; from dcdb.cli import main\ntry:\n    main(['filters'])\nexcept SystemExit:\n    pass\n"
+            "print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'), file=sys.stderr)")
+    err = subprocess.run([sys.executable, "-c", prog], env={**base, **env}, check=True, capture_output=True,
+                         text=True).stderr.strip().splitlines()[-1]
+    assert err == env.get("OPENBLAS_THREAD_TIMEOUT", "16")  # every dcdb command, before numpy loads
+
+
+def test_blas_threads_lowers_the_limit_inside_the_block_only():
+    import threading
+
+    from dcdb.openmp import _openblas_threads_api, blas_threads
+
+    api = _openblas_threads_api()
+    if api is None:
+        pytest.skip("numpy's BLAS is not an OpenBLAS with openblas_set_num_threads_local (>= 0.3.27)")
+    current = api[0]
+
+    start = current()
+    with blas_threads(1) as limited:
+        assert limited and current() == 1
+        with blas_threads(start + 7):
+            assert current() == 1  # never raised
+    assert current() == start
+    with blas_threads(None) as limited:
+        assert not limited and current() == start
+
+    def work(n):
+        for _ in range(200):
+            with blas_threads(n):
+                pass
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in (1, 1, 2, start + 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert current() == start  # concurrent blocks never leave a lowered limit behind
+
+
 # ------------------------------------------------------------- set identity with DataComp
 
 

@@ -330,9 +330,10 @@ def cli(ctx: click.Context, quiet: bool) -> None:
       dcdb sql "SELECT count(*) FROM pool" --pool /tmp/pool
       dcdb query filter.sql --pool /tmp/pool -o subset.npy
     """
-    from dcdb.openmp import prefer_short_openmp_spin
+    from dcdb.openmp import prefer_short_blas_spin, prefer_short_openmp_spin
 
     prefer_short_openmp_spin()  # before any command loads torch
+    prefer_short_blas_spin()  # before any command loads numpy
     ctx.ensure_object(dict)
     ctx.obj["quiet"] = quiet
 
