@@ -72,7 +72,9 @@ class Centroids:
         if mat.ndim != 2:
             raise ValueError(f"centroids must be a 2-D array, got shape {mat.shape}")
         finite = bool(np.isfinite(mat).all())
-        norm = float(np.sqrt(np.einsum("ij,ij->i", mat, mat, dtype=np.float64).max())) if finite and len(mat) else 0.0
+        norm = 0.0
+        if finite and len(mat):
+            norm = float(np.sqrt(np.einsum("ij,ij->i", mat, mat, dtype=np.float64).max()))
         return cls(mat, norm, finite)
 
 

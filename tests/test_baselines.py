@@ -532,7 +532,8 @@ def test_assignment_is_the_float64_argmax_on_ties_and_near_ties_in_any_blocking(
     # random data, many centroids, a few blocks
     big = rng.normal(size=(300, D14)).astype(np.float16).astype(np.float32)
     many = rng.normal(size=(2500, D14)).astype(np.float32)
-    assert assign(big, many, row_block=128, centroid_block=1000).tolist() == float64_argmax(big, many).tolist()
+    got = assign(big, many, row_block=128, centroid_block=1000)
+    assert got.tolist() == float64_argmax(big, many).tolist()
 
 
 def test_assignment_in_a_query_equals_the_stored_column(tmp_path):
@@ -552,8 +553,8 @@ def test_assignment_in_a_query_equals_the_stored_column(tmp_path):
     con = connect(pool)
     got = [r[0] for r in con.execute("SELECT nearest_centroid(l14_img, $c) FROM pool", {"c": c}).fetchall()]
     assert got == want.tolist()
-    got = con.execute("SELECT uid, assigned_centroid FROM baseline_pool(centroids := $c) WHERE length(text) > 5",
-                      {"c": c}).fetchall()
+    got = con.execute("SELECT uid, assigned_centroid FROM baseline_pool(centroids := $c) "
+                      "WHERE length(text) > 5", {"c": c}).fetchall()
     assert got == [(hexuid(i + 1), int(want[i])) for i in range(len(vecs)) if i % 3]
     before = run(pool, "image_based", centroids=c, imagenet_embeddings=tmp_path / "in1k.npy")
     assert hexes(before) == [hexuid(i + 1) for i in range(len(vecs)) if i % 3 and want[i] in (7, 1)]
@@ -561,7 +562,8 @@ def test_assignment_in_a_query_equals_the_stored_column(tmp_path):
     pool = open_pool(pool.path)
     stored = [r[0] for r in connect(pool).execute("SELECT centroid_id FROM pool").fetchall()]
     assert stored == want.tolist()
-    assert np.array_equal(run(pool, "image_based", centroids=c, imagenet_embeddings=tmp_path / "in1k.npy"), before)
+    after = run(pool, "image_based", centroids=c, imagenet_embeddings=tmp_path / "in1k.npy")
+    assert np.array_equal(after, before)
 
 
 def test_a_stored_float32_assignment_is_not_used(tmp_path):
@@ -595,7 +597,8 @@ def test_the_assignment_runs_once_per_row_that_needs_it(tmp_path):
     vecs, cents = tie_assets(rng, n=40)
     np.save(tmp_path / "cents.npy", cents)
     scores = [0.5 if i < 10 else 0.1 for i in range(40)]
-    pool = build_pool(tmp_path, [{"text": "a dog photo", "l14": s} for s in scores], lang=["en"] * 40, l14_img=vecs)
+    pool = build_pool(tmp_path, [{"text": "a dog photo", "l14": s} for s in scores], lang=["en"] * 40,
+                      l14_img=vecs)
     c = str(tmp_path / "cents.npy")
     want = float64_argmax(vecs, cents)
     before = C.rows_assigned
