@@ -51,7 +51,7 @@ def run_sql(pool, sql: str, given: dict[str, str], *, fmt: str = "table", output
     result went to ``output``, written atomically in ``fmt``: see ``sql_format``)."""
 
     from dcdb.engine import connect, narrow_pool, pool_reader, statement_errors
-    from dcdb.query import bind_parameters, fold_cuts, parse_filter
+    from dcdb.query import bind_parameters, parse_filter
     from dcdb.sandbox import apply, path_values
 
     if not isinstance(pool, Pool):
@@ -73,7 +73,6 @@ def run_sql(pool, sql: str, given: dict[str, str], *, fmt: str = "table", output
             with narrow_pool(con, sql_stripped[7:], params):  # the plan that would run
                 rows = con.execute(sql_stripped, params or None).fetchall()
             return _text_out("\n".join(str(r[-1]) for r in rows), output)
-        sql_stripped, params = fold_cuts(con, sql_stripped, params)
         with pool_reader(con, sql_stripped, params, 1 << 16) as reader:
             if fmt == "table":
                 return _text_out(_table(reader, max_rows), output)

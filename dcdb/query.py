@@ -310,8 +310,8 @@ def run_filter(pool: Pool, filt: FilterFile, given: dict[str, str] | None = None
     try:
         from dcdb.filters.vectors import rewrite_sql  # knn(space, (SELECT emb ...), k): every seed row
 
-        sql, run_params = fold_cuts(con, rewrite_sql(con, filt.text), params)
-        with pool_reader(con, sql, run_params, 1 << 20, binary_uid=True) as reader:
+        sql = rewrite_sql(con, filt.text)
+        with pool_reader(con, sql, params, 1 << 20, binary_uid=True) as reader:
             arr, copies_parts, nrows = collect_into(reader, filt.name, pool.rows)
     except statement_errors() as exc:
         err = statement_error(con, exc, f"filter {filt.name!r}", pool)
@@ -325,32 +325,6 @@ def run_filter(pool: Pool, filt: FilterFile, given: dict[str, str] | None = None
     return FilterResult(
         uids=arr, filter=filt, params=params, pool=pool, seconds=time.perf_counter() - t0, result_rows=nrows
     )
-
-
-def fold_cuts(con, sql: str, params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The statement and parameters to run: each ``clip_cut(...)`` with constant arguments computed
-    first (one scan of the scores) and bound as a constant, so the score comparison filters rows
-    before any per-row work such as a centroid assignment (``dcdb.filters.baselines.fold_clip_cuts``)."""
-    from dcdb.filters.baselines import fold_clip_cuts
-
-    sql, cuts = fold_clip_cuts(con, sql, lambda q: _scalar(con, q, params))
-    return sql, _used(con, sql, {**params, **cuts}) if cuts else params
-
-
-def _scalar(con, sql: str, params: dict[str, Any]) -> Any:
-    """The one value of a one-row, one-column statement (run like the filter: ``pool_reader``)."""
-    from dcdb.engine import pool_reader
-
-    with pool_reader(con, sql, _used(con, sql, params)) as reader:
-        return reader.read_all().column(0)[0].as_py()
-
-
-def _used(con, sql: str, params: dict[str, Any]) -> dict[str, Any]:
-    """The parameters ``sql`` names (DuckDB refuses values for others)."""
-    if not params:
-        return params
-    used = con.extract_statements(sql)[0].named_parameters
-    return {k: v for k, v in params.items() if k in used}
 
 
 def statement_error(con, exc: Exception, what: str, pool: Pool | None) -> Exception | None:

@@ -291,66 +291,6 @@ def fraction_index(n_rows: int, n_scored: int, fraction: float) -> int:
     return n
 
 
-CUT_PARAM = "__dcdb_clip_cut_{}"
-
-
-def fold_clip_cuts(con, sql: str, evaluate) -> tuple[str, dict[str, Any]]:
-    """``sql`` with each ``clip_cut(arch, fraction, threshold)`` call whose arguments are constants
-    or parameters replaced by a parameter holding its value, and those values.
-
-    ``evaluate(select_sql)`` runs ``SELECT clip_cut(...)`` (on the statement's connection, with its
-    parameters) and returns the value. The threshold is one number for the whole pool, so this
-    changes no result; it lets DuckDB see ``clip_score >= <constant>``: the comparison is pushed
-    into the Parquet scan, and evaluated before anything the statement computes per row. As a
-    subquery it became a join placed above the per-row work: ``image_based_intersect_clip_score``
-    assigned centroids to every caption-passing row, not only the ~30% above the threshold. A call
-    whose arguments read columns (DuckDB's binder refuses it alone) stays as it is."""
-    import json
-
-    import duckdb
-
-    if "clip_cut" not in sql.lower():
-        return sql, {}
-    tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0])
-    if tree.get("error") or len(tree.get("statements", [])) != 1:
-        return sql, {}
-    template = json.loads(con.execute("SELECT json_serialize_sql('SELECT 1')").fetchall()[0][0])
-    values: dict[str, Any] = {}
-    names: dict[str, str] = {}  # the same call twice is computed once
-
-    def fold(node: dict[str, Any]) -> bool:
-        template["statements"][0]["node"]["select_list"] = [node]
-        text = con.execute("SELECT json_deserialize_sql(?)", [json.dumps(template)]).fetchall()[0][0]
-        if text not in names:
-            try:
-                value = evaluate(text)
-            except duckdb.BinderException:
-                return False  # its arguments vary by row
-            names[text] = CUT_PARAM.format(len(values))
-            values[names[text]] = value
-        name = names[text]
-        node.clear()
-        node.update({"class": "PARAMETER", "type": "VALUE_PARAMETER", "alias": "", "identifier": name,
-                     "query_location": 18446744073709551615, "query_location_length": 0})
-        return True
-
-    def walk(node):
-        if isinstance(node, dict):
-            if (node.get("class") == "FUNCTION" and str(node.get("function_name", "")).lower() == "clip_cut"
-                    and not node.get("schema") and len(node.get("arguments") or []) == 3 and fold(node)):
-                return
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(tree["statements"][0]["node"])
-    if not values:
-        return sql, {}
-    return con.execute("SELECT json_deserialize_sql(?)", [json.dumps(tree)]).fetchall()[0][0], values
-
-
 def _clip_nth_desc(values, index):
     """The value at ``index`` of the descending sort of ``values`` (a one-row list of the non-NULL
     scores), NULL when the index is past the last score."""

@@ -589,7 +589,7 @@ def test_a_stored_float32_assignment_is_not_used(tmp_path):
 def test_the_assignment_runs_once_per_row_that_needs_it(tmp_path):
     """A filter naming assigned_centroid twice assigns each row once (DuckDB would copy a
     deterministic function into the filter it pushes down), and the intersect baseline assigns
-    only the rows above the score threshold (clip_cut is folded into a constant first)."""
+    only the rows above the score threshold (the cut is a constant DuckDB filters the scan with)."""
     from dcdb.engine import connect
     from dcdb.filters import centroids as C
 
