@@ -78,9 +78,10 @@ class Centroids:
         return cls(mat, norm, finite)
 
 
-def rounding_bound(dim: int) -> float:
-    """``gamma_d``: the relative error bound of a float32 dot product of length ``dim``."""
-    du = dim * _U
+def rounding_bound(dim: int, unit: float = _U) -> float:
+    """``gamma_d``: the relative error bound of a dot product of length ``dim`` summed in any order
+    in a format of unit roundoff ``unit`` (float32 by default)."""
+    du = dim * unit
     return du / (1.0 - du)
 
 
@@ -170,15 +171,26 @@ def _best_two(block: np.ndarray, cents: np.ndarray, centroid_block: int, sims: n
 
 
 def _exact_argmax(rows: np.ndarray, cents: np.ndarray, sims: np.ndarray, margin: np.ndarray) -> np.ndarray:
-    """First maximum of the exact (correctly rounded) dot products of each row with the centroids
-    whose float32 value ``sims`` is within ``margin`` of the row's largest: a superset of the exact
-    maxima, since each float32 value is within half the margin of its exact value."""
+    """First maximum of the exact dot products of each row with the centroids whose float32 value
+    ``sims`` is within ``margin`` of the row's largest: a superset of the exact maxima, since each
+    float32 value is within half the margin of its exact value. The candidates are scored in float64
+    (within ``gamma_d`` of float64 of the exact value: one of them is then certain unless two are
+    within that bound), and those still tied by ``math.fsum`` of the float64 products, which are
+    exact: the correctly rounded dot product."""
     out = np.empty(len(rows), dtype=np.int64)
-    for i, (x, s, m) in enumerate(zip(rows.astype(np.float64), sims, margin, strict=True)):
+    rows64 = rows.astype(np.float64)
+    margin64 = margin * (rounding_bound(rows.shape[1], 2.0**-53) / rounding_bound(rows.shape[1]))
+    for i, (x, s, m, m64) in enumerate(zip(rows64, sims, margin, margin64, strict=True)):
         candidates = np.flatnonzero(s.astype(np.float64) >= float(s.max()) - m)  # ascending
+        c64 = cents[candidates].astype(np.float64)
+        v = c64 @ x
+        close = np.flatnonzero(v >= v.max() - m64)
+        if len(close) == 1:
+            out[i] = candidates[close[0]]
+            continue
         # float32 x float32 products are exact in float64; fsum rounds their sum once
-        exact = list(map(math.fsum, (cents[candidates].astype(np.float64) * x).tolist()))
-        out[i] = candidates[exact.index(max(exact))]  # the first of the largest
+        exact = list(map(math.fsum, (c64[close] * x).tolist()))
+        out[i] = candidates[close[exact.index(max(exact))]]  # the first of the largest
     return out
 
 
