@@ -45,7 +45,7 @@ try:  # what every dcdb command does before numpy loads (a checkout from before 
 except ImportError:
     pass
 
-import numpy as np  # noqa: E402 -- after the spin setting: OpenBLAS reads it when it loads
+import numpy as np  # after the spin setting: OpenBLAS reads it when it loads
 
 
 def log(msg: str) -> None:
