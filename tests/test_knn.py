@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -279,6 +280,55 @@ def test_ann_query_rows_map_to_pool_rows(small_pool):
     res = search(p, "b32_img", vec[rows] / np.linalg.norm(vec[rows], axis=1, keepdims=True), 1, min_recall=1.0,
                  recall_sample=5, ann_only=True)
     assert res.mode == "ann" and list(res.rows[:, 0]) == list(rows)
+
+
+def test_cost_model_picks_exact_below_the_size_where_an_index_pays(small_pool):
+    from dcdb.store import open_pool
+    from dcdb.vectors import ann
+    from dcdb.vectors.knn import search
+
+    p = open_pool(small_pool)
+    assert ann.choose_mode(p, SPACE, 5000, 10)[:2] == ("exact", "no ANN index (build one with `dcdb index`)")
+    ann.build_index(p, SPACE, partitions=2)
+    mode, why, est = ann.choose_mode(p, SPACE, 64, 10)
+    assert mode == "exact" and "--recall-sample 64" in why  # the recall check alone re-runs every seed
+    mode, why, est = ann.choose_mode(p, SPACE, 5000, 10)
+    assert mode == "exact" and "below the size where the index pays" in why and est["ann"] > est["exact"] / 2
+    # the same estimates on DataComp-sized pools: 100k rows x 64 seeds -> exact, 1M x 10,000 -> ANN
+    small = ann.estimate_seconds(100_000, 100_000, 64, 10, 768, 64)
+    assert small["ann"] > small["exact"]
+    big = ann.estimate_seconds(1_000_000, 1_000_000, 10_000, 10, 768, 64)
+    assert big["ann"] * ann.ANN_MARGIN * 5 < big["exact"]
+    assert 10_000 < ann.min_index_rows(768) < 1_000_000
+    assert ann.min_index_rows(512) > ann.min_index_rows(768)  # fewer dims: cheaper exact, a larger pool to pay
+    # --ann is still honoured on the small pool; without an index it is an error (test_knn_bad_input)
+    res = search(p, SPACE, np.eye(768, dtype=np.float32)[:3], 2, ann_only=True, recall_sample=0)
+    assert res.mode == "ann" and res.details["why_ann"] == "--ann"
+
+
+def test_index_partitions_scale_with_the_pool(small_pool):
+    from dcdb.store import open_lance, open_pool
+    from dcdb.vectors import ann
+
+    # sqrt(rows) partitions of sqrt(rows) rows: a query probes sqrt(rows) rows per probe and the
+    # build's assignment costs rows x sqrt(rows) dot products; HNSW graphs of a bounded size
+    for rows in (10_000, 250_000, 1_000_000, 12_800_000):
+        assert ann.default_partitions(rows, "ivf_sq") == math.isqrt(rows)
+        assert abs(ann.default_partitions(4 * rows, "ivf_sq") - 2 * math.isqrt(rows)) <= 1
+        assert ann.default_partitions(rows, "ivf_hnsw_sq") == max(1, round(rows / ann.HNSW_PARTITION_ROWS))
+    assert ann.default_partitions(3, "ivf_sq") == 1
+    p = open_pool(small_pool)
+    ds = open_lance(p.lance_path(SPACE))
+    cents, part = ann.train_partitions(ds, SPACE, 768, 14)
+    again, part2 = ann.train_partitions(ds, SPACE, 768, 14)
+    assert np.array_equal(cents, again) and np.array_equal(part, part2)  # deterministic given the table
+    assert cents.shape == (14, 768) and np.allclose(np.linalg.norm(cents, axis=1), 1, atol=1e-5)
+    vec, _ = pool_vectors(small_pool)
+    unit = vec / np.linalg.norm(vec, axis=1, keepdims=True)
+    assert np.array_equal(part, np.argmax(unit @ cents.T, axis=1))  # every row in its nearest partition
+    assert len(np.unique(part)) > 7
+    rec = ann.build_index(p, SPACE, kind="ivf_hnsw_sq")
+    assert rec["params"] == {"num_partitions": 1, **ann.HNSW_PARAMS}
 
 
 def test_index_bad_input(small_pool):

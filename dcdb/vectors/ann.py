@@ -7,17 +7,18 @@ was (``dcdb index`` reports nothing and a query says there is no index). Beside 
 ``indexes/<space>.json`` (atomically, after the commit): kind, parameters, build time, the index's
 uuid, the Lance version, and the pool manifest's sha256 and row count at build time.
 
-**Build** (IVF kinds, the default ``ivf_sq``: 8-bit scalar-quantised vectors in IVF partitions):
-dcdb trains the IVF centroids itself (spherical k-means in float32 BLAS on a seeded sample of
-``KMEANS_SAMPLE`` rows per partition, at most ``KMEANS_MAX_SAMPLE``; two-level, sqrt(P) coarse
-groups then their share of the P fine centroids, above ``FLAT_KMEANS_MAX`` partitions), assigns every
-row to its nearest centroid (through its ``ASSIGN_GROUPS`` best coarse groups when two-level) and
-hands Lance the centroids and the assignment (``precomputed_partition_dataset``), so Lance only
-quantises and writes. Partitions scale with the pool (``PARTITION_ROWS`` rows each), so a query
-probes a fixed number of rows whatever the pool size and the build costs O(rows x sqrt(P)) dot
-products instead of Lance's own k-means + assignment, O(rows x P) at ~10x lower FLOP rate (on a
-100k pool: 245 s for one IVF_HNSW_SQ partition before, ~7 s now). The build is deterministic given
-the table. Superseded index files of this table are removed after the commit.
+**Build** (every kind is IVF; the default ``ivf_sq`` keeps 8-bit scalar-quantised vectors in each
+partition): dcdb trains the IVF centroids itself (spherical k-means in float32 BLAS on a seeded
+sample of ``KMEANS_SAMPLE`` rows per partition, at most ``KMEANS_MAX_SAMPLE``), assigns every row to
+its nearest centroid in one streaming pass, and hands Lance the centroids and the assignment
+(``ivf_centroids`` + ``precomputed_partition_dataset``), so Lance only quantises and writes: Lance's
+own k-means and assignment ran ~8x below BLAS speed (a 100k pool: 245 s for one IVF_HNSW_SQ
+partition before, ~10 s now). Partitions: sqrt(rows) (1,000 of 1,000 rows at 1M), so the build is
+one pass over the pool plus rows x sqrt(rows) dot products at BLAS speed and a query probes
+nprobes x sqrt(rows) rows; HNSW kinds keep one graph per ``HNSW_PARTITION_ROWS`` rows with
+``HNSW_PARAMS`` (bounded graphs: linear build). The build is deterministic given the table.
+Superseded index files of the table are removed after the commit (a --force rebuild would
+otherwise leave the old index on disk).
 
 **Staleness**: a query refuses an index whose record names another pool manifest (the pool was
 re-ingested), another row count, or an index uuid the table no longer has (re-ingest rewrote the
@@ -71,11 +72,14 @@ KMEANS_MAX_SAMPLE = 1 << 17  # 400 MB of float32 768-d rows
 KMEANS_ITERS = 10
 ASSIGN_BLOCK = 1 << 14
 #: starting query parameters per kind (measured on clustered CLIP-like vectors, see bench_knn.py)
-DEFAULT_QUERY = {"ivf_sq": {"nprobes": 8, "refine_factor": 0, "ef": None},
-                 "ivf_flat": {"nprobes": 8, "refine_factor": 0, "ef": None},
-                 "ivf_rq": {"nprobes": 8, "refine_factor": 0, "ef": None},
-                 "ivf_pq": {"nprobes": 16, "refine_factor": 4, "ef": None},
-                 "ivf_hnsw_sq": {"nprobes": 4, "refine_factor": 0, "ef": 64}}
+#: (nprobes None: max(MIN_NPROBES, sqrt(partitions)), see default_nprobes; refine_factor: Lance
+#: returns k x refine_factor candidates, re-ranked by their exact cosine)
+DEFAULT_QUERY = {"ivf_sq": {"nprobes": None, "refine_factor": 1, "ef": None},
+                 "ivf_flat": {"nprobes": None, "refine_factor": 1, "ef": None},
+                 "ivf_rq": {"nprobes": None, "refine_factor": 2, "ef": None},
+                 "ivf_pq": {"nprobes": None, "refine_factor": 4, "ef": None},
+                 "ivf_hnsw_sq": {"nprobes": 4, "refine_factor": 1, "ef": 64}}
+MIN_NPROBES = 8
 
 
 def index_name(space: str) -> str:
@@ -95,7 +99,10 @@ def default_partitions(rows: int, kind: str) -> int:
 
 
 def default_nprobes(kind: str, partitions: int) -> int:
-    return max(1, min(partitions, DEFAULT_QUERY.get(kind, {"nprobes": 16})["nprobes"]))
+    """Starting nprobes: sqrt(partitions) (at least MIN_NPROBES): a query then scans about
+    rows^0.75 rows (32 x 1,000 at 1M), the --min-recall ladder doubles it when needed."""
+    fixed = DEFAULT_QUERY.get(kind, {}).get("nprobes")
+    return max(1, min(partitions, fixed or max(MIN_NPROBES, round(math.sqrt(partitions)))))
 
 
 # ------------------------------------------------------------------------------------- build
@@ -365,30 +372,35 @@ def _row_mapper(ds):
     return to_rows
 
 
-def _ann_query(ds, space: str, seeds: np.ndarray, k: int, nprobes: int, refine: int, ef: int | None,
+def _ann_query(ds, space: str, dim: int, seeds: np.ndarray, k: int, nprobes: int, refine: int, ef: int | None,
                keep: np.ndarray | None, allow: bytes | None, to_rows,
                progress: Callable[[int], None] | None = None):
+    """Top-k of each seed through the index: Lance returns ``k x max(1, refine)`` candidates per
+    seed (by its quantised distances); dcdb re-ranks them with the exact cosine of their stored
+    vectors (one batched take per QUERY_BATCH seeds), so similarities are exact and ties go to the
+    lower row, as on the exact path."""
+    from dcdb.vectors.scan import scan_vectors
+
     s = len(seeds)
+    fetch = k * max(1, refine)
     rows = np.full((s, k), -1, dtype=np.int64)
     sims = np.full((s, k), -np.inf, dtype=np.float32)
-    # With an allow list Lance may probe more partitions than nprobes when those hold < k passing rows.
-    probes = {"minimum_nprobes": int(nprobes)} if allow is not None else {"nprobes": int(nprobes)}
     for i in range(0, s, QUERY_BATCH):
-        q = seeds[i : i + QUERY_BATCH]
-        tbl = ds.scanner(
-            nearest={"column": space, "q": q if len(q) > 1 else q[0], "k": k, **probes,
-                     "refine_factor": int(refine) if refine else None, "metric": "cosine",
-                     **({"ef": int(max(ef, k * max(1, refine)))} if ef else {})},
-            columns=["_distance"], with_row_id=True,
-            **({"row_addr_allowlist": allow} if allow is not None else {}),
-        ).to_table()
+        q = np.ascontiguousarray(seeds[i : i + QUERY_BATCH], dtype=np.float32)
+        tbl = _nearest_table(ds, space, q, fetch, nprobes, ef, allow)
         qi = (tbl.column("query_index").to_numpy() if "query_index" in tbl.column_names
               else np.zeros(tbl.num_rows, np.int64)).astype(np.int64)
         r = to_rows(tbl.column("_rowid").to_numpy().astype(np.uint64))
-        sim = (1.0 - tbl.column("_distance").to_numpy(zero_copy_only=False)).astype(np.float32)
-        ok = np.isfinite(sim)
         if keep is not None:
-            ok &= keep[r]
+            qi, r = qi[keep[r]], r[keep[r]]
+        uniq, inv = np.unique(r, return_inverse=True)
+        vec = np.zeros((len(uniq), dim), dtype=np.float32)
+        ok_row = np.zeros(len(uniq), dtype=bool)
+        for idx, mat in scan_vectors(ds, space, dim, uniq):  # rows with no usable vector are left out
+            pos = np.searchsorted(uniq, idx)
+            vec[pos], ok_row[pos] = mat, True
+        sim = np.einsum("ij,ij->i", q[qi], vec[inv])
+        ok = ok_row[inv]
         qi, r, sim = qi[ok], r[ok], sim[ok]
         order = np.lexsort((r, -sim, qi))
         qi, r, sim = qi[order], r[order], sim[order]
@@ -400,6 +412,36 @@ def _ann_query(ds, space: str, seeds: np.ndarray, k: int, nprobes: int, refine: 
         if progress:
             progress(len(q))
     return rows, sims
+
+
+def _nearest_table(ds, space: str, q: np.ndarray, fetch: int, nprobes: int, ef: int | None, allow: bytes | None):
+    """Lance's batch nearest-neighbour query: (query_index, _distance, _rowid) for each row of
+    ``q``. With an allow list Lance may probe more than nprobes partitions when those hold fewer
+    than ``fetch`` passing rows."""
+    from lance.dataset import ScannerBuilder
+
+    probes = {"minimum_nprobes": int(nprobes)} if allow is not None else {"nprobes": int(nprobes)}
+    params = {"k": int(fetch), "metric": "cosine", **probes, **({"ef": int(max(ef, fetch))} if ef else {})}
+    sb = ScannerBuilder(ds).nearest(space, q[0], **params).columns(["_distance"]).with_row_id(True)
+    if allow is not None:
+        sb = sb.row_addr_prefilter(allow, None)
+    nearest = getattr(sb, "_nearest", None)
+    if len(q) > 1 and isinstance(nearest, dict) and "q" in nearest:
+        # Lance's own coercion of a 2-D query turns each row into Python objects (~0.5 ms a seed,
+        # as much as the search itself): hand it the list<float32> array it would build.
+        offsets = np.arange(0, (len(q) + 1) * q.shape[1], q.shape[1], dtype=np.int32)
+        nearest["q"] = _list_array(offsets, q)
+    elif len(q) > 1:
+        sb = ScannerBuilder(ds).nearest(space, q, **params).columns(["_distance"]).with_row_id(True)
+        if allow is not None:
+            sb = sb.row_addr_prefilter(allow, None)
+    return sb.to_scanner().to_table()
+
+
+def _list_array(offsets: np.ndarray, q: np.ndarray):
+    import pyarrow as pa
+
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(q.ravel()))
 
 
 def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
@@ -430,9 +472,9 @@ def ann_search(pool, space: str, seeds: np.ndarray, k: int, *, rows: np.ndarray 
         keep[rows] = True
         allow = serialize_row_addrs(_row_addresses(ds)[rows].tolist())
     kind = rec.get("kind")
-    q = dict(rec.get("query_defaults") or DEFAULT_QUERY.get(kind, {"nprobes": 16, "refine_factor": 4, "ef": None}))
+    q = dict(rec.get("query_defaults") or DEFAULT_QUERY.get(kind, {"nprobes": None, "refine_factor": 4, "ef": None}))
     parts = int(rec.get("params", {}).get("num_partitions", 1))
-    nprobes = min(parts, int(nprobes or q["nprobes"]))
+    nprobes = min(parts, int(nprobes or q.get("nprobes") or default_nprobes(kind, parts)))
     refine = int(refine_factor if refine_factor is not None else (q.get("refine_factor") or 0))
     ef = q.get("ef")
     t0 = time.perf_counter()
@@ -444,7 +486,7 @@ def ann_search(pool, space: str, seeds: np.ndarray, k: int, *, rows: np.ndarray 
         exact_rows = exact_topk(seeds[sample], scan_vectors(ds, space, dim, rows), k).rows
     tries = []
     for attempt in range(MAX_TRIES):
-        r_s, _ = (_ann_query(ds, space, seeds[sample], k, nprobes, refine, ef, keep, allow, to_rows)
+        r_s, _ = (_ann_query(ds, space, dim, seeds[sample], k, nprobes, refine, ef, keep, allow, to_rows)
                   if len(sample) else (None, None))
         recall = recall_at_k(r_s, exact_rows) if len(sample) else None
         tries.append({"nprobes": nprobes, "refine_factor": refine, "ef": ef, "recall": recall})
@@ -463,7 +505,8 @@ def ann_search(pool, space: str, seeds: np.ndarray, k: int, *, rows: np.ndarray 
             + (f", ef={ef}" if ef else ""))
     t1 = time.perf_counter()
     with rows_bar(n, f"ann {space}", progress) as pb:
-        out_rows, out_sims = _ann_query(ds, space, seeds, k, nprobes, refine, ef, keep, allow, to_rows, pb.update)
+        out_rows, out_sims = _ann_query(ds, space, dim, seeds, k, nprobes, refine, ef, keep, allow, to_rows,
+                                        pb.update)
     ann_seconds = time.perf_counter() - t1
     return KnnResult(rows=out_rows, sims=out_sims, k=k, mode="ann", seconds=time.perf_counter() - t0,
                      eligible_rows=pool.rows if rows is None else len(rows), recall=recall,
@@ -475,42 +518,66 @@ def ann_search(pool, space: str, seeds: np.ndarray, k: int, *, rows: np.ndarray 
 
 # ---------------------------------------------------------------------------- cost model
 
-#: Seconds per unit of work on the reference machine (2 shared cores; benchmarks/bench_knn.py
-#: measures both paths in one run). Only their ratios decide, and they are all CPU work, so the
-#: choice carries over to faster machines. Exact: ``SCAN_S`` per stored value read, widened and
-#: normalised (rows x dim), ``MAC_S`` per multiply-add of the seeds x rows matmul. ANN (Lance IVF):
-#: ``QUERY_S`` per seed plus ``RESULT_S`` per result row.
-SCAN_S = 4e-9
-MAC_S = 3e-11
-QUERY_S = 8e-4
-RESULT_S = 2e-6
+#: Seconds per unit of work, measured by benchmarks/bench_knn.py on 1M x 768 (2 shared, loaded
+#: cores; exact and ANN in the same run). Only their ratios decide, and all are CPU work, so the
+#: choice carries over to other machines. Exact path: ``SCAN_S`` per stored value read, widened and
+#: normalised (rows x dim) and ``MAC_S`` per multiply-add of the seeds x rows matmul. ANN: per seed
+#: ``QUERY_S`` plus ``PROBE_S`` per value of the partitions it probes (nprobes x rows / partitions x
+#: dim) plus ``RESULT_S`` per candidate re-ranked (k x refine_factor; a take of its vector).
+SCAN_S = 1.6e-8
+MAC_S = 8e-11
+QUERY_S = 1e-3
+PROBE_S = 9e-11
+RESULT_S = 2.5e-5
 #: ANN is chosen only when its estimate is at least this many times below the exact one: it is
 #: approximate, so a near tie goes to the exact answer.
 ANN_MARGIN = 2.0
 
 
-def estimate_seconds(rows: int, eligible: int, seeds: int, k: int, dim: int, recall_sample: int) -> dict[str, float]:
-    """Estimated seconds of the exact path and of the ANN path (queries + the recall check)."""
+def estimate_seconds(rows: int, eligible: int, seeds: int, k: int, dim: int, recall_sample: int,
+                     probed_rows: int | None = None, candidates: int | None = None) -> dict[str, float]:
+    """Estimated seconds of the exact path and of the ANN path (queries + the recall check) for
+    ``seeds`` seeds over ``eligible`` of the pool's ``rows``; ``probed_rows`` per ANN query
+    (default: the default index's) and ``candidates`` re-ranked per seed (default k)."""
     def exact(n_seeds: int) -> float:
         return rows * dim * SCAN_S + eligible * dim * n_seeds * MAC_S
 
+    if probed_rows is None:
+        parts = default_partitions(rows, DEFAULT_KIND)
+        probed_rows = default_nprobes(DEFAULT_KIND, parts) * rows // parts
+    per_seed = QUERY_S + probed_rows * dim * PROBE_S + (candidates or k) * RESULT_S
     check = exact(min(recall_sample, seeds)) if recall_sample > 0 else 0.0
-    return {"exact": exact(seeds), "ann": seeds * (QUERY_S + k * RESULT_S) + check}
+    return {"exact": exact(seeds), "ann": seeds * per_seed + check}
 
 
 def min_index_rows(dim: int) -> int:
     """Pool rows from which an index can pay (with many seeds): where one seed's exact matmul
-    costs ANN_MARGIN x one ANN query."""
-    return int(math.ceil(ANN_MARGIN * QUERY_S / (dim * MAC_S)))
+    costs ANN_MARGIN x one ANN query of the default index."""
+    rows = 1000
+    while rows < 1 << 40:
+        est = estimate_seconds(rows, rows, 1, 10, dim, 0)
+        if rows * dim * MAC_S >= ANN_MARGIN * (est["ann"]):
+            return rows
+        rows = int(rows * 1.1)
+    return rows
 
 
 def choose_mode(pool, space: str, seeds: int, k: int, *, eligible: int | None = None,
                 recall_sample: int = 64) -> tuple[str, str, dict[str, float]]:
-    """("exact" | "ann", why, estimates) for ``dcdb knn`` without --exact / --ann."""
+    """("exact" | "ann", why, estimates) for ``dcdb knn`` without --exact / --ann, from the pool's
+    rows, the rows a --where keeps, seeds, k, dim and the space's index (none: exact)."""
     dim = int(pool.spaces[space]["dim"])
     eligible = pool.rows if eligible is None else eligible
-    est = estimate_seconds(pool.rows, eligible, seeds, k, dim, recall_sample)
-    if index_state(pool, space) is None:
+    state = index_state(pool, space)
+    rec = state["record"] if state else {}
+    parts = int(rec.get("params", {}).get("num_partitions") or default_partitions(pool.rows, DEFAULT_KIND))
+    kind = rec.get("kind", DEFAULT_KIND)
+    q = rec.get("query_defaults") or {}
+    nprobes = int(q.get("nprobes") or default_nprobes(kind, parts))
+    refine = max(1, int(q.get("refine_factor") or 1))
+    est = estimate_seconds(pool.rows, eligible, seeds, k, dim, recall_sample,
+                           probed_rows=nprobes * pool.rows // max(parts, 1), candidates=k * refine)
+    if state is None:
         return "exact", "no ANN index (build one with `dcdb index`)", est
     if recall_sample > 0 and seeds <= recall_sample:
         return "exact", (f"{seeds} seeds <= --recall-sample {recall_sample}: the recall check alone re-runs "
