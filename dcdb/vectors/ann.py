@@ -7,15 +7,14 @@ was (``dcdb index`` reports nothing and a query says there is no index). Beside 
 ``indexes/<space>.json`` (atomically, after the commit): kind, parameters, build time, the index's
 uuid, the Lance version, and the pool manifest's sha256 and row count at build time.
 
-**Build** (every kind is IVF; the default ``ivf_sq`` keeps 8-bit scalar-quantised vectors in each
-partition): dcdb trains the IVF centroids itself (spherical k-means in float32 BLAS on a seeded
+**Build** (every kind is IVF; the default ``ivf_rq`` keeps 1-bit RaBitQ codes in each partition): dcdb trains the IVF centroids itself (spherical k-means in float32 BLAS on a seeded
 sample of ``KMEANS_SAMPLE`` rows per partition, at most ``KMEANS_MAX_SAMPLE``), assigns every row to
 its nearest centroid in one streaming pass, and hands Lance the centroids and the assignment
 (``ivf_centroids`` + ``precomputed_partition_dataset``), so Lance only quantises and writes: Lance's
 own k-means and assignment ran ~8x below BLAS speed (a 100k pool: 245 s for one IVF_HNSW_SQ
-partition before, ~10 s now). Partitions: sqrt(rows) (1,000 of 1,000 rows at 1M), so the build is
-one pass over the pool plus rows x sqrt(rows) dot products at BLAS speed and a query probes
-nprobes x sqrt(rows) rows; HNSW kinds keep one graph per ``HNSW_PARTITION_ROWS`` rows with
+partition before, ~10 s now). Partitions: 2 sqrt(rows) (2,000 of 500 rows at 1M), so the build
+is one pass over the pool plus ~2 rows x sqrt(rows) dot products at BLAS speed and a query probes
+nprobes x sqrt(rows) / 2 rows; HNSW kinds keep one graph per ``HNSW_PARTITION_ROWS`` rows with
 ``HNSW_PARAMS`` (bounded graphs: linear build). The build is deterministic given the table.
 Superseded index files of the table are removed after the commit (a --force rebuild would
 otherwise leave the old index on disk).
@@ -55,9 +54,13 @@ import numpy as np
 from dcdb.errors import PoolError, UsageError
 
 INDEX_DIR = "indexes"
-KINDS = {"ivf_sq": "IVF_SQ", "ivf_flat": "IVF_FLAT", "ivf_rq": "IVF_RQ", "ivf_pq": "IVF_PQ",
+KINDS = {"ivf_rq": "IVF_RQ", "ivf_sq": "IVF_SQ", "ivf_flat": "IVF_FLAT", "ivf_pq": "IVF_PQ",
          "ivf_hnsw_sq": "IVF_HNSW_SQ"}
-DEFAULT_KIND = "ivf_sq"
+#: per-kind Lance build parameters: RaBitQ with 1 bit a dimension (96 bytes a 768-d row; its
+#: estimated distances are good enough that re-ranking 2 x k candidates exactly reaches the recall
+#: 8-bit SQ gets with 768 bytes, at ~half the query time)
+KIND_PARAMS = {"ivf_rq": {"num_bits": 1}}
+DEFAULT_KIND = "ivf_rq"
 SELECTIVE_FRACTION = 0.05
 QUERY_BATCH = 256
 MAX_TRIES = 4
@@ -74,9 +77,9 @@ ASSIGN_BLOCK = 1 << 14
 #: starting query parameters per kind (measured on clustered CLIP-like vectors, see bench_knn.py)
 #: (nprobes None: max(MIN_NPROBES, sqrt(partitions)), see default_nprobes; refine_factor: Lance
 #: returns k x refine_factor candidates, re-ranked by their exact cosine)
-DEFAULT_QUERY = {"ivf_sq": {"nprobes": None, "refine_factor": 1, "ef": None},
+DEFAULT_QUERY = {"ivf_rq": {"nprobes": None, "refine_factor": 2, "ef": None},
+                 "ivf_sq": {"nprobes": None, "refine_factor": 1, "ef": None},
                  "ivf_flat": {"nprobes": None, "refine_factor": 1, "ef": None},
-                 "ivf_rq": {"nprobes": None, "refine_factor": 2, "ef": None},
                  "ivf_pq": {"nprobes": None, "refine_factor": 4, "ef": None},
                  "ivf_hnsw_sq": {"nprobes": 4, "refine_factor": 1, "ef": 64}}
 MIN_NPROBES = 8
@@ -91,18 +94,18 @@ def record_path(pool, space: str) -> Path:
 
 
 def default_partitions(rows: int, kind: str) -> int:
-    """IVF partitions for a pool of ``rows``: sqrt(rows) (partitions of sqrt(rows) rows; 1,000 x
-    1,000 at 1M), HNSW kinds one graph per HNSW_PARTITION_ROWS rows."""
+    """IVF partitions for a pool of ``rows``: 2 sqrt(rows) (2,000 partitions of 500 rows at 1M),
+    HNSW kinds one graph per HNSW_PARTITION_ROWS rows."""
     if kind.startswith("ivf_hnsw"):
         return max(1, min(MAX_PARTITIONS, round(rows / HNSW_PARTITION_ROWS)))
-    return max(1, min(MAX_PARTITIONS, math.isqrt(max(rows, 1))))
+    return max(1, min(MAX_PARTITIONS, rows, 2 * math.isqrt(max(rows, 1))))
 
 
 def default_nprobes(kind: str, partitions: int) -> int:
-    """Starting nprobes: sqrt(partitions) (at least MIN_NPROBES): a query then scans about
-    rows^0.75 rows (32 x 1,000 at 1M), the --min-recall ladder doubles it when needed."""
+    """Starting nprobes: sqrt(partitions) / 2 (at least MIN_NPROBES): a query then scans about
+    0.35 rows^0.75 rows (22 x 500 at 1M); the --min-recall ladder doubles it when needed."""
     fixed = DEFAULT_QUERY.get(kind, {}).get("nprobes")
-    return max(1, min(partitions, fixed or max(MIN_NPROBES, round(math.sqrt(partitions)))))
+    return max(1, min(partitions, fixed or max(MIN_NPROBES, round(math.sqrt(partitions) / 2))))
 
 
 # ------------------------------------------------------------------------------------- build
@@ -124,8 +127,8 @@ def build_index(pool, space: str, *, kind: str = DEFAULT_KIND, partitions: int |
     parts = partitions or default_partitions(pool.rows, kind)
     if parts < 1 or parts > pool.rows:
         raise UsageError(f"--partitions must be in 1..{pool.rows} (the pool's rows), got {parts}",
-                         hint="leave it out for the default (about sqrt(rows))")
-    params: dict[str, Any] = {}
+                         hint="leave it out for the default (about 2 sqrt(rows))")
+    params: dict[str, Any] = dict(KIND_PARAMS.get(kind, {}))
     if kind == "ivf_pq":
         m = sub_vectors or _default_sub_vectors(dim)
         if dim % m:
