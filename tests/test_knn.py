@@ -202,7 +202,7 @@ def test_ann_index_recall_and_staleness(small_pool, seeds_npy, tmp_path):
     res = run("index", "--pool", small_pool, "--space", SPACE, "--partitions", 2, quiet=False)
     assert "below the" in res.output and "search exactly unless given --ann" in res.output
     rec = json.loads((small_pool / "indexes" / f"{SPACE}.json").read_text())
-    assert rec["kind"] == "ivf_rq" and rec["rows"] == 200 and rec["params"]["num_partitions"] == 2
+    assert rec["kind"] == "ivf_sq" and rec["rows"] == 200 and rec["params"]["num_partitions"] == 2
     assert not list((small_pool / "indexes").glob(".build-*"))  # the partition table is gone
     res = run("index", "--pool", small_pool, "--space", SPACE, ok=False)
     assert res.exit_code == 2 and "--force" in res.output
@@ -280,6 +280,14 @@ def test_ann_query_rows_map_to_pool_rows(small_pool):
     res = search(p, "b32_img", vec[rows] / np.linalg.norm(vec[rows], axis=1, keepdims=True), 1, min_recall=1.0,
                  recall_sample=5, ann_only=True)
     assert res.mode == "ann" and list(res.rows[:, 0]) == list(rows)
+    # the queries split over worker processes give the same neighbours and similarities
+    from dcdb.vectors.ann import ann_search
+
+    seeds = vec[::9] / np.linalg.norm(vec[::9], axis=1, keepdims=True)
+    one = ann_search(p, "b32_img", seeds, 4, recall_sample=0, jobs=1)
+    two = ann_search(p, "b32_img", seeds, 4, recall_sample=0, jobs=2)
+    assert two.details["query_processes"] == 2
+    assert np.array_equal(one.rows, two.rows) and np.array_equal(one.sims, two.sims)
 
 
 def test_cost_model_picks_exact_below_the_size_where_an_index_pays(small_pool):
@@ -313,10 +321,10 @@ def test_index_partitions_scale_with_the_pool(small_pool):
     # 2 sqrt(rows) partitions of sqrt(rows) / 2 rows: a query probes sqrt(rows) / 2 rows per probe
     # and the build's assignment costs 2 rows x sqrt(rows) dot products; HNSW graphs of a bounded size
     for rows in (10_000, 250_000, 1_000_000, 12_800_000):
-        assert ann.default_partitions(rows, "ivf_rq") == 2 * math.isqrt(rows)
-        assert abs(ann.default_partitions(4 * rows, "ivf_rq") - 4 * math.isqrt(rows)) <= 2
+        assert ann.default_partitions(rows, "ivf_sq") == 2 * math.isqrt(rows)
+        assert abs(ann.default_partitions(4 * rows, "ivf_sq") - 4 * math.isqrt(rows)) <= 2
         assert ann.default_partitions(rows, "ivf_hnsw_sq") == max(1, round(rows / ann.HNSW_PARTITION_ROWS))
-    assert ann.default_partitions(3, "ivf_rq") == 2 and ann.default_partitions(1, "ivf_rq") == 1
+    assert ann.default_partitions(3, "ivf_sq") == 2 and ann.default_partitions(1, "ivf_sq") == 1
     p = open_pool(small_pool)
     ds = open_lance(p.lance_path(SPACE))
     cents, part = ann.train_partitions(ds, SPACE, 768, 14)

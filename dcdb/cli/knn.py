@@ -84,9 +84,9 @@ def knn_cmd(c: Ctx, pool, space, seed_file, seed_column, seed_subset, texts, ima
 @command(cli, "index", reads_lance=True)
 @pool_option
 @space_option
-@click.option("--kind", type=click.Choice(["ivf_rq", "ivf_sq", "ivf_flat", "ivf_pq", "ivf_hnsw_sq"]), default="ivf_rq",
-              show_default=True, help="Lance index type (cosine): IVF with 1-bit RaBitQ codes (rq), 8-bit scalar "
-              "quantisation (sq), full vectors (flat), product quantisation (pq), or an HNSW graph per partition.")
+@click.option("--kind", type=click.Choice(["ivf_sq", "ivf_rq", "ivf_flat", "ivf_pq", "ivf_hnsw_sq"]), default="ivf_sq",
+              show_default=True, help="Lance index type (cosine): IVF with 8-bit scalar quantisation (sq), 1-bit "
+              "RaBitQ codes (rq), full vectors (flat), product quantisation (pq), or an HNSW graph per partition.")
 @click.option("--partitions", type=click.IntRange(min=1), help="IVF partitions (default: 2 sqrt(rows); "
               "rows / 50,000 for ivf_hnsw_sq).")
 @click.option("--sub-vectors", type=click.IntRange(min=1), help="ivf_pq: PQ sub-vectors (default dim/16).")

@@ -7,7 +7,8 @@ was (``dcdb index`` reports nothing and a query says there is no index). Beside 
 ``indexes/<space>.json`` (atomically, after the commit): kind, parameters, build time, the index's
 uuid, the Lance version, and the pool manifest's sha256 and row count at build time.
 
-**Build** (every kind is IVF; the default ``ivf_rq`` keeps 1-bit RaBitQ codes in each partition): dcdb trains the IVF centroids itself (spherical k-means in float32 BLAS on a seeded
+**Build** (every kind is IVF; the default ``ivf_sq`` keeps 8-bit scalar-quantised vectors in each
+partition): dcdb trains the IVF centroids itself (spherical k-means in float32 BLAS on a seeded
 sample of ``KMEANS_SAMPLE`` rows per partition, at most ``KMEANS_MAX_SAMPLE``), assigns every row to
 its nearest centroid in one streaming pass, and hands Lance the centroids and the assignment
 (``ivf_centroids`` + ``precomputed_partition_dataset``), so Lance only quantises and writes: Lance's
@@ -54,16 +55,19 @@ import numpy as np
 from dcdb.errors import PoolError, UsageError
 
 INDEX_DIR = "indexes"
-KINDS = {"ivf_rq": "IVF_RQ", "ivf_sq": "IVF_SQ", "ivf_flat": "IVF_FLAT", "ivf_pq": "IVF_PQ",
+KINDS = {"ivf_sq": "IVF_SQ", "ivf_rq": "IVF_RQ", "ivf_flat": "IVF_FLAT", "ivf_pq": "IVF_PQ",
          "ivf_hnsw_sq": "IVF_HNSW_SQ"}
-#: per-kind Lance build parameters: RaBitQ with 1 bit a dimension (96 bytes a 768-d row; its
-#: estimated distances are good enough that re-ranking 2 x k candidates exactly reaches the recall
-#: 8-bit SQ gets with 768 bytes, at ~half the query time)
+#: per-kind Lance build parameters: RaBitQ with 1 bit a dimension (96 bytes a 768-d row instead of
+#: SQ's 768; on clustered vectors re-ranking 2 x k of its candidates reaches SQ's recall at about
+#: SQ's query time, on flat neighbourhoods it needs a larger refine factor)
 KIND_PARAMS = {"ivf_rq": {"num_bits": 1}}
-DEFAULT_KIND = "ivf_rq"
+DEFAULT_KIND = "ivf_sq"
 SELECTIVE_FRACTION = 0.05
 QUERY_BATCH = 256
 MAX_TRIES = 4
+#: Lance answers a batch query on one core (and holds the GIL): from this many seeds the queries
+#: are split over worker processes, one per core (a worker costs ~1-2 s to start).
+PARALLEL_MIN_SEEDS = 4096
 #: IVF partitions: sqrt(rows) (:func:`default_partitions`); HNSW kinds keep one graph per
 #: HNSW_PARTITION_ROWS rows (bounded graphs: build time linear in the rows) with Lance's graph made
 #: cheaper to build than its defaults (m 20, ef_construction 300).
@@ -77,8 +81,8 @@ ASSIGN_BLOCK = 1 << 14
 #: starting query parameters per kind (measured on clustered CLIP-like vectors, see bench_knn.py)
 #: (nprobes None: max(MIN_NPROBES, sqrt(partitions)), see default_nprobes; refine_factor: Lance
 #: returns k x refine_factor candidates, re-ranked by their exact cosine)
-DEFAULT_QUERY = {"ivf_rq": {"nprobes": None, "refine_factor": 2, "ef": None},
-                 "ivf_sq": {"nprobes": None, "refine_factor": 1, "ef": None},
+DEFAULT_QUERY = {"ivf_sq": {"nprobes": None, "refine_factor": 1, "ef": None},
+                 "ivf_rq": {"nprobes": None, "refine_factor": 2, "ef": None},
                  "ivf_flat": {"nprobes": None, "refine_factor": 1, "ef": None},
                  "ivf_pq": {"nprobes": None, "refine_factor": 4, "ef": None},
                  "ivf_hnsw_sq": {"nprobes": 4, "refine_factor": 1, "ef": 64}}
@@ -447,6 +451,25 @@ def _list_array(offsets: np.ndarray, q: np.ndarray):
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(q.ravel()))
 
 
+def query_workers(seeds: int) -> int:
+    """Processes for the queries of ``seeds`` seeds: one per core from PARALLEL_MIN_SEEDS seeds."""
+    import os
+
+    if seeds < PARALLEL_MIN_SEEDS:
+        return 1
+    return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1,
+                      seeds // (PARALLEL_MIN_SEEDS // 2)))
+
+
+def query_task(task) -> tuple[np.ndarray, np.ndarray]:
+    """One worker's share of ``_ann_query`` (module level: parallel.map spawns workers)."""
+    from dcdb.store import open_lance
+
+    path, space, dim, seeds, k, nprobes, refine, ef, keep, allow = task
+    ds = open_lance(path)
+    return _ann_query(ds, space, dim, seeds, k, nprobes, refine, ef, keep, allow, _row_mapper(ds))
+
+
 def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
     k = exact.shape[1]
     hits = [len(np.intersect1d(a[a >= 0], e[e >= 0])) / k for a, e in zip(approx, exact, strict=True)]
@@ -456,8 +479,10 @@ def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
 def ann_search(pool, space: str, seeds: np.ndarray, k: int, *, rows: np.ndarray | None = None,
                min_recall: float | None = None, recall_sample: int = 64, nprobes: int | None = None,
                refine_factor: int | None = None, seed: int = 0, progress: bool = False,
-               log: Callable[[str], None] | None = None):
-    """ANN top-k of every seed with recall measured on a sample (see the module doc)."""
+               log: Callable[[str], None] | None = None, jobs: int | None = None):
+    """ANN top-k of every seed with recall measured on a sample (see the module doc); the seeds'
+    queries run on ``jobs`` worker processes (default: one per core from PARALLEL_MIN_SEEDS seeds),
+    with the same result as in one process."""
     from dcdb.vectors.scan import KnnResult, exact_search, exact_topk, rows_bar, scan_vectors
     from dcdb.store import open_lance
 
@@ -507,50 +532,68 @@ def ann_search(pool, space: str, seeds: np.ndarray, k: int, *, rows: np.ndarray 
         say(f"ANN recall@{k} {recall:.3f} < {min_recall}: retrying with nprobes={nprobes}, refine_factor={refine}"
             + (f", ef={ef}" if ef else ""))
     t1 = time.perf_counter()
+    workers = query_workers(n) if jobs is None else max(1, jobs)
     with rows_bar(n, f"ann {space}", progress) as pb:
-        out_rows, out_sims = _ann_query(ds, space, dim, seeds, k, nprobes, refine, ef, keep, allow, to_rows,
-                                        pb.update)
+        if workers > 1:
+            from dcdb import parallel
+
+            bounds = np.linspace(0, n, workers + 1).astype(int)
+            tasks = [(str(pool.lance_path(space)), space, dim, seeds[a:b], k, nprobes, refine, ef, keep, allow)
+                     for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+            parts_out = list(parallel.map(query_task, tasks, workers,
+                                          progress=lambda task, _res: pb.update(len(task[3]))))
+            out_rows = np.concatenate([r for r, _ in parts_out])
+            out_sims = np.concatenate([v for _, v in parts_out])
+        else:
+            out_rows, out_sims = _ann_query(ds, space, dim, seeds, k, nprobes, refine, ef, keep, allow, to_rows,
+                                            pb.update)
     ann_seconds = time.perf_counter() - t1
     return KnnResult(rows=out_rows, sims=out_sims, k=k, mode="ann", seconds=time.perf_counter() - t0,
                      eligible_rows=pool.rows if rows is None else len(rows), recall=recall,
                      recall_seeds=len(sample),
                      details={"index": kind, "nprobes": nprobes, "refine_factor": refine, "ef": ef,
                               "prefilter": "row_addr_allowlist" if rows is not None else None,
+                              "query_processes": workers,
                               "ann_seconds": round(ann_seconds, 4), "tries": tries})
 
 
 # ---------------------------------------------------------------------------- cost model
 
-#: Seconds per unit of work, measured by benchmarks/bench_knn.py on 1M x 768 (2 shared, loaded
-#: cores; exact and ANN in the same run). Only their ratios decide, and all are CPU work, so the
-#: choice carries over to other machines. Exact path: ``SCAN_S`` per stored value read, widened and
-#: normalised (rows x dim) and ``MAC_S`` per multiply-add of the seeds x rows matmul. ANN: per seed
-#: ``QUERY_S`` plus ``PROBE_S`` per value of the partitions it probes (nprobes x rows / partitions x
-#: dim) plus ``RESULT_S`` per candidate re-ranked (k x refine_factor; a take of its vector).
-SCAN_S = 1.6e-8
-MAC_S = 8e-11
-QUERY_S = 1e-3
-PROBE_S = 9e-11
-RESULT_S = 2.5e-5
+#: Seconds per unit of work, measured by benchmarks/bench_knn.py on 1M x 768 (2 cores; exact and
+#: ANN in the same run, the quietest run of the session). Only their ratios decide, and all are CPU
+#: work, so the choice carries over to other machines. Exact path: ``SCAN_S`` per stored value read,
+#: widened and normalised (rows x dim), ``MAC_S`` per multiply-add of the seeds x rows matmul (both
+#: cores). ANN, per seed on one core (Lance answers a batch on one core): ``QUERY_S`` plus
+#: ``CENTROID_S`` per centroid value (partitions x dim: Lance scans every centroid for every query)
+#: plus ``PROBE_S`` per value of the partitions probed (nprobes x rows / partitions x dim) plus
+#: ``RESULT_S`` per candidate re-ranked (k x refine factor: a take of its vector).
+SCAN_S = 5.2e-9
+MAC_S = 2.3e-11
+QUERY_S = 1e-4
+CENTROID_S = 7e-10
+PROBE_S = 6.6e-11
+RESULT_S = 2.4e-5
 #: ANN is chosen only when its estimate is at least this many times below the exact one: it is
 #: approximate, so a near tie goes to the exact answer.
 ANN_MARGIN = 2.0
 
 
 def estimate_seconds(rows: int, eligible: int, seeds: int, k: int, dim: int, recall_sample: int,
-                     probed_rows: int | None = None, candidates: int | None = None) -> dict[str, float]:
+                     partitions: int | None = None, nprobes: int | None = None,
+                     candidates: int | None = None) -> dict[str, float]:
     """Estimated seconds of the exact path and of the ANN path (queries + the recall check) for
-    ``seeds`` seeds over ``eligible`` of the pool's ``rows``; ``probed_rows`` per ANN query
-    (default: the default index's) and ``candidates`` re-ranked per seed (default k)."""
+    ``seeds`` seeds over ``eligible`` of the pool's ``rows``, with an index of ``partitions``
+    probed ``nprobes`` at a time (default: the default index's) and ``candidates`` re-ranked per
+    seed (default k)."""
     def exact(n_seeds: int) -> float:
         return rows * dim * SCAN_S + eligible * dim * n_seeds * MAC_S
 
-    if probed_rows is None:
-        parts = default_partitions(rows, DEFAULT_KIND)
-        probed_rows = default_nprobes(DEFAULT_KIND, parts) * rows // parts
-    per_seed = QUERY_S + probed_rows * dim * PROBE_S + (candidates or k) * RESULT_S
+    parts = partitions or default_partitions(rows, DEFAULT_KIND)
+    probes = nprobes or default_nprobes(DEFAULT_KIND, parts)
+    per_seed = (QUERY_S + parts * dim * CENTROID_S + probes * (rows / parts) * dim * PROBE_S
+                + (candidates or k) * RESULT_S)
     check = exact(min(recall_sample, seeds)) if recall_sample > 0 else 0.0
-    return {"exact": exact(seeds), "ann": seeds * per_seed + check}
+    return {"exact": exact(seeds), "ann": seeds * per_seed / query_workers(seeds) + check}
 
 
 def min_index_rows(dim: int) -> int:
@@ -578,8 +621,8 @@ def choose_mode(pool, space: str, seeds: int, k: int, *, eligible: int | None = 
     q = rec.get("query_defaults") or {}
     nprobes = int(q.get("nprobes") or default_nprobes(kind, parts))
     refine = max(1, int(q.get("refine_factor") or 1))
-    est = estimate_seconds(pool.rows, eligible, seeds, k, dim, recall_sample,
-                           probed_rows=nprobes * pool.rows // max(parts, 1), candidates=k * refine)
+    est = estimate_seconds(pool.rows, eligible, seeds, k, dim, recall_sample, partitions=parts, nprobes=nprobes,
+                           candidates=k * refine)
     if state is None:
         return "exact", "no ANN index (build one with `dcdb index`)", est
     if recall_sample > 0 and seeds <= recall_sample:
