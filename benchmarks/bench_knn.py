@@ -250,8 +250,10 @@ def main() -> None:
     tag = f"{pool.name}-{a.seeds}-{a.k}-{a.seed_kind}"
     outs = {n: str(d / f"rows-{n}-{tag}.npy") for n in ("numpy", "exact", "ann", "where_exact", "where_ann")}
     vectors = f"clustered (--clusters {a.clusters})" if a.clusters else "default synth"
+    import os
+
     print(f"pool {a.rows:,} x 768 float16, {vectors} vectors, {a.seeds:,} {a.seed_kind} seeds, k={a.k}; "
-          f"2 shared cores, medians of {a.repeat}", flush=True)
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start, medians of {a.repeat}", flush=True)
     if a.stats:
         print(f"vector spread: {run_step('stats', str(pool))}", flush=True)
     med = lambda runs, key: statistics.median(r[key] for r in runs)
@@ -287,6 +289,7 @@ def main() -> None:
         true_recall = recall(np.load(outs["ann"]), np.load(outs["exact"]))
         print(f"  {r0['details'].get('nprobes'):>7} {total:>7.1f} {r0['ann_s']:>9.1f} {ex_total / total:>7.1f}x "
               f"{true_recall:>9.4f} {r0['recall_sample']:>7.3f}   mode {r0['mode']}", flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end of the curve", flush=True)
     if a.where:
         wx = run_step("where_exact", str(pool), str(seeds), a.k, outs["where_exact"], a.where)
         wa = run_step("ann", str(pool), str(seeds), a.k, outs["where_ann"], a.min_recall, None, a.where)

@@ -284,9 +284,10 @@ def test_ann_query_rows_map_to_pool_rows(small_pool):
     from dcdb.vectors.ann import ann_search
 
     seeds = vec[::9] / np.linalg.norm(vec[::9], axis=1, keepdims=True)
-    one = ann_search(p, "b32_img", seeds, 4, recall_sample=0, jobs=1)
-    two = ann_search(p, "b32_img", seeds, 4, recall_sample=0, jobs=2)
-    assert two.details["query_processes"] == 2
+    # (with a recall sample the exact check runs as a worker task beside the queries: same recall)
+    one = ann_search(p, "b32_img", seeds, 4, recall_sample=9, jobs=1)
+    two = ann_search(p, "b32_img", seeds, 4, recall_sample=9, jobs=2)
+    assert two.details["query_processes"] == 2 and two.recall == one.recall and two.recall_seeds == 9
     assert np.array_equal(one.rows, two.rows) and np.array_equal(one.sims, two.sims)
 
 

@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from dcdb.errors import PoolError, UsageError
+from dcdb.errors import DcdbError, PoolError, UsageError
 
 INDEX_DIR = "indexes"
 KINDS = {"ivf_sq": "IVF_SQ", "ivf_rq": "IVF_RQ", "ivf_flat": "IVF_FLAT", "ivf_pq": "IVF_PQ",
@@ -68,6 +68,7 @@ MAX_TRIES = 4
 #: Lance answers a batch query on one core (and holds the GIL): from this many seeds the queries
 #: are split over worker processes, one per core (a worker costs ~1-2 s to start).
 PARALLEL_MIN_SEEDS = 4096
+QUERY_CHUNK = 1024  # seeds per worker task (the recall check is one more task beside them)
 #: IVF partitions: sqrt(rows) (:func:`default_partitions`); HNSW kinds keep one graph per
 #: HNSW_PARTITION_ROWS rows (bounded graphs: build time linear in the rows) with Lance's graph made
 #: cheaper to build than its defaults (m 20, ef_construction 300).
@@ -154,7 +155,7 @@ def build_index(pool, space: str, *, kind: str = DEFAULT_KIND, partitions: int |
                         progress_callback=cb, num_partitions=parts, ivf_centroids=centroids,
                         precomputed_partition_dataset=str(tmp / "partitions.lance"), **params)
     except Exception as exc:
-        if isinstance(exc, PoolError):  # a damaged table, said by the scan
+        if isinstance(exc, DcdbError):  # a damaged table or no usable vector, said by the scan
             raise
         from dcdb.io import write_error
 
@@ -461,12 +462,19 @@ def query_workers(seeds: int) -> int:
                       seeds // (PARALLEL_MIN_SEEDS // 2)))
 
 
-def query_task(task) -> tuple[np.ndarray, np.ndarray]:
-    """One worker's share of ``_ann_query`` (module level: parallel.map spawns workers)."""
+def query_task(task):
+    """One worker task of :func:`ann_search` (module level: parallel.map spawns workers):
+    ``("ann", ...)`` -> (rows, sims) of a chunk of seeds through the index; ``("exact", ...)`` ->
+    the exact top-k rows of the recall sample."""
     from dcdb.store import open_lance
 
-    path, space, dim, seeds, k, nprobes, refine, ef, keep, allow = task
-    ds = open_lance(path)
+    ds = open_lance(task[1])
+    if task[0] == "exact":
+        from dcdb.vectors.scan import exact_topk, scan_vectors
+
+        _, _, space, dim, seeds, k, rows = task
+        return exact_topk(seeds, scan_vectors(ds, space, dim, rows), k).rows
+    _, _, space, dim, seeds, k, nprobes, refine, ef, keep, allow = task
     return _ann_query(ds, space, dim, seeds, k, nprobes, refine, ef, keep, allow, _row_mapper(ds))
 
 
@@ -509,11 +517,16 @@ def ann_search(pool, space: str, seeds: np.ndarray, k: int, *, rows: np.ndarray 
     n = len(seeds)
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(n, size=min(recall_sample, n), replace=False)) if recall_sample > 0 else np.empty(0, int)
+    workers = query_workers(n) if jobs is None else max(1, jobs)
+    # Without --min-recall nothing waits for the recall check: it runs as one more worker task
+    # beside the queries (the sample's ANN rows are then taken from the full run: the same rows).
+    beside = workers > 1 and min_recall is None and len(sample) > 0
     exact_rows = None
-    if len(sample):
-        exact_rows = exact_topk(seeds[sample], scan_vectors(ds, space, dim, rows), k).rows
     tries = []
-    for attempt in range(MAX_TRIES):
+    recall = None
+    if len(sample) and not beside:
+        exact_rows = exact_topk(seeds[sample], scan_vectors(ds, space, dim, rows), k).rows
+    for attempt in range(0 if beside else MAX_TRIES):
         r_s, _ = (_ann_query(ds, space, dim, seeds[sample], k, nprobes, refine, ef, keep, allow, to_rows)
                   if len(sample) else (None, None))
         recall = recall_at_k(r_s, exact_rows) if len(sample) else None
@@ -532,21 +545,27 @@ def ann_search(pool, space: str, seeds: np.ndarray, k: int, *, rows: np.ndarray 
         say(f"ANN recall@{k} {recall:.3f} < {min_recall}: retrying with nprobes={nprobes}, refine_factor={refine}"
             + (f", ef={ef}" if ef else ""))
     t1 = time.perf_counter()
-    workers = query_workers(n) if jobs is None else max(1, jobs)
     with rows_bar(n, f"ann {space}", progress) as pb:
         if workers > 1:
             from dcdb import parallel
 
-            bounds = np.linspace(0, n, workers + 1).astype(int)
-            tasks = [(str(pool.lance_path(space)), space, dim, seeds[a:b], k, nprobes, refine, ef, keep, allow)
-                     for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
-            parts_out = list(parallel.map(query_task, tasks, workers,
-                                          progress=lambda task, _res: pb.update(len(task[3]))))
-            out_rows = np.concatenate([r for r, _ in parts_out])
-            out_sims = np.concatenate([v for _, v in parts_out])
+            path = str(pool.lance_path(space))
+            tasks = [("ann", path, space, dim, seeds[a : a + QUERY_CHUNK], k, nprobes, refine, ef, keep, allow)
+                     for a in range(0, n, QUERY_CHUNK)]
+            if beside:
+                tasks.insert(0, ("exact", path, space, dim, seeds[sample], k, rows))
+            out = list(parallel.map(query_task, tasks, workers,
+                                    progress=lambda task, _res: pb.update(len(task[4]) if task[0] == "ann" else 0)))
+            if beside:
+                exact_rows = out.pop(0)
+            out_rows = np.concatenate([r for r, _ in out])
+            out_sims = np.concatenate([v for _, v in out])
         else:
             out_rows, out_sims = _ann_query(ds, space, dim, seeds, k, nprobes, refine, ef, keep, allow, to_rows,
                                             pb.update)
+    if beside:
+        recall = recall_at_k(out_rows[sample], exact_rows)
+        tries.append({"nprobes": nprobes, "refine_factor": refine, "ef": ef, "recall": recall})
     ann_seconds = time.perf_counter() - t1
     return KnnResult(rows=out_rows, sims=out_sims, k=k, mode="ann", seconds=time.perf_counter() - t0,
                      eligible_rows=pool.rows if rows is None else len(rows), recall=recall,
