@@ -20,6 +20,13 @@ nprobes x sqrt(rows) / 2 rows; HNSW kinds keep one graph per ``HNSW_PARTITION_RO
 Superseded index files of the table are removed after the commit (a --force rebuild would
 otherwise leave the old index on disk).
 
+**Queries**: Lance returns k x refine_factor candidates per seed by its quantised distances and dcdb
+re-ranks them by the exact cosine of their stored vectors (exact similarities; ties to the lower
+row), probing max(8, sqrt(partitions) / 2) partitions by default. Lance answers a batch query one
+seed at a time on one core and scans every centroid for every seed (~1.1 ms of a ~1.6 ms query at
+2,000 partitions); from ``PARALLEL_MIN_SEEDS`` seeds the seeds go to one worker process per core,
+with the recall check as one more task beside them.
+
 **Staleness**: a query refuses an index whose record names another pool manifest (the pool was
 re-ingested), another row count, or an index uuid the table no longer has (re-ingest rewrote the
 table): "the index is stale, rebuild it with `dcdb index --force`".
