@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -18,8 +19,8 @@ from dcdb.errors import SourceError, UsageError
 SPACE = "l14_img"
 
 
-def run(*args, ok=True, input=None):
-    res = CliRunner().invoke(cli, ["-q", *map(str, args)], catch_exceptions=False, input=input)
+def run(*args, ok=True, input=None, quiet=True):
+    res = CliRunner().invoke(cli, ["-q"] * quiet + [*map(str, args)], catch_exceptions=False, input=input)
     if ok:
         assert res.exit_code == 0, res.output
     return res
@@ -198,14 +199,21 @@ def test_knn_bad_input(small_pool, tmp_path, args, code, msg):
 
 def test_ann_index_recall_and_staleness(small_pool, seeds_npy, tmp_path):
     path, s = seeds_npy
-    run("index", "--pool", small_pool, "--space", SPACE, "--partitions", 2)
+    res = run("index", "--pool", small_pool, "--space", SPACE, "--partitions", 2, quiet=False)
+    assert "below the" in res.output and "search exactly unless given --ann" in res.output
     rec = json.loads((small_pool / "indexes" / f"{SPACE}.json").read_text())
-    assert rec["kind"] == "ivf_hnsw_sq" and rec["rows"] == 200
+    assert rec["kind"] == "ivf_sq" and rec["rows"] == 200 and rec["params"]["num_partitions"] == 2
+    assert not list((small_pool / "indexes").glob(".build-*"))  # the partition table is gone
     res = run("index", "--pool", small_pool, "--space", SPACE, ok=False)
     assert res.exit_code == 2 and "--force" in res.output
     out = tmp_path / "near.npy"
+    # auto: 7 seeds on a 200-row pool -> exact, and the manifest says why
+    res = run("knn", "--pool", small_pool, "--space", SPACE, "--seeds", path, "-k", 5, "-o", out, quiet=False)
+    man = json.loads((tmp_path / "near.npy.json").read_text())
+    assert man["mode"] == "exact" and "--recall-sample" in man["details"]["why_exact"]
+    assert "exact path:" in res.output
     run("knn", "--pool", small_pool, "--space", SPACE, "--seeds", path, "-k", 5, "-o", out, "--pairs",
-        tmp_path / "p.parquet", "--min-recall", "1.0", "--recall-sample", 7)
+        tmp_path / "p.parquet", "--min-recall", "1.0", "--recall-sample", 7, "--ann", "--force")
     man = json.loads((tmp_path / "near.npy.json").read_text())
     vec, _ = pool_vectors(small_pool)
     ref_rows, _ = brute(vec, s, 5)
@@ -213,22 +221,19 @@ def test_ann_index_recall_and_staleness(small_pool, seeds_npy, tmp_path):
     true_recall = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(got, ref_rows, strict=True)])
     if man["mode"] == "ann":  # all 7 seeds were the recall sample: the measured recall is the true one
         assert man["recall_at_k"] == pytest.approx(true_recall) and man["recall_at_k"] >= 1.0
+        assert man["details"]["why_ann"] == "--ann"
     else:
         assert "below --min-recall" in man["details"]["why_exact"] and true_recall == 1.0
-    # HNSW's ef is raised to cover refine_factor x k (Lance refuses ef < k)
-    run("knn", "--pool", small_pool, "--space", SPACE, "--seeds", path, "-k", 12, "-o", out, "--force",
-        "--refine-factor", 8)
-    assert json.loads((tmp_path / "near.npy.json").read_text())["mode"] == "ann"
-    # a non-selective --where on the ANN path: still a pre-filter (over-fetch, then drop failing rows)
+    # a non-selective --where on the ANN path: a pre-filter through Lance's row allow list
     widths = np.concatenate([pq.read_table(f).column("original_width").to_numpy()
                              for f in sorted((small_pool / "metadata").glob("*.parquet"))])
     passing = set(np.flatnonzero(widths >= 250))
     assert 0.05 * 200 < len(passing) < 200
     run("knn", "--pool", small_pool, "--space", SPACE, "--seeds", path, "-k", 3, "-o", out, "--force",
-        "--pairs", tmp_path / "pw.parquet", "--where", "original_width >= 250", "--recall-sample", 7)
+        "--pairs", tmp_path / "pw.parquet", "--where", "original_width >= 250", "--recall-sample", 7, "--ann")
     man = json.loads((tmp_path / "near.npy.json").read_text())
     got = pq.read_table(tmp_path / "pw.parquet").column("row").to_numpy()
-    assert man["mode"] == "ann" and man["details"]["fetch"] > 3 and set(got) <= passing
+    assert man["mode"] == "ann" and man["details"]["prefilter"] == "row_addr_allowlist" and set(got) <= passing
     ref_rows, _ = brute(vec, s, 3, np.array(sorted(passing)))
     assert len(got) == 21  # every seed found 3 passing rows
     want = np.mean([len(set(a) & set(b)) / 3 for a, b in zip(got.reshape(7, 3), ref_rows, strict=True)])
@@ -238,6 +243,11 @@ def test_ann_index_recall_and_staleness(small_pool, seeds_npy, tmp_path):
         "--where", "original_width < 100")
     man = json.loads((tmp_path / "near.npy.json").read_text())
     assert man["mode"] == "exact" and "exact over them" in man["details"]["why_exact"]
+    # HNSW's ef is raised to cover refine_factor x k (Lance refuses ef < k)
+    run("index", "--pool", small_pool, "--space", SPACE, "--kind", "ivf_hnsw_sq", "--force")
+    run("knn", "--pool", small_pool, "--space", SPACE, "--seeds", path, "-k", 12, "-o", out, "--force",
+        "--refine-factor", 8, "--ann")
+    assert json.loads((tmp_path / "near.npy.json").read_text())["mode"] == "ann"
     # re-ingested pool (deleted, ingested again from a changed source) that kept indexes/: stale
     from dcdb.ingest.pool import ingest
     from dcdb.demo.synth import synth_pool
@@ -246,12 +256,13 @@ def test_ann_index_recall_and_staleness(small_pool, seeds_npy, tmp_path):
     ingest(tmp_path / "src2", tmp_path / "pool2", jobs=1)
     shutil.copytree(small_pool / "indexes", tmp_path / "pool2" / "indexes")
     res = run("knn", "--pool", tmp_path / "pool2", "--space", SPACE, "--seeds", path, "-k", 2, "-o", out, "--force",
-              ok=False)
+              "--ann", ok=False)
     assert res.exit_code == 1 and "stale" in res.output and "dcdb index" in res.output
     # ... or whose embedding table was replaced (the index is gone from it): stale too
     shutil.rmtree(small_pool / "embeddings" / f"{SPACE}.lance")
     shutil.copytree(tmp_path / "pool2" / "embeddings" / f"{SPACE}.lance", small_pool / "embeddings" / f"{SPACE}.lance")
-    res = run("knn", "--pool", small_pool, "--space", SPACE, "--seeds", path, "-k", 2, "-o", out, "--force", ok=False)
+    res = run("knn", "--pool", small_pool, "--space", SPACE, "--seeds", path, "-k", 2, "-o", out, "--force",
+              "--ann", ok=False)
     assert res.exit_code == 1 and "no longer holds it" in res.output
     run("knn", "--pool", small_pool, "--space", SPACE, "--seeds", path, "-k", 2, "-o", out, "--force", "--exact")
 
@@ -267,8 +278,66 @@ def test_ann_query_rows_map_to_pool_rows(small_pool):
     vec, _ = pool_vectors(small_pool, "b32_img")
     rows = np.array([0, 67, 68, 150, 199])
     res = search(p, "b32_img", vec[rows] / np.linalg.norm(vec[rows], axis=1, keepdims=True), 1, min_recall=1.0,
-                 recall_sample=5)
-    assert list(res.rows[:, 0]) == list(rows)
+                 recall_sample=5, ann_only=True)
+    assert res.mode == "ann" and list(res.rows[:, 0]) == list(rows)
+    # the queries split over worker processes give the same neighbours and similarities
+    from dcdb.vectors.ann import ann_search
+
+    seeds = vec[::9] / np.linalg.norm(vec[::9], axis=1, keepdims=True)
+    # (with a recall sample the exact check runs as a worker task beside the queries: same recall)
+    one = ann_search(p, "b32_img", seeds, 4, recall_sample=9, jobs=1)
+    two = ann_search(p, "b32_img", seeds, 4, recall_sample=9, jobs=2)
+    assert two.details["query_processes"] == 2 and two.recall == one.recall and two.recall_seeds == 9
+    assert np.array_equal(one.rows, two.rows) and np.array_equal(one.sims, two.sims)
+
+
+def test_cost_model_picks_exact_below_the_size_where_an_index_pays(small_pool):
+    from dcdb.store import open_pool
+    from dcdb.vectors import ann
+    from dcdb.vectors.knn import search
+
+    p = open_pool(small_pool)
+    assert ann.choose_mode(p, SPACE, 5000, 10)[:2] == ("exact", "no ANN index (build one with `dcdb index`)")
+    ann.build_index(p, SPACE, partitions=2)
+    mode, why, est = ann.choose_mode(p, SPACE, 64, 10)
+    assert mode == "exact" and "--recall-sample 64" in why  # the recall check alone re-runs every seed
+    mode, why, est = ann.choose_mode(p, SPACE, 5000, 10)
+    assert mode == "exact" and "below the size where the index pays" in why and est["ann"] > est["exact"] / 2
+    # the same estimates on DataComp-sized pools: 100k rows x 64 seeds -> exact, 1M x 10,000 -> ANN
+    small = ann.estimate_seconds(100_000, 100_000, 64, 10, 768, 64)
+    assert small["ann"] > small["exact"]
+    big = ann.estimate_seconds(1_000_000, 1_000_000, 10_000, 10, 768, 64)
+    assert big["ann"] * ann.ANN_MARGIN * 5 < big["exact"]
+    assert 10_000 < ann.min_index_rows(768) < 1_000_000
+    assert ann.min_index_rows(512) > ann.min_index_rows(768)  # fewer dims: cheaper exact, a larger pool to pay
+    # --ann is still honoured on the small pool; without an index it is an error (test_knn_bad_input)
+    res = search(p, SPACE, np.eye(768, dtype=np.float32)[:3], 2, ann_only=True, recall_sample=0)
+    assert res.mode == "ann" and res.details["why_ann"] == "--ann"
+
+
+def test_index_partitions_scale_with_the_pool(small_pool):
+    from dcdb.store import open_lance, open_pool
+    from dcdb.vectors import ann
+
+    # 2 sqrt(rows) partitions of sqrt(rows) / 2 rows: a query probes sqrt(rows) / 2 rows per probe
+    # and the build's assignment costs 2 rows x sqrt(rows) dot products; HNSW graphs of a bounded size
+    for rows in (10_000, 250_000, 1_000_000, 12_800_000):
+        assert ann.default_partitions(rows, "ivf_sq") == 2 * math.isqrt(rows)
+        assert abs(ann.default_partitions(4 * rows, "ivf_sq") - 4 * math.isqrt(rows)) <= 2
+        assert ann.default_partitions(rows, "ivf_hnsw_sq") == max(1, round(rows / ann.HNSW_PARTITION_ROWS))
+    assert ann.default_partitions(3, "ivf_sq") == 2 and ann.default_partitions(1, "ivf_sq") == 1
+    p = open_pool(small_pool)
+    ds = open_lance(p.lance_path(SPACE))
+    cents, part = ann.train_partitions(ds, SPACE, 768, 14)
+    again, part2 = ann.train_partitions(ds, SPACE, 768, 14)
+    assert np.array_equal(cents, again) and np.array_equal(part, part2)  # deterministic given the table
+    assert cents.shape == (14, 768) and np.allclose(np.linalg.norm(cents, axis=1), 1, atol=1e-5)
+    vec, _ = pool_vectors(small_pool)
+    unit = vec / np.linalg.norm(vec, axis=1, keepdims=True)
+    assert np.array_equal(part, np.argmax(unit @ cents.T, axis=1))  # every row in its nearest partition
+    assert len(np.unique(part)) > 7
+    rec = ann.build_index(p, SPACE, kind="ivf_hnsw_sq")
+    assert rec["params"] == {"num_partitions": 1, **ann.HNSW_PARAMS}
 
 
 def test_index_bad_input(small_pool):

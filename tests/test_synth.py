@@ -152,3 +152,77 @@ def test_cli_synth_pool(tmp_path):
     res = CliRunner().invoke(cli, ["synth", "pool", str(tmp_path / "s"), "--rows", "20", "--no-embeddings"])
     assert res.exit_code != 0
     assert "error:" in res.stderr and "not empty" in res.stderr
+
+
+def _npz_digest(folder):
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(folder.glob("*.npz")):
+        z = np.load(p)
+        for key in sorted(z.files):
+            h.update(z[key].tobytes())
+    return h.hexdigest()
+
+
+def test_default_embeddings_unchanged_by_the_clustered_option(tmp_path):
+    # the digest of the default vectors as main wrote them before --clusters existed
+    synth_pool(tmp_path / "a", rows=60, shards=2, seed=5, jobs=1, clusters=0)
+    assert _npz_digest(tmp_path / "a") == "cb0e15a3caafa93126759d839009bb76b94f35ec68935bb80f3cc4c16bb8c1aa"
+
+
+def _spread(x):
+    """Mean pairwise cosine, median cosine of the nearest and 10th nearest other row, participation
+    ratio of the covariance, sum(l)^2 / sum(l^2) = trace(C)^2 / |C|_F^2 (the statistics the
+    clustered model is matched on)."""
+    x = x.astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    n = len(x)
+    mu = x.mean(0)
+    sims = x @ x.T
+    np.fill_diagonal(sims, -2)
+    top = -np.partition(-sims, 9, axis=1)[:, :10]
+    top.sort(axis=1)
+    cov = np.cov((x - mu).T)
+    return ((n * n * (mu @ mu) - n) / (n * (n - 1)), np.median(top[:, -1]), np.median(top[:, 0]),
+            np.trace(cov) ** 2 / (cov**2).sum())
+
+
+def test_clustered_embeddings_deterministic_and_clip_like(tmp_path):
+    a = synth_pool(tmp_path / "a", rows=2000, shards=2, seed=3, jobs=1, clusters=2)
+    synth_pool(tmp_path / "b", rows=2000, shards=2, seed=3, jobs=1, clusters=2)
+    assert a["clusters"] == 2 and _files(tmp_path / "a") == _files(tmp_path / "b")
+    synth_pool(tmp_path / "c", rows=60, shards=1, seed=3, jobs=1, clusters=2)
+    synth_pool(tmp_path / "c2", rows=60, shards=1, seed=4, jobs=1, clusters=2)
+    assert not np.array_equal(_npz(tmp_path / "c", "l14_img"), _npz(tmp_path / "c2", "l14_img"))
+    synth_pool(tmp_path / "d", rows=2000, shards=2, seed=3, jobs=1)
+    # metadata streams are shared with the default pool: same uids and sizes, other vectors
+    assert _table(tmp_path / "a").column("uid") == _table(tmp_path / "d").column("uid")
+    img, txt = _npz(tmp_path / "a", "l14_img"), _npz(tmp_path / "a", "l14_txt")
+    mean_cos, nn, nn10, pr = _spread(img)
+    assert 0.2 < mean_cos < 0.5  # CLIP's cone (the default vectors: ~0)
+    assert 0.85 < nn < 0.97 and nn - 0.1 < nn10 < nn  # dense neighbourhoods, a gradient to the 10th
+    assert 10 < pr < 200  # a decaying spectrum over 768 dims, neither isotropic nor a few dims
+    d_mean, d_nn, _, _ = _spread(_npz(tmp_path / "d", "l14_img"))
+    assert abs(d_mean) < 0.05 and d_nn < nn - 0.2
+    # text vectors still sit at the target CLIP score from their image vector
+    scores = _table(tmp_path / "a").column("clip_l14_similarity_score").to_numpy(zero_copy_only=False)
+    ok = ~np.isnan(scores)
+    assert np.allclose(_cosine32(img, txt)[ok], scores[ok], atol=1e-6)
+    assert 0.2 < np.nanmean(scores) < 0.3
+
+
+def test_clustered_option_checks(tmp_path):
+    from dcdb.cli import cli
+    from dcdb.errors import UsageError
+
+    with pytest.raises(UsageError, match="no embeddings|none"):
+        synth_pool(tmp_path / "m", rows=10, shards=1, embeddings=False, clusters=2)
+    with pytest.raises(UsageError, match="clusters must be in"):
+        synth_pool(tmp_path / "m", rows=10, shards=1, clusters=10**6)
+    res = CliRunner().invoke(cli, ["-q", "synth", "pool", str(tmp_path / "s"), "--rows", "30", "--shards", "1",
+                                   "--clusters", "2"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, ["synth", "pool", str(tmp_path / "t"), "--rows", "30", "--no-embeddings",
+                                   "--clusters", "2"])
+    assert res.exit_code != 0 and "error:" in res.stderr and "hint:" in res.stderr

@@ -27,7 +27,8 @@ space_option = click.option("--space", required=True, help="Embedding space, e.g
 @click.option("--pairs", type=click.Path(path_type=str), metavar="FILE",
               help="Also write the per-seed table (seed, uid, rank, similarity, row) as Parquet.")
 @click.option("--exact", is_flag=True, help="Exact search (streaming matmul) even when an ANN index exists.")
-@click.option("--ann", "ann_only", is_flag=True, help="Require the ANN index (error when the space has none).")
+@click.option("--ann", "ann_only", is_flag=True, help="Use the ANN index even where the cost model would search "
+              "exactly (error when the space has none).")
 @click.option("--where", help="SQL predicate on pool columns; a PRE-filter: neighbours among the rows that pass.")
 @click.option("--min-recall", type=float, help="ANN: raise nprobes/refine until the measured recall@k reaches "
               "this, else fall back to exact.")
@@ -41,9 +42,11 @@ def knn_cmd(c: Ctx, pool, space, seed_file, seed_column, seed_subset, texts, ima
             ann_only, where, min_recall, recall_sample, nprobes, refine_factor, save_name, force):
     """Subset of the k nearest pool rows (cosine) of each seed: the union of their uids.
 
-    Exact unless the space has an ANN index (`dcdb index`); an ANN result reports its recall@k,
-    measured by re-running --recall-sample seeds exactly. Ties: higher similarity first, then the
-    lower pool row. A manifest (mode, recall, seeds, parameters) is written beside -o as OUTPUT.json.
+    Without --exact / --ann a cost model picks: exact when the space has no ANN index (`dcdb index`)
+    or when the pool and seed count are too small for the index to pay (the log and the manifest say
+    why), else ANN. An ANN result reports its recall@k, measured by re-running --recall-sample seeds
+    exactly. Ties: higher similarity first, then the lower pool row. A manifest (mode, recall, seeds,
+    parameters, the reason for the mode) is written beside -o as OUTPUT.json.
     """
     from dcdb.io import check_output
     from dcdb.store import open_pool
@@ -81,21 +84,28 @@ def knn_cmd(c: Ctx, pool, space, seed_file, seed_column, seed_subset, texts, ima
 @command(cli, "index", reads_lance=True)
 @pool_option
 @space_option
-@click.option("--kind", type=click.Choice(["ivf_pq", "ivf_hnsw_sq"]), default="ivf_hnsw_sq", show_default=True,
-              help="Lance index type (cosine).")
-@click.option("--partitions", type=click.IntRange(min=1), help="IVF partitions (default: by pool size and kind).")
+@click.option("--kind", type=click.Choice(["ivf_sq", "ivf_rq", "ivf_flat", "ivf_pq", "ivf_hnsw_sq"]), default="ivf_sq",
+              show_default=True, help="Lance index type (cosine): IVF with 8-bit scalar quantisation (sq), 1-bit "
+              "RaBitQ codes (rq), full vectors (flat), product quantisation (pq), or an HNSW graph per partition.")
+@click.option("--partitions", type=click.IntRange(min=1), help="IVF partitions (default: 2 sqrt(rows); "
+              "rows / 50,000 for ivf_hnsw_sq).")
 @click.option("--sub-vectors", type=click.IntRange(min=1), help="ivf_pq: PQ sub-vectors (default dim/16).")
 @click.option("--force", is_flag=True, help="Rebuild an existing index.")
 def index_cmd(c: Ctx, pool, space, kind, partitions, sub_vectors, force):
     """Build a Lance ANN index on a space's embedding table, used by `dcdb knn` and knn_ann() in SQL.
 
     The build is one Lance commit: a killed build leaves the table and any older index as they were.
+    Below the pool size where an index can pay, `dcdb knn` keeps searching exactly unless --ann.
     """
     from dcdb.store import open_pool
-    from dcdb.vectors.ann import build_index
+    from dcdb.vectors.ann import build_index, min_index_rows
 
     p = open_pool(pool)
     hold_write_lock(p, "dcdb index")
+    floor = min_index_rows(int(p.spaces[space]["dim"])) if space in p.spaces else 0
+    if p.rows < floor:
+        c.log(f"note: {p.rows:,} rows is below the ~{floor:,} rows where an ANN index pays; "
+              "`dcdb knn` will search exactly unless given --ann")
     rec = build_index(p, space, kind=kind, partitions=partitions, sub_vectors=sub_vectors,
                       force=force, progress=not c.quiet)
     params = ", ".join(f"{k}={v}" for k, v in rec["params"].items())

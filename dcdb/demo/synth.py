@@ -32,10 +32,21 @@ is its concept's centroid plus low-rank Gaussian noise, normalised; the text vec
 ``c * img + sqrt(1 - c^2) * u`` with ``u`` a random unit vector orthogonal to ``img`` and ``c`` the
 row's target cosine (~N(0.28, 0.06) for B/32, ~N(0.24, 0.06) for L/14, correlated between the two),
 so the scores spread like DataComp's CLIP scores (about 0.1 to 0.45) and embeddings cluster.
+
+Those default image vectors are nearly structure-free for nearest-neighbour search: mean pairwise
+cosine ~0, a row's 1st and 10th nearest neighbours about equally far (cosine ~0.58 vs ~0.51 at
+100k rows), so no index can find neighbours without scanning most of the pool. ``clusters=K``
+(``dcdb synth pool --clusters K``; 0, the default, keeps the vectors above byte for byte) draws
+the image vectors from a hierarchical model with the spread of real CLIP image embeddings
+(:func:`_clustered_img`, statistics in its docstring and in benchmarks/bench_knn.py --stats):
+a shared mean direction (CLIP's "cone"), K clusters of ``FINE_PER_CLUSTER`` fine concepts each
+with skewed (log-normal) sizes, and per fine concept a few local directions, every direction drawn
+from one power-law covariance spectrum. K about rows / 1000 gives ~60 rows per fine concept.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -58,6 +69,19 @@ PARALLEL_MIN_ROWS = 200_000  # below this, worker start-up costs more than it sa
 CHUNK_ROWS = 2_048  # embedding rows generated at a time (fixed: determinism does not depend on it)
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 _STREAM_META, _STREAM_EMB, _STREAM_GLOBAL = 0, 1, 2
+_STREAM_CLUSTER = 3
+MAX_CLUSTERS = 4096
+#: The clustered model (``clusters=K``): weights of the mean direction, the cluster centre, the fine
+#: concept centre and the local noise of an image vector (before normalising); power-law exponent of
+#: the covariance spectrum (variance of component i ~ (i + 10) ** -SPECTRUM_POWER); fine concepts
+#: per cluster, local directions per fine concept and the shared pool they are drawn from. Tuned so
+#: that the statistics in :func:`_clustered_img`'s docstring land in the ranges real CLIP L/14 image
+#: embeddings show.
+CLUSTER_WEIGHTS = (0.6, 0.4, 0.45, 0.55)
+SPECTRUM_POWER = 1.2
+FINE_PER_CLUSTER = 16
+LOCAL_DIRS = 16
+DIRECTION_POOL = 4096
 
 # ------------------------------------------------------------------------------- vocabulary
 
@@ -283,6 +307,75 @@ def _global_params(seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return params
 
 
+@functools.lru_cache(maxsize=1)
+def _cluster_params(seed: int, clusters: int) -> dict[str, dict[str, np.ndarray]]:
+    """Per model, the clustered model's fixed parts (see :func:`_clustered_img`); computed once per
+    process (the shards of one run share them; callers only read them)."""
+    rng = np.random.default_rng([seed, 0, _STREAM_CLUSTER])
+    params = {}
+    fine = clusters * FINE_PER_CLUSTER
+    for model, dim in EMBEDDING_DIMS.items():
+        # a random basis: Gaussian columns are orthogonal to within ~1/sqrt(dim) (a QR would be exact
+        # but costs seconds on a loaded machine)
+        q = rng.standard_normal((dim, dim), dtype=np.float32) / np.float32(np.sqrt(dim))
+        sig = (np.arange(dim, dtype=np.float64) + 10.0) ** (-SPECTRUM_POWER / 2)
+        sig = (sig / np.sqrt((sig**2).sum())).astype(np.float32)
+
+        def draw(n: int) -> np.ndarray:
+            return _normalise((rng.standard_normal((n, dim), dtype=np.float32) * sig) @ q.T)
+
+        weights = rng.lognormal(0.0, 1.0, fine)
+        cdf = np.cumsum(weights / weights.sum())
+        cdf[-1] = 1.0
+        local = (np.arange(LOCAL_DIRS, dtype=np.float64) + 1.0) ** -0.5
+        params[model] = {
+            "mean": draw(1)[0], "cluster": draw(clusters), "fine": draw(fine), "dirs": draw(DIRECTION_POOL),
+            "fine_dirs": rng.integers(0, DIRECTION_POOL, (fine, LOCAL_DIRS)), "fine_cdf": cdf,
+            "local_scale": (local / np.sqrt((local**2).sum())).astype(np.float32), "spectrum": sig, "basis": q,
+        }
+    return params
+
+
+def _clustered_img(rng: np.random.Generator, n: int, p: dict[str, np.ndarray]) -> np.ndarray:
+    """``n`` unit image vectors of the clustered model: fine concept f (log-normal sizes) of
+    cluster f // FINE_PER_CLUSTER, ``a*mean + b*cluster + c*fine + d*sum_j z_j s_j dir[f, j]``
+    with CLUSTER_WEIGHTS (a, b, c, d), z ~ N(0, 1), s_j ~ 1/sqrt(j), normalised.
+
+    Matched to real CLIP image embeddings (ViT-L/14 in DataComp), measured on 100k rows with
+    ``--clusters 100`` (about 60 rows per fine concept, as with rows / 1000 clusters; targets from
+    the literature, no real embeddings are at hand here): mean pairwise cosine 0.36 (CLIP's "cone":
+    image embeddings share a mean direction, 0.2-0.5 reported); nearest-neighbour cosine
+    p10/p50/p90 0.87/0.92/0.95 and 0.85 for the 10th neighbour (web-scale pools are dense in CLIP
+    space: near duplicates and many photos of one thing, with a gradient from the 1st to the 10th
+    neighbour); participation ratio of the covariance ~96 of 768 dims, ~210 dims for 90% of the
+    variance (a decaying spectrum, neither isotropic nor a few dims). The default model gives 0.00,
+    0.55/0.58/0.63 and 0.51, 115 (nearly isotropic noise in a 320-dim span).
+    """
+    a, b, c, d = (np.float32(w) for w in CLUSTER_WEIGHTS)
+    fine = np.searchsorted(p["fine_cdf"], rng.random(n), side="right")
+    z = rng.standard_normal((n, LOCAL_DIRS), dtype=np.float32) * p["local_scale"]
+    img = np.einsum("nk,nkd->nd", z, p["dirs"][p["fine_dirs"][fine]])
+    img *= d
+    img += a * p["mean"]
+    img += b * p["cluster"][fine // FINE_PER_CLUSTER]
+    img += c * p["fine"][fine]
+    return _normalise(img)
+
+
+def _clustered_pair(rng: np.random.Generator, cos: np.ndarray, p: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(img, txt) as :func:`_pair` but with a clustered image vector; the text vector is
+    ``c * img + sqrt(1 - c^2) * u``, ``u`` a random direction of the model's spectrum orthogonal to img."""
+    m = len(cos)
+    img = _clustered_img(rng, m, p)
+    u = (rng.standard_normal((m, len(p["spectrum"])), dtype=np.float32) * p["spectrum"]) @ p["basis"].T
+    u -= np.einsum("ij,ij->i", u, img)[:, None] * img
+    _normalise(u)
+    c = cos.astype(np.float32)[:, None]
+    u *= np.sqrt(np.float32(1.0) - c * c)
+    u += c * img
+    return img, _normalise(u)
+
+
 def _normalise(x: np.ndarray) -> np.ndarray:
     """Scale the rows of a float32 matrix to unit L2 norm, in place."""
     x /= np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
@@ -322,10 +415,11 @@ def _embeddings(
     targets: dict[str, np.ndarray],
     params: dict[str, tuple[np.ndarray, np.ndarray]],
     dtype: np.dtype,
+    clustered: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Stored arrays per npz key, and the float32 pair cosine per model, in CHUNK_ROWS pieces."""
     n = len(next(iter(targets.values())))
-    concept = rng.integers(0, N_CONCEPTS, n)
+    concept = rng.integers(0, N_CONCEPTS, n) if clustered is None else None
     arrays = {
         f"{m}_{k}": np.empty((n, d), dtype=dtype) for m, d in EMBEDDING_DIMS.items() for k in ("img", "txt")
     }
@@ -333,7 +427,10 @@ def _embeddings(
     for lo in range(0, n, CHUNK_ROWS):
         hi = min(lo + CHUNK_ROWS, n)
         for model in EMBEDDING_DIMS:
-            img, txt = _pair(rng, concept[lo:hi], targets[model][lo:hi], *params[model])
+            if clustered is None:
+                img, txt = _pair(rng, concept[lo:hi], targets[model][lo:hi], *params[model])
+            else:
+                img, txt = _clustered_pair(rng, targets[model][lo:hi], clustered[model])
             arrays[f"{model}_img"][lo:hi] = img
             arrays[f"{model}_txt"][lo:hi] = txt
             scores[model][lo:hi] = pair_cosine(arrays[f"{model}_img"][lo:hi], arrays[f"{model}_txt"][lo:hi])
@@ -348,7 +445,8 @@ def shard_rows(rows: int, shards: int) -> list[int]:
     return [base + (i < extra) for i in range(shards)]
 
 
-def _shard_table(seed: int, index: int, n: int, dtype: np.dtype | None, params, nan_fraction: float):
+def _shard_table(seed: int, index: int, n: int, dtype: np.dtype | None, params, nan_fraction: float,
+                 clustered=None):
     """One shard: (pyarrow table with DataComp's columns, npz arrays or None)."""
     import pyarrow as pa
 
@@ -369,7 +467,7 @@ def _shard_table(seed: int, index: int, n: int, dtype: np.dtype | None, params, 
         l14 = l14_target.astype(np.float32)
     else:
         emb_rng = np.random.default_rng([seed, index, _STREAM_EMB])
-        arrays, scores = _embeddings(emb_rng, {"b32": b32_target, "l14": l14_target}, params, dtype)
+        arrays, scores = _embeddings(emb_rng, {"b32": b32_target, "l14": l14_target}, params, dtype, clustered)
         b32, l14 = scores["b32"], scores["l14"]
     b32[nan_b32] = np.nan
     l14[nan_l14] = np.nan
@@ -415,14 +513,15 @@ def _write_shard(out: Path, index: int, table, arrays) -> None:
 # ------------------------------------------------------------------------------------ entry
 
 
-def _make_shard(task: tuple[str, int, int, int, str | None, float]) -> int:
-    """Generate and write shard ``index`` of ``(out, seed, index, n, dtype, nan_fraction)`` (in a
-    worker or in-process); return its bytes on disk."""
-    out, seed, index, n, dtype, nan_fraction = task
+def _make_shard(task: tuple[str, int, int, int, str | None, float, int]) -> int:
+    """Generate and write shard ``index`` of ``(out, seed, index, n, dtype, nan_fraction, clusters)``
+    (in a worker or in-process); return its bytes on disk."""
+    out, seed, index, n, dtype, nan_fraction, clusters = task
     out_path = Path(out)
     np_dtype = np.dtype(dtype) if dtype else None
     params = _global_params(seed) if dtype else None
-    table, arrays = _shard_table(seed, index, n, np_dtype, params, nan_fraction)
+    clustered = _cluster_params(seed, clusters) if dtype and clusters else None
+    table, arrays = _shard_table(seed, index, n, np_dtype, params, nan_fraction, clustered)
     _write_shard(out_path, index, table, arrays)
     exts = ("parquet", "npz") if dtype else ("parquet",)
     return sum((out_path / f"{SHARD_NAME.format(index)}.{e}").stat().st_size for e in exts)
@@ -447,6 +546,7 @@ def synth_pool(
     progress: bool = False,
     nan_fraction: float = 0.01,
     jobs: int | None = None,
+    clusters: int = 0,
 ) -> dict[str, Any]:
     """Write a random but valid DataComp metadata folder ``out``; return a summary dict.
 
@@ -454,8 +554,9 @@ def synth_pool(
     ``embeddings``, ``%08d.npz``). Deterministic in all arguments except ``jobs`` (worker
     processes; default: all cores for pools of 200k rows or more, else in-process), which changes
     only the speed. Refuses a non-empty ``out`` unless ``force`` (then shard-named files this run
-    does not write are removed). Returns ``{"rows", "shards", "path", "seed", "dtype",
-    "embeddings", "bytes"}``.
+    does not write are removed). ``clusters`` > 0 draws the image vectors from the clustered
+    model (see the module doc); 0 keeps the default vectors. Returns ``{"rows", "shards", "path",
+    "seed", "dtype", "embeddings", "bytes"}`` (and ``"clusters"`` when clustered).
     """
     from tqdm import tqdm
 
@@ -467,6 +568,12 @@ def synth_pool(
         raise UsageError(f"embedding dtype must be float16 or float32, not {dtype!r}", hint="pass --dtype float16 or --dtype float32")
     if not 0.0 <= nan_fraction <= 1.0:
         raise UsageError(f"nan_fraction must be in [0, 1], got {nan_fraction}", hint="e.g. 0.01")
+    if not 0 <= clusters <= MAX_CLUSTERS:
+        raise UsageError(f"clusters must be in 0..{MAX_CLUSTERS}, got {clusters}",
+                         hint="e.g. --clusters 1000 for 1M rows (about rows / 1000), or 0 for the default vectors")
+    if clusters and not embeddings:
+        raise UsageError("--clusters shapes the embeddings; a pool without embeddings has none",
+                         hint="drop --clusters or --no-embeddings")
     out = Path(out)
     exts = ("parquet", "npz") if embeddings else ("parquet",)
     keep = {f"{SHARD_NAME.format(i)}.{e}" for i in range(shards) for e in exts}
@@ -478,7 +585,7 @@ def synth_pool(
 
     jobs = _default_jobs(rows, shards) if jobs is None else max(1, min(jobs, shards))
     tasks = [
-        (str(out), seed, i, n, dtype if embeddings else None, nan_fraction)
+        (str(out), seed, i, n, dtype if embeddings else None, nan_fraction, clusters)
         for i, n in enumerate(shard_rows(rows, shards))
     ]
     total_bytes = 0
@@ -488,7 +595,7 @@ def synth_pool(
         for _task, size in parallel.as_completed(_make_shard, tasks, jobs,
                                                  progress=lambda task, size: bar.update(task[3])):
             total_bytes += size
-    return {
+    info = {
         "rows": rows,
         "shards": shards,
         "path": str(out),
@@ -497,3 +604,6 @@ def synth_pool(
         "embeddings": embeddings,
         "bytes": total_bytes,
     }
+    if clusters:
+        info["clusters"] = clusters
+    return info

@@ -79,13 +79,16 @@ def search(pool, space: str, seeds: np.ndarray, k: int, *, exact: bool = False, 
            min_recall: float | None = None, recall_sample: int = 64, nprobes: int | None = None,
            refine_factor: int | None = None, seed: int = 0, progress: bool = False, ann_only: bool = False,
            log: Callable[[str], None] | None = None) -> KnnResult:
-    """Top-k of each seed: exact, or through the space's ANN index when one exists.
+    """Top-k of each seed: exact, or through the space's ANN index.
 
     ``where`` is a **pre-filter**: neighbours are chosen among the rows for which it is true.
-    Mode choice: ``exact=True`` -> exact; no index -> exact (said in ``details``); a ``where`` that
-    keeps at most ``ann.SELECTIVE_FRACTION`` of the pool -> exact over the passing rows (faster and
-    exact); otherwise the ANN index, whose recall@k is measured on ``recall_sample`` seeds
-    re-run exactly, with nprobes/refine raised (or the exact path taken) until ``min_recall``.
+    Mode choice: ``exact=True`` -> exact; ``ann_only=True`` -> the index (error when there is none);
+    otherwise (auto) no index -> exact; a ``where`` that keeps at most ``ann.SELECTIVE_FRACTION`` of
+    the pool -> exact over the passing rows (faster and exact); else the cost model
+    (:func:`dcdb.vectors.ann.choose_mode`: pool rows, seeds, k, dim) picks, exact on a pool or a
+    seed count too small for the index to pay. The reason is kept in ``details`` (``why_exact`` /
+    ``why_ann``). On the ANN path recall@k is measured on ``recall_sample`` seeds re-run exactly,
+    with nprobes/refine raised (or the exact path taken) until ``min_recall``.
     """
     from dcdb.vectors import ann
 
@@ -96,24 +99,40 @@ def search(pool, space: str, seeds: np.ndarray, k: int, *, exact: bool = False, 
     rows = where_rows(pool, where) if where else None
     eligible = pool.rows if rows is None else len(rows)
     check_k(k, eligible, pool.rows, where)
-    reason = None
+    reason = why_ann = None
+    estimate = None
     if ann_only and exact:
         raise UsageError("--ann and --exact exclude each other", hint="drop one of them")
-    if ann_only and ann.index_state(pool, space) is None:
+    state = ann.index_state(pool, space)
+    if ann_only and state is None:
         raise PoolError(f"space {space!r} has no ANN index",
                         hint=f"build one: dcdb index --pool {pool.path} --space {space} (or search with --exact)")
     if exact:
         reason = "--exact"
-    elif (state := ann.index_state(pool, space)) is None:
+    elif ann_only:
+        why_ann = "--ann"
+    elif state is None:
         reason = "no ANN index (build one with `dcdb index`)"
-    elif rows is not None and eligible <= ann.SELECTIVE_FRACTION * pool.rows and not ann_only:
+    elif rows is not None and eligible <= ann.SELECTIVE_FRACTION * pool.rows:
         reason = f"--where keeps {eligible / pool.rows:.1%} of the rows: exact over them"
+    else:
+        mode, why, estimate = ann.choose_mode(pool, space, len(seeds), k, eligible=eligible,
+                                              recall_sample=recall_sample)
+        if mode == "exact":
+            reason = why
+        else:
+            why_ann = why
     if reason is None:
         ann.check_fresh(pool, space, state)
-        return ann.ann_search(pool, space, seeds, k, rows=rows, min_recall=min_recall, recall_sample=recall_sample,
-                              nprobes=nprobes, refine_factor=refine_factor, seed=seed, progress=progress, log=say)
-    res = exact_search(pool, space, seeds, k, rows=rows, where=where, progress=progress)
-    res.details["why_exact"] = reason
+        res = ann.ann_search(pool, space, seeds, k, rows=rows, min_recall=min_recall, recall_sample=recall_sample,
+                             nprobes=nprobes, refine_factor=refine_factor, seed=seed, progress=progress, log=say)
+        if res.mode == "ann":
+            res.details["why_ann"] = why_ann
+    else:
+        res = exact_search(pool, space, seeds, k, rows=rows, where=where, progress=progress)
+        res.details["why_exact"] = reason
+    if estimate is not None:
+        res.details["estimate_seconds"] = {m: round(v, 3) for m, v in estimate.items()}
     return res
 
 
