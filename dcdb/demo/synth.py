@@ -368,12 +368,18 @@ def _clustered_pair(rng: np.random.Generator, cos: np.ndarray, p: dict[str, np.n
     m = len(cos)
     img = _clustered_img(rng, m, p)
     u = (rng.standard_normal((m, len(p["spectrum"])), dtype=np.float32) * p["spectrum"]) @ p["basis"].T
+    return img, _text_vector(img, u, cos)
+
+
+def _text_vector(img: np.ndarray, u: np.ndarray, cos: np.ndarray) -> np.ndarray:
+    """The unit text vectors ``c * img + sqrt(1 - c^2) * u'``, ``u'`` the part of ``u`` orthogonal to
+    ``img`` (unit rows), so each row's cosine with ``img`` is ``cos``; ``u`` is used up."""
     u -= np.einsum("ij,ij->i", u, img)[:, None] * img
     _normalise(u)
     c = cos.astype(np.float32)[:, None]
     u *= np.sqrt(np.float32(1.0) - c * c)
     u += c * img
-    return img, _normalise(u)
+    return _normalise(u)
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -393,12 +399,7 @@ def _pair(
     img += np.float32(0.7) * cent[concept]
     _normalise(img)
     u = z[1] @ basis
-    u -= np.einsum("ij,ij->i", u, img)[:, None] * img
-    _normalise(u)
-    c = cos.astype(np.float32)[:, None]
-    u *= np.sqrt(np.float32(1.0) - c * c)
-    u += c * img
-    return img, _normalise(u)
+    return img, _text_vector(img, u, cos)
 
 
 def pair_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
